@@ -1,0 +1,29 @@
+# Two entry points: `make demo` (the embedded default end to end) and `make test` (the whole suite).
+# Both create .venv and install the project from pyproject.toml; nothing else needs to be on the machine.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO := demo-out
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/cxr synth $(DEMO)/raw --patients 550 --size 256 --seed 0
+	$(VENV)/bin/cxr inspect $(DEMO)/raw --scan-images
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check cxr jobs tests bench
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/inspect_metadata.py bench-out/inspect.json
+
+clean:
+	rm -rf $(DEMO) bench-out

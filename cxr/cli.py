@@ -1,0 +1,139 @@
+"""`cxr` command line: one sub-command per stage. Argument parsing only; the work lives in the stage modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from cxr import labels
+
+
+def _print_inspect(s: dict) -> None:
+    print(f"{s['root']}  ({s['csv']})")
+    print(f"  rows {s['rows']:,}  usable {s['usable_rows']:,}  excluded {s['excluded_rows']:,}  "
+          f"patients {s['patients']:,}  images present: {'yes' if s['images_present'] else 'no (metadata only)'}")
+    split_kind = "official lists + patient-grouped val" if s["official_split"] else "patient-grouped, seeded"
+    print(f"  splits ({split_kind}); patients in more than one split: {s['patient_overlap']}")
+    names = [*labels.FINDINGS, labels.NO_FINDING]
+    header = f"  {'finding':<20}{'all':>9}" + "".join(f"{n:>9}" for n in s["splits"])
+    print(header)
+    for name in names:
+        row = f"  {name:<20}{s['label_counts'][name]:>9,}"
+        row += "".join(f"{part['label_counts'][name]:>9,}" for part in s["splits"].values())
+        print(row)
+    print(f"  {'images':<20}{s['usable_rows']:>9,}" + "".join(f"{p['images']:>9,}" for p in s["splits"].values()))
+    print(f"  {'patients':<20}{s['patients']:>9,}" + "".join(f"{p['patients']:>9,}" for p in s["splits"].values()))
+    b = s["bboxes"]
+    if b["total"]:
+        per = ", ".join(f"{k} {v}" for k, v in b["per_finding"].items() if v)
+        print(f"  bounding boxes: {b['total']} on {b['images']} images ({per})")
+    if s["problems"]:
+        print(f"  problems: {len(s['problems'])} ({', '.join(f'{k} {v}' for k, v in s['problem_counts'].items())})")
+        for p in s["problems"][:20]:
+            print(f"    {p['kind']:<22} {p['image']:<18} {p['detail']}")
+        if len(s["problems"]) > 20:
+            print(f"    … {len(s['problems']) - 20} more (use --json for all)")
+    else:
+        print("  problems: none")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from cxr import metadata
+
+    ds = metadata.load(args.data_root, seed=args.seed, val_fraction=args.val_fraction,
+                       test_fraction=args.test_fraction, scan_images=args.scan_images,
+                       progress=not args.json)
+    s = metadata.summary(ds)
+    if args.json:
+        json.dump(s, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        _print_inspect(s)
+    if args.strict and s["problems"]:
+        print(f"--strict: {len(s['problems'])} problem(s) found", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from cxr import synth
+
+    s = synth.synthesize(args.out_root, patients=args.patients, size=args.size, seed=args.seed,
+                         messy=args.messy, workers=args.workers)
+    print(f"wrote {s['images']:,} phantoms of {s['patients']:,} patients to {args.out_root} "
+          f"in {s['seconds']:.1f}s ({s['bboxes']} boxes)")
+    if args.messy:
+        print("defects: " + ", ".join(f"{k}={v}" for k, v in s["defects"].items()))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from cxr.prepare import prepare
+    from cxr.shards import Params
+
+    params = Params(size=args.size, codec=args.codec, quality=args.quality, images_per_shard=args.images_per_shard,
+                    seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+    s = prepare(args.data_root, args.out_uri, params, num_workers=args.num_workers)
+    print(f"prepared {s['images']:,} images into {s['manifest']}: converted {s['converted']:,} in "
+          f"{s['shards_written']} new shards ({s['shards_kept']} kept from an earlier run), "
+          f"{s['images_per_second']:,} img/s, {s['bytes'] / 1e6:,.1f} MB, quarantined {s['quarantined']}, "
+          f"excluded by metadata {s['excluded_by_metadata']}, {s['seconds']}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cxr", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("inspect", help="validate a dataset root and summarise labels, splits and problems")
+    q.add_argument("data_root", help="local path or fsspec URL laid out like the NIH release")
+    q.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    q.add_argument("--scan-images", action="store_true", help="decode every image (finds truncated/RGBA/16-bit)")
+    q.add_argument("--strict", action="store_true", help="exit non-zero if any problem is found")
+    q.add_argument("--seed", type=int, default=0, help="seed of the patient-grouped split")
+    q.add_argument("--val-fraction", type=float, default=0.1, help="fraction of train patients held out for val")
+    q.add_argument("--test-fraction", type=float, default=0.2, help="test patients when no official lists exist")
+    q.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("synth", help="write a synthetic NIH-layout dataset of chest-radiograph phantoms")
+    s.add_argument("out_root")
+    s.add_argument("--patients", type=int, default=550)
+    s.add_argument("--size", type=int, default=256, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--messy", action="store_true", help="add the real release's defects")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.set_defaults(func=cmd_synth)
+
+    r = sub.add_parser("prepare", help="convert a dataset root into resized TFRecord shards + manifest.json")
+    r.add_argument("data_root", help="local path or fsspec URL laid out like the NIH release")
+    r.add_argument("out_uri", help="where shards and manifest.json go (local path, file://, s3://)")
+    r.add_argument("--size", type=int, default=256, help="stored image side in pixels")
+    r.add_argument("--codec", choices=["jpeg", "png"], default="jpeg",
+                   help="jpeg (q95, 4x cheaper to decode) or lossless png; see docs/data.md")
+    r.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    r.add_argument("--images-per-shard", type=int, default=1000)
+    r.add_argument("--num-workers", type=int, default=None, help="parallel Ray tasks (default: cluster CPUs)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the val split and of the shard order")
+    r.add_argument("--val-fraction", type=float, default=0.1)
+    r.add_argument("--test-fraction", type=float, default=0.2)
+    r.set_defaults(func=cmd_prepare)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"cxr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
