@@ -127,7 +127,8 @@ def example(image: bytes, y: np.ndarray, row: dict) -> bytes:
         "sex": b(str(row["sex"]).encode()),
         "age": tf.train.Feature(float_list=tf.train.FloatList(value=[-1.0 if np.isnan(age) else float(age)])),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+    # deterministic=True fixes the order of the feature map, so a re-run writes byte-identical shards.
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(deterministic=True)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,201 @@
+"""`cxr prepare` on real files: pixel conversion, manifest arithmetic, quarantine, kill-and-resume, S3."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from cxr import labels, shards, storage
+from cxr.prepare import prepare
+
+SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
+HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+          "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+SAMPLE_ROWS = {
+    "00000001_000.png": "Cardiomegaly,0,1,57,M,PA,2682,2749,0.143,0.143",
+    "00000002_000.png": "No Finding,0,2,80,M,PA,2500,2048,0.171,0.171",
+    "00000013_003.png": "Pleural_Thickening,28,13,60,M,AP,2996,2544,0.139,0.139",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_down_after():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def make_root(root, n_patients: int = 12, per_patient: int = 3, size: int = 96, seed: int = 0) -> list[str]:
+    """A small NIH-layout root with structured grayscale PNGs; returns the image names."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rows, names = [HEADER], []
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for p in range(1, n_patients + 1):
+        for f in range(per_patient):
+            name = f"{p:08d}_{f:03d}.png"
+            y = (rng.random(labels.NUM_FINDINGS) < 0.2).astype(np.uint8)
+            rows.append(f"{name},{labels.format_labels(y)},{f},{p},{40 + f},M,PA,{size},{size},0.5,0.5")
+            img = 120 + 80 * np.sin(6 * xx + p) * np.cos(4 * yy + f) + rng.normal(0, 5, (size, size))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(root, "images", name))
+            names.append(name)
+    with open(os.path.join(root, "Data_Entry_2017_v2020.csv"), "w") as fh:
+        fh.write("\n".join(rows) + "\n")
+    return names
+
+
+def read_records(url: str) -> list[dict]:
+    """Parse a committed shard with TF's own reader, independent of cxr.pipeline."""
+    data = storage.read_bytes(url)
+    local = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"cxr-test-{os.getpid()}.tfrecord")
+    with open(local, "wb") as fh:
+        fh.write(data)
+    out = []
+    for raw in tf.data.TFRecordDataset(local):
+        ex = tf.train.Example.FromString(raw.numpy())
+        f = ex.features.feature
+        out.append({"image": f["image"].bytes_list.value[0], "labels": list(f["labels"].int64_list.value),
+                    "image_index": f["image_index"].bytes_list.value[0].decode(),
+                    "patient": f["patient"].int64_list.value[0], "age": f["age"].float_list.value[0]})
+    os.remove(local)
+    return out
+
+
+def all_records(out: str, manifest: dict) -> dict[str, dict]:
+    found = {}
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            url = storage.join(out, split, shard["name"])
+            assert hashlib.sha256(storage.read_bytes(url)).hexdigest() == shard["sha256"]
+            recs = read_records(url)
+            assert len(recs) == shard["records"]
+            for r in recs:
+                found[r["image_index"]] = {**r, "split": split}
+    return found
+
+
+def test_conversions_are_explicit():
+    gray = (np.arange(40 * 60) % 256).astype(np.uint8).reshape(40, 60)
+    rgba = Image.fromarray(np.stack([gray] * 3 + [np.full_like(gray, 255)], -1), mode="RGBA")
+    assert np.array_equal(shards.to_gray8(rgba), gray)
+    sixteen = Image.fromarray(gray.astype(np.uint16) * 257)
+    assert sixteen.mode.startswith("I")
+    assert np.array_equal(shards.to_gray8(sixteen), gray)
+    twelve = Image.fromarray((gray.astype(np.int32) * 16).astype(np.uint16))  # 12-bit data in a 16-bit file
+    assert np.abs(shards.to_gray8(twelve).astype(int) - gray).max() <= 1
+    assert np.array_equal(shards.to_gray8(Image.fromarray(gray).convert("P")), gray)
+    square = shards.square_resize(gray, 60)  # pad 40x60 to 60x60, centred, black
+    assert square.shape == (60, 60) and (square[:10] == 0).all() and (square[50:] == 0).all()
+    assert np.array_equal(square[10:50], gray)
+
+
+def test_real_samples_through_prepare(tmp_path):
+    root = tmp_path / "nih"
+    os.makedirs(root / "images")
+    lines = [HEADER]
+    for name, rest in SAMPLE_ROWS.items():
+        shutil.copy(os.path.join(SAMPLES, name), root / "images" / name)
+        lines.append(f"{name},{rest}")
+    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "shards")
+    summary = prepare(str(root), out, shards.Params(size=256, codec="png", images_per_shard=2), progress=False)
+    assert summary["images"] == 3 and summary["quarantined"] == 0
+    manifest = json.loads(storage.read_text(summary["manifest"]))
+    recs = all_records(out, manifest)
+    assert set(recs) == set(SAMPLE_ROWS)
+    for name, rest in SAMPLE_ROWS.items():
+        vec, _ = labels.parse(rest.split(",")[0])
+        assert recs[name]["labels"] == vec.tolist()
+        stored = np.asarray(Image.open(io.BytesIO(recs[name]["image"])))
+        with Image.open(os.path.join(SAMPLES, name)) as im:
+            expected = np.asarray(im.resize((256, 256), Image.Resampling.LANCZOS, reducing_gap=2.0))
+        assert stored.shape == (256, 256) and stored.dtype == np.uint8
+        assert np.array_equal(stored, expected)  # lossless codec: exactly the documented resize
+    assert recs["00000013_003.png"]["patient"] == 13 and recs["00000001_000.png"]["age"] == 57
+
+
+def test_manifest_adds_up_and_quarantines(tmp_path):
+    root = tmp_path / "raw"
+    names = make_root(root, n_patients=10, per_patient=3)
+    img = root / "images"
+    Image.open(img / names[0]).convert("RGBA").save(img / names[0])
+    data = (img / names[1]).read_bytes()
+    (img / names[1]).write_bytes(data[: len(data) // 3])  # truncated: only found when decoding
+    (img / names[2]).unlink()  # missing: found by metadata
+    out = str(tmp_path / "out")
+    s = prepare(str(root), out, shards.Params(size=64, images_per_shard=4), progress=False)
+    m = json.loads(storage.read_text(s["manifest"]))
+    assert [q["image"] for q in m["quarantine"]] == [names[1]]
+    assert [e["image"] for e in m["excluded_by_metadata"]] == [names[2]]
+    assert m["source"]["rows_read"] == 30 and m["source"]["usable_rows"] == 29
+    total = sum(v["images"] for v in m["splits"].values())
+    assert total == m["source"]["usable_rows"] - len(m["quarantine"]) == 28
+    recs = all_records(out, m)
+    assert len(recs) == 28 and names[0] in recs and names[1] not in recs
+    for split, info in m["splits"].items():
+        mine = [r for r in recs.values() if r["split"] == split]
+        for j, finding in enumerate(labels.FINDINGS):
+            assert info["label_counts"][finding] == sum(r["labels"][j] for r in mine)
+        assert info["label_counts"][labels.NO_FINDING] == sum(1 for r in mine if not any(r["labels"]))
+        assert info["patients"] == len({r["patient"] for r in mine})
+    with pytest.raises(ValueError, match="other parameters"):
+        prepare(str(root), out, shards.Params(size=32, images_per_shard=4), progress=False)
+
+
+def test_killed_prepare_resumes_to_the_same_manifest(tmp_path):
+    root = tmp_path / "raw"
+    make_root(root, n_patients=16, per_patient=4, size=320)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "cxr.cli", "prepare", str(root), str(out), "--size", "64",
+            "--images-per-shard", "3", "--num-workers", "1"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    parts = out / "_parts"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not parts.exists() or len(os.listdir(parts)) < 3):
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(os.listdir(parts))
+    assert not (out / "manifest.json").exists()
+    total_shards = 0
+    for split in ("train", "val", "test"):
+        if (out / split).exists():
+            total_shards += len([n for n in os.listdir(out / split) if n.endswith(".tfrecord")])
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"({done_before} kept from an earlier run)" in resumed.stdout
+    assert not [n for d, _, fs in os.walk(out) for n in fs if n.startswith(".tmp-")]
+    clean = tmp_path / "clean"
+    subprocess.run([*args[:5], str(clean), *args[6:]], env=env, check=True, capture_output=True, timeout=300)
+    assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
+    assert total_shards >= done_before
+
+
+def test_prepare_into_s3(tmp_path, s3):
+    root = tmp_path / "raw"
+    names = make_root(root, n_patients=6, per_patient=2)
+    out = s3.url("prepared/run1")
+    s = prepare(str(root), out, shards.Params(size=64, images_per_shard=5), progress=False)
+    assert s["manifest"] == f"{out}/manifest.json"
+    m = json.loads(storage.read_text(s["manifest"]))
+    recs = all_records(out, m)
+    assert sorted(recs) == sorted(names)
+    text = json.dumps(m)
+    assert s3.secret_key not in text and s3.access_key not in text
+    again = prepare(str(root), out, shards.Params(size=64, images_per_shard=5), progress=False)
+    assert again["shards_written"] == 0 and again["shards_kept"] == s["shards_written"]
