@@ -24,5 +24,6 @@ def init_ray(num_cpus: int | None = None) -> None:
         log.info("joined Ray cluster at %s", os.environ["RAY_ADDRESS"])
     else:
         ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=True, runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+                 log_to_driver=True, runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                                              "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}})
         log.info("started a local Ray on 127.0.0.1 with %s CPUs", ray.cluster_resources().get("CPU"))

@@ -252,7 +252,7 @@ def build_manifest(ds: metadata.Dataset, params: Params, receipts: list[dict]) -
         "labels": list(labels.FINDINGS),
         "preprocessing": params.as_dict(),
         "source": {
-            "root": redact(ds.root), "csv": ds.csv_name, "fingerprint": source_fingerprint(ds),
+            "root": storage.redact(ds.root), "csv": ds.csv_name, "fingerprint": source_fingerprint(ds),
             "rows_read": ds.rows_read, "usable_rows": len(ds.table), "official_split": ds.official_split,
         },
         "splits": splits,
@@ -260,11 +260,3 @@ def build_manifest(ds: metadata.Dataset, params: Params, receipts: list[dict]) -
         "excluded_by_metadata": [{"image": p.image, "kind": p.kind, "detail": p.detail}
                                  for p in ds.problems if p.fatal],
     }
-
-
-def redact(url: str) -> str:
-    """Drop any user:password@ part of a URL before it is recorded."""
-    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://{rest.split('@', 1)[1]}"
-    return url

@@ -155,3 +155,11 @@ def makedirs(url: str) -> None:
     fs, path = filesystem(url)
     if is_local(url):
         os.makedirs(path, exist_ok=True)
+
+
+def redact(url: str) -> str:
+    """Drop any user:password@ part of a URL before it is logged or recorded."""
+    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://{rest.split('@', 1)[1]}"
+    return url
