@@ -7,6 +7,8 @@ log or record. Transient errors are retried with bounded backoff, then raised na
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import logging
 import os
 import posixpath
@@ -23,6 +25,19 @@ T = TypeVar("T")
 
 RETRIES = 4
 BACKOFF_S = 0.25
+CONNECT_TIMEOUT_S = 5
+READ_TIMEOUT_S = 30  # per socket read, not per transfer: a hung server fails instead of hanging
+
+try:  # the S3 client's own error types for a refused, reset or garbled connection
+    from aiohttp import ClientConnectionError, ClientPayloadError
+    from botocore.exceptions import ConnectionError as _BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+    from botocore.parsers import ResponseParserError
+
+    _S3_TRANSIENT: tuple[type[BaseException], ...] = (
+        _BotoConnectionError, HTTPClientError, ResponseParserError, ClientConnectionError, ClientPayloadError)
+except ImportError:  # pragma: no cover - s3fs is a dependency
+    _S3_TRANSIENT = ()
 
 
 class StorageError(OSError):
@@ -33,7 +48,12 @@ def _storage_options(url: str) -> dict[str, Any]:
     if not url.startswith(("s3://", "s3a://")):
         return {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    opts: dict[str, Any] = {}
+    # One retry loop (ours, below), bounded timeouts, and no listing cache: other writers must be seen.
+    opts: dict[str, Any] = {
+        "use_listings_cache": False,
+        "config_kwargs": {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S,
+                          "retries": {"mode": "standard", "total_max_attempts": 1}},
+    }
     if endpoint:
         opts["endpoint_url"] = endpoint
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
@@ -44,7 +64,10 @@ def _storage_options(url: str) -> dict[str, Any]:
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for `url` and the path within it."""
-    return url_to_fs(url, **_storage_options(url))
+    fs, path = url_to_fs(url, **_storage_options(url))
+    if hasattr(fs, "retries"):  # s3fs: a class attribute, not a constructor option
+        fs.retries = 1
+    return fs, path
 
 
 def is_local(url: str) -> bool:
@@ -63,11 +86,12 @@ def join(url: str, *parts: str) -> str:
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
         return False
-    return isinstance(exc, OSError | TimeoutError | ConnectionError)
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError, http.client.HTTPException, *_S3_TRANSIENT))
 
 
-def retry(what: str, fn: Callable[[], T], retries: int = RETRIES) -> T:
+def retry(what: str, fn: Callable[[], T], retries: int | None = None) -> T:
     """Call fn, retrying transient I/O errors with exponential backoff; then fail naming `what`."""
+    retries = RETRIES if retries is None else retries
     for attempt in range(retries + 1):
         try:
             return fn()
@@ -94,7 +118,15 @@ def read_text(url: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return retry(url, lambda: fs.exists(path))
+
+    def probe() -> bool:  # fs.exists() swallows every error on a bucket root; info() does not
+        try:
+            fs.info(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    return retry(url, probe)
 
 
 def isdir(url: str) -> bool:
@@ -105,9 +137,10 @@ def isdir(url: str) -> bool:
 def listdir(url: str) -> list[str]:
     """Base names of the entries directly under `url` ([] if it does not exist)."""
     fs, path = filesystem(url)
-    if not retry(url, lambda: fs.exists(path)):
+    try:
+        entries = retry(url, lambda: fs.ls(path, detail=False, refresh=True))
+    except FileNotFoundError:
         return []
-    entries = retry(url, lambda: fs.ls(path, detail=False, refresh=True))
     return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
 
@@ -124,12 +157,7 @@ def write_bytes(url: str, data: bytes) -> None:
     """
     fs, path = filesystem(url)
     if is_local(url):
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        _replace_local(path, lambda tmp: _write_file(tmp, data))
         return
     retry(url, lambda: fs.pipe_file(path, data))
 
@@ -142,13 +170,28 @@ def upload(local_path: str, url: str) -> None:
     """Copy a finished local file to `url`, atomically as in `write_bytes`."""
     fs, path = filesystem(url)
     if is_local(url):
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        fs.put_file(local_path, tmp)
-        os.replace(tmp, path)
+        _replace_local(path, lambda tmp: fs.put_file(local_path, tmp))
         return
     retry(url, lambda: fs.put_file(local_path, path))
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
+def _replace_local(path: str, fill: Callable[[str], None]) -> None:
+    """Fill a temporary sibling of `path`, then rename it into place; never leave the temporary behind."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        fill(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 def makedirs(url: str) -> None:
