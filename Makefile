@@ -15,15 +15,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cxr synth $(DEMO)/raw --patients 550 --size 256 --seed 0
-	$(VENV)/bin/cxr inspect $(DEMO)/raw --scan-images
+	$(VENV)/bin/cxr synth $(DEMO)/raw --patients 575 --size 256 --seed 0
+	$(VENV)/bin/cxr inspect $(DEMO)/raw
+	$(VENV)/bin/cxr prepare $(DEMO)/raw $(DEMO)/shards --size 128 --images-per-shard 250
+	$(VENV)/bin/cxr train --config configs/demo.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check cxr jobs tests bench
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
+	mkdir -p bench-out
 	$(PY) bench/inspect_metadata.py bench-out/inspect.json
+	$(PY) bench/prepare.py --out bench-out/prepare.json
+	$(PY) bench/pipeline.py --out bench-out/pipeline.json
+	$(PY) bench/train.py --out bench-out/train.json
 
 clean:
 	rm -rf $(DEMO) bench-out

@@ -85,6 +85,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from cxr import config
+
+    cfg = config.load(args.config, args.overrides)  # every config error surfaces here, before Ray starts
+    from cxr import workflow
+
+    s = workflow.run(cfg)
+    best = "none" if s["best_epoch"] is None else str(int(s["best_epoch"]) + 1)
+    early = " (stopped early)" if s["stopped_early"] else ""
+    print(f"\nrun {cfg.run.name}: {s['epochs_done']} epoch(s){early}, best epoch {best}; AUROC per finding:")
+    print(s["table"])
+    print(f"checkpoints: {s['run_path']}")
+    print(f"MLflow: {s['tracking_uri']}  experiment {s['experiment']!r}  run {s['mlflow_run_id']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxr", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -122,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--val-fraction", type=float, default=0.1)
     r.add_argument("--test-fraction", type=float, default=0.2)
     r.set_defaults(func=cmd_prepare)
+
+    t = sub.add_parser("train", help="train on Ray, score the best checkpoint on test, record the run in MLflow")
+    t.add_argument("--config", required=True, help="YAML config (configs/demo.yaml, configs/chexnet.yaml, ...)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
+    t.set_defaults(func=cmd_train)
     return p
 
 
@@ -132,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # includes config.ConfigError
         print(f"cxr {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

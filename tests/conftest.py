@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -51,3 +57,67 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     finally:
         mp.undo()
         server.close()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quiet_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: venv first on PATH, loopback-only Ray, quiet TensorFlow."""
+    return {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "TF_CPP_MIN_LOG_LEVEL": "3",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
+@pytest.fixture(scope="session")
+def phantom_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small prepared phantom dataset (synth → prepare in child processes); returns manifest.json's path."""
+    base = tmp_path_factory.mktemp("phantoms")
+    raw, out = base / "raw", base / "shards"
+    run = [sys.executable, "-m", "cxr.cli"]
+    subprocess.run([*run, "synth", str(raw), "--patients", "90", "--size", "64", "--seed", "3"],
+                   check=True, capture_output=True, env=quiet_env(), timeout=300)
+    subprocess.run([*run, "prepare", str(raw), str(out), "--size", "64", "--images-per-shard", "40"],
+                   check=True, capture_output=True, env=quiet_env(), timeout=300)
+    return str(out / "manifest.json")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on loopback with a SQLite store and served artifacts; yields its URL."""
+    base = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    cmd = [os.path.join(VENV_BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{base}/mlflow.db", "--artifacts-destination", str(base / "artifacts"),
+           "--workers", "1"]
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=quiet_env(), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            break
+    else:
+        proc.kill()
+        pytest.fail(f"mlflow server did not start: {(base / 'server.log').read_text()[-2000:]}")
+    if proc.poll() is not None:
+        pytest.fail(f"mlflow server exited: {(base / 'server.log').read_text()[-2000:]}")
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()

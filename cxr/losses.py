@@ -1,0 +1,125 @@
+"""The training objective: binary cross-entropy over the 14 findings (optionally Wang-weighted), and the
+epoch-level schedule around it: reduce-on-plateau, early stopping and best-epoch selection.
+
+Positives are rare (Hernia is ~0.2% of NIH images), so unweighted BCE lets a model score well by
+predicting "absent" everywhere. Wang et al. weight each finding's positive terms by
+beta_P = (|P| + |N|) / |P| and its negative terms by beta_N = (|P| + |N|) / |N|, with |P| and |N|
+counted on the training split. The loss is computed in float32 whatever the mixed-precision policy.
+
+The loss returns one value per example (mean over findings) so the distributed train step can scale
+it by the GLOBAL batch size (`tf.nn.compute_average_loss`).
+
+The schedule follows CheXNet: the learning rate is divided by 10 when validation mean AUROC has not
+improved for `patience` epochs, training stops after `stop_patience` epochs without improvement, and
+the best epoch is the one with the highest validation mean AUROC. Its state is plain data so a
+checkpoint can carry it and a resumed run makes exactly the decisions the original would have.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+EPSILON = 1e-7
+
+LossFn = Callable[[object, object], object]
+
+
+def wang_weights(positives: Sequence[int] | np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """(beta_P, beta_N) per finding from training-split positive counts and the split size.
+
+    A finding with no positives (or no negatives) never produces that kind of term, so its weight
+    is irrelevant; it is set to 1 rather than infinity.
+    """
+    pos = np.asarray(positives, dtype=np.float64)
+    if total <= 0 or np.any(pos < 0) or np.any(pos > total):
+        raise ValueError(f"positive counts {pos.tolist()} do not fit a split of {total} images")
+    neg = total - pos
+    beta_p = np.where(pos > 0, total / np.maximum(pos, 1), 1.0)
+    beta_n = np.where(neg > 0, total / np.maximum(neg, 1), 1.0)
+    return beta_p.astype(np.float32), beta_n.astype(np.float32)
+
+
+def binary_crossentropy(
+    beta_pos: np.ndarray | None = None, beta_neg: np.ndarray | None = None
+) -> LossFn:
+    """Per-example loss `fn(labels [B, K], probabilities [B, K]) -> [B]`, weighted if betas are given."""
+    if (beta_pos is None) != (beta_neg is None):
+        raise ValueError("give both beta_pos and beta_neg, or neither")
+
+    def per_example(y_true, y_prob):
+        y_true = ops.cast(y_true, "float32")
+        y_prob = ops.clip(ops.cast(y_prob, "float32"), EPSILON, 1.0 - EPSILON)
+        pos_term = -y_true * ops.log(y_prob)
+        neg_term = -(1.0 - y_true) * ops.log(1.0 - y_prob)
+        if beta_pos is not None:
+            pos_term = pos_term * ops.convert_to_tensor(beta_pos, "float32")
+            neg_term = neg_term * ops.convert_to_tensor(beta_neg, "float32")
+        return ops.mean(pos_term + neg_term, axis=-1)
+
+    return per_example
+
+
+def loss_from_counts(weighted: bool, positives: Sequence[int] | None, total: int | None) -> LossFn:
+    """The training loss a config asks for; weighted needs the training split's label counts."""
+    if not weighted:
+        return binary_crossentropy()
+    if positives is None or total is None:
+        raise ValueError("weighted_loss needs the training split's positive counts and size")
+    return binary_crossentropy(*wang_weights(positives, total))
+
+
+def mean_loss(loss_fn: LossFn, y_true: np.ndarray, y_prob: np.ndarray) -> float:
+    """Mean of `loss_fn` over a whole split held in memory (validation after the gather)."""
+    per_example = loss_fn(ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_prob))
+    return float(keras.ops.convert_to_numpy(ops.mean(per_example)))
+
+
+@dataclass
+class Schedule:
+    """Reduce-on-plateau + early stopping + best epoch, driven by one score per epoch (higher is better)."""
+
+    lr: float
+    patience: int = 1
+    factor: float = 0.1
+    min_lr: float = 0.0
+    stop_patience: int | None = None
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    epochs_since_best: int = 0
+    epochs_since_lr_change: int = 0
+    stopped: bool = False
+
+    def update(self, epoch: int, score: float) -> bool:
+        """Record epoch `epoch`'s score; adjust lr / stop flag. True if this epoch is the new best.
+
+        An undefined score (NaN: no finding had both classes) never counts as an improvement.
+        """
+        improved = math.isfinite(score) and score > self.best_score
+        if improved:
+            self.best_score, self.best_epoch = score, epoch
+            self.epochs_since_best = self.epochs_since_lr_change = 0
+            return True
+        self.epochs_since_best += 1
+        self.epochs_since_lr_change += 1
+        if self.epochs_since_lr_change >= self.patience and self.lr > self.min_lr:
+            self.lr = max(self.lr * self.factor, self.min_lr)
+            self.epochs_since_lr_change = 0
+        if self.stop_patience is not None and self.epochs_since_best >= self.stop_patience:
+            self.stopped = True
+        return False
+
+    def state(self) -> dict[str, Any]:
+        """What changes during training; the settings (patience, factor, ...) come from the config."""
+        settings = ("patience", "factor", "min_lr", "stop_patience")
+        return {k: v for k, v in asdict(self).items() if k not in settings}
+
+    def restored(self, state: dict[str, Any]) -> Schedule:
+        """This schedule's settings with the progress saved by `state()` (a resumed run)."""
+        return Schedule(**{**asdict(self), **state})

@@ -1,0 +1,576 @@
+"""Distributed training: Ray Train starts the workers, tf.distribute keeps their models identical.
+
+Why a hand-written step instead of `model.fit`: Keras 3's `fit` cannot run under
+MultiWorkerMirroredStrategy (MWMS) with two or more workers, while `strategy.run` + `strategy.reduce`
+in a `tf.function` on a Keras 3 model can. Each worker is one replica:
+
+- Train step: every replica computes its per-example loss, scales it by the GLOBAL batch
+  (`tf.nn.compute_average_loss`), takes gradients, and the Keras optimizer all-reduces (sums) them
+  before applying, so each worker applies the same update, equal to one worker with the global
+  batch. Under mixed_float16 a LossScaleOptimizer scales the loss; ours agrees across replicas on
+  whether the gradients are finite, so no worker can skip an all-reduce that the others enter.
+- Batch norm: per-replica batch statistics (standard MWMS; the backbones' keras.applications BN
+  layers are used as they are). Synchronised BN would add one all-reduce per BN layer per step (121
+  for DenseNet-121) for no gain at the 16+ images per replica we train with, and CheXNet itself
+  used batches of 16. Keras' moving mean/variance are per-worker variables, so once per epoch,
+  before validation, they are averaged across workers (one all-reduce): every worker then
+  evaluates and checkpoints the same model. The same holds for `small_cnn`, which uses BN too.
+- Evaluation never runs a collective per batch (workers may hold different numbers of batches):
+  each worker predicts its shard locally into a zero [N, 2*14+1] array at the images' indices
+  (probabilities, labels, a count), then ONE all-reduce SUM gives every worker all N rows; every
+  index must have been counted exactly once.
+
+Each epoch ends with `ray.train.report` on all workers (a barrier); rank 0 attaches a checkpoint
+directory holding model weights, optimizer state, the schedule (epoch, best so far, lr, patience
+counters) and the resolved config, the other ranks report none (Ray Train V2 registers a checkpoint
+if any worker reports one). A restarted worker group, or a run re-submitted with the same
+`run.storage_path` + `run.name`, gets the latest checkpoint from `ray.train.get_checkpoint()` and
+continues with the next epoch. Ray keeps the best `run.checkpoints_to_keep` checkpoints by
+validation mean AUROC (plus the latest); `fit` returns which one is best.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cxr import config as cfgmod
+from cxr import storage
+from cxr.labels import FINDINGS, NUM_FINDINGS
+from cxr.losses import LossFn, Schedule, loss_from_counts, mean_loss
+from cxr.metrics import auroc_per_finding, mean_auroc
+from cxr.models import build_model
+
+log = logging.getLogger(__name__)
+
+SCORE = "val_auroc_mean"
+CHECKPOINT_FORMAT = "cxr-train-checkpoint/1"
+MODEL_FILE = "model.weights.h5"
+OPTIMIZER_FILE = "optimizer.npz"
+STATE_FILE = "state.json"
+CONFIG_FILE = "resolved.yaml"
+
+DatasetFn = Callable[..., tf.data.Dataset]
+SizeFn = Callable[[str, str], int]
+CountsFn = Callable[[str, str], tuple[list[int], int]]
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where batches come from: `make_dataset`/`split_size` as in cxr.pipeline, and label counts.
+
+    `make_dataset(manifest_uri, split, batch_size, worker_index, num_workers, training, seed, epoch,
+    image_size, augment=...)` yields (images, labels) when training and (images, labels, index) when
+    not; `augment` (training only) is the config's `data.augment` as a dict. Tests plug in in-memory
+    datasets with the same signature.
+    """
+
+    make_dataset: DatasetFn
+    split_size: SizeFn
+    label_counts: CountsFn
+
+
+def manifest_label_counts(manifest_uri: str, split: str) -> tuple[list[int], int]:
+    """(positives per finding, images) of a split, from the manifest `cxr prepare` wrote."""
+    url = manifest_uri if manifest_uri.endswith(".json") else storage.join(manifest_uri, "manifest.json")
+    part = json.loads(storage.read_text(url))["splits"][split]
+    return [int(part["label_counts"][name]) for name in FINDINGS], int(part["images"])
+
+
+def pipeline_dataset(*args: Any, augment: dict[str, Any] | None = None, **kwargs: Any) -> tf.data.Dataset:
+    """cxr.pipeline.make_dataset, with the config's `data.augment` turned into its Augment."""
+    from cxr import pipeline
+
+    if augment is not None:
+        fields = {k: v for k, v in augment.items() if k != "enabled"}
+        fields["scale"] = tuple(fields["scale"])
+        kwargs["augment"] = pipeline.Augment(**fields) if augment["enabled"] else pipeline.Augment.off()
+    return pipeline.make_dataset(*args, **kwargs)
+
+
+def pipeline_split_size(manifest_uri: str, split: str) -> int:
+    from cxr import pipeline
+
+    return pipeline.split_size(manifest_uri, split)
+
+
+def data_source(
+    dataset_fn: DatasetFn | None = None, size_fn: SizeFn | None = None, counts_fn: CountsFn | None = None
+) -> DataSource:
+    """The given callables, falling back to cxr.pipeline (imported only when used) and the manifest."""
+    return DataSource(dataset_fn or pipeline_dataset, size_fn or pipeline_split_size,
+                      counts_fn or manifest_label_counts)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the driver works out once, before any worker starts, so every worker uses the same."""
+
+    train_size: int
+    val_size: int
+    steps_per_epoch: int
+    positives: list[int] | None = None
+    total: int | None = None
+
+
+def plan_run(cfg: cfgmod.Config, source: DataSource) -> Plan:
+    """Split sizes, steps per epoch (train size // global batch) and, for the weighted loss, counts."""
+    data, optim = cfg.data, cfg.optim
+    train_size = int(source.split_size(data.manifest_uri, data.train_split))
+    val_size = int(source.split_size(data.manifest_uri, data.val_split))
+    global_batch = optim.batch_size * cfg.scaling.num_workers
+    steps = optim.steps_per_epoch or train_size // global_batch
+    if steps < 1:
+        raise ValueError(f"train split has {train_size} images, fewer than one global batch of {global_batch}")
+    if val_size < 1:
+        raise ValueError(f"validation split {data.val_split!r} is empty")
+    positives = total = None
+    if optim.weighted_loss:
+        positives, total = source.label_counts(data.manifest_uri, data.train_split)
+    return Plan(train_size, val_size, steps, positives, total)
+
+
+# ------------------------------------------------------------------ precision, strategy, optimizer
+
+
+def make_strategy() -> tf.distribute.Strategy:
+    """MWMS when Ray's TF backend has set TF_CONFIG, else the default (single-process) strategy.
+
+    MWMS must be created before any other TensorFlow op runs in the process.
+    """
+    if "TF_CONFIG" in os.environ:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+class ReplicaSyncedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """A LossScaleOptimizer whose finite-gradient check is agreed by all replicas.
+
+    The stock check looks at local gradients only; under MWMS a worker with an inf gradient would skip
+    the inner optimizer (and its gradient all-reduce) while the others wait in it forever.
+    """
+
+    def check_finite(self, grads):
+        finite = super().check_finite(grads)
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None or ctx.num_replicas_in_sync == 1:
+            return finite
+        bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.float32))
+        return tf.equal(bad, 0.0)
+
+
+def make_optimizer(lr: float, precision: str) -> keras.optimizers.Optimizer:
+    """Adam; wrapped for dynamic loss scaling under mixed_float16 (bfloat16 needs none)."""
+    adam = keras.optimizers.Adam(learning_rate=lr)
+    return ReplicaSyncedLossScaleOptimizer(adam) if precision == "mixed_float16" else adam
+
+
+# ------------------------------------------------------------------------------------ the steps
+
+
+class DistributedSteps:
+    """The compiled train step, the local forward pass and the moving-statistics sync of one model."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
+                 optimizer: keras.optimizers.Optimizer, loss_fn: LossFn, global_batch: int):
+        self.strategy, self.model, self.optimizer = strategy, model, optimizer
+        self.loss_fn, self.global_batch = loss_fn, global_batch
+        self.train_step = tf.function(self._train_step, reduce_retracing=True)
+        self.predict = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+    def _replica_step(self, images, labels):
+        """One replica: loss over the global batch, gradients, optimizer update (which all-reduces)."""
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            probs = self.model(images, training=True)
+            loss = tf.nn.compute_average_loss(self.loss_fn(labels, probs), global_batch_size=self.global_batch)
+            scaled = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, variables)
+        scale = getattr(self.optimizer, "dynamic_scale", None)
+        grad_norm = tf.linalg.global_norm(grads) / (tf.cast(scale, tf.float32) if scale is not None else 1.0)
+        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+        return tf.stack([loss, grad_norm])
+
+    def _train_step(self, images, labels):
+        """Global mean loss and mean over workers of each worker's batch-mean gradient norm.
+
+        A replica's gradient is its batch-mean gradient / num_replicas, so SUM of the local norms is
+        the mean of the per-worker batch-mean gradient norms; one reduce carries both numbers.
+        """
+        per_replica = self.strategy.run(self._replica_step, args=(images, labels))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    def sync_moving_statistics(self) -> None:
+        """Average float non-trainable variables (BN moving mean/variance) across workers, in one all-reduce."""
+        variables = [v for v in self.model.non_trainable_variables if "float" in str(v.dtype)]
+        if not variables or self.strategy.num_replicas_in_sync == 1:
+            return
+        local = np.concatenate([np.asarray(v.numpy(), np.float32).ravel() for v in variables])
+        mean = all_reduce(self.strategy, local, tf.distribute.ReduceOp.MEAN)
+        offset = 0
+        for v in variables:
+            size = int(np.prod(v.shape))
+            v.assign(mean[offset:offset + size].reshape(v.shape))
+            offset += size
+
+
+def all_reduce(strategy: tf.distribute.Strategy, array: np.ndarray,
+               op: tf.distribute.ReduceOp = tf.distribute.ReduceOp.SUM) -> np.ndarray:
+    """`op` over all workers of `array`, element-wise; every worker must call this exactly once."""
+
+    def reduce(x):
+        per_replica = strategy.run(tf.identity, args=(x,))  # placed on this replica's device
+        return strategy.reduce(op, per_replica, axis=None)
+
+    return tf.function(reduce)(tf.constant(array)).numpy()
+
+
+def gather_predictions(steps: DistributedSteps, dataset: tf.data.Dataset, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities [n, 14], labels [n, 14]) of the whole split on every worker.
+
+    Rows are accumulated locally at each batch's `index`; row n collects indices outside 0..n-1 so a
+    bad index is reported by every worker after the one all-reduce instead of hanging the others.
+    """
+    k = NUM_FINDINGS
+    rows = np.zeros((n + 1, 2 * k + 1), np.float32)
+    for images, labels, index in dataset:
+        idx = index.numpy().astype(np.int64)
+        idx = np.where((idx >= 0) & (idx < n), idx, n)
+        block = np.concatenate([steps.predict(images).numpy(), labels.numpy(), np.ones((len(idx), 1))], axis=1)
+        np.add.at(rows, idx, block)
+    rows = all_reduce(steps.strategy, rows)
+    _check_counts(rows[:, -1], n)
+    return rows[:n, :k], rows[:n, k:2 * k]
+
+
+def _check_counts(counts: np.ndarray, n: int) -> None:
+    stray, counts = int(counts[n]), counts[:n]
+    missing, repeated = np.flatnonzero(counts == 0), np.flatnonzero(counts > 1)
+    if stray or missing.size or repeated.size:
+        raise RuntimeError(
+            f"evaluation must see each of {n} images exactly once: {missing.size} missing "
+            f"(e.g. {missing[:5].tolist()}), {repeated.size} seen twice or more (e.g. {repeated[:5].tolist()}), "
+            f"{stray} with an index outside 0..{n - 1}")
+
+
+def evaluate(steps: DistributedSteps, dataset: tf.data.Dataset, n: int) -> dict[str, float]:
+    """Validation loss, per-finding AUROC (NaN if undefined) and their mean, the same on every worker."""
+    probs, labels = gather_predictions(steps, dataset, n)
+    aurocs = auroc_per_finding(labels, probs)
+    metrics = {"val_loss": mean_loss(steps.loss_fn, labels, probs), SCORE: mean_auroc(aurocs)}
+    metrics.update({f"val_auroc/{name}": float(a) for name, a in zip(FINDINGS, aurocs, strict=True)})
+    return metrics
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(directory: str, model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                    state: dict[str, Any], config_yaml: str) -> None:
+    """Model weights, optimizer variables (by path), training state and the resolved config."""
+    model.save_weights(os.path.join(directory, MODEL_FILE))
+    names = np.array([v.path for v in optimizer.variables])
+    values = {f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
+    np.savez(os.path.join(directory, OPTIMIZER_FILE), names=names, **values)
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump({"format": CHECKPOINT_FORMAT, **state}, f, indent=1)
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        f.write(config_yaml)
+
+
+def restore_checkpoint(directory: str, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> dict:
+    """Load what `save_checkpoint` wrote into a built model and optimizer; returns the saved state."""
+    with open(os.path.join(directory, STATE_FILE)) as f:
+        state = json.load(f)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{directory}: not a {CHECKPOINT_FORMAT} checkpoint")
+    model.load_weights(os.path.join(directory, MODEL_FILE))
+    with np.load(os.path.join(directory, OPTIMIZER_FILE), allow_pickle=False) as saved:
+        names = saved["names"].tolist()
+        current = [v.path for v in optimizer.variables]
+        if names != current:
+            raise ValueError(f"{directory}: optimizer state does not match ({len(names)} saved variables, "
+                             f"{len(current)} expected; first saved {names[:3]}, expected {current[:3]})")
+        for i, v in enumerate(optimizer.variables):
+            v.assign(saved[f"v{i}"])
+    return state
+
+
+# ------------------------------------------------------------------------------ per-worker loop
+
+
+@dataclass
+class Worker:
+    """Everything one worker's loop needs, built once."""
+
+    cfg: cfgmod.Config
+    plan: Plan
+    source: DataSource
+    rank: int
+    world: int
+    steps: DistributedSteps
+    schedule: Schedule
+    val_data: tf.data.Dataset
+    history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's metrics, carried by checkpoints
+
+    @property
+    def optimizer(self) -> keras.optimizers.Optimizer:
+        return self.steps.optimizer
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: build, restore if resuming, then train/validate/report per epoch.
+
+    `loop_config` holds the resolved config as plain data ("config"), the driver's `Plan` ("plan")
+    and the `DataSource` ("source"), as `fit` puts them.
+    """
+    import ray.train
+
+    _match_threads_to_cpus()
+    strategy = make_strategy()  # first: MWMS must exist before any other TF op
+    _configure_logging()
+    cfg = cfgmod.validate(loop_config["config"])
+    context = ray.train.get_context()
+    worker = _build_worker(cfg, loop_config["plan"], loop_config["source"], strategy,
+                           context.get_world_rank(), context.get_world_size())
+    start = _restore_latest(worker)
+    for epoch in range(start, cfg.optim.epochs):
+        if worker.schedule.stopped:
+            break
+        metrics = {"epoch": epoch, "lr": worker.schedule.lr, **_train_epoch(worker, epoch)}
+        metrics.update(_validate_epoch(worker, epoch))
+        _log_epoch(worker, metrics)
+        _report(worker, epoch, metrics)
+
+
+def _match_threads_to_cpus() -> None:
+    """Size TF's thread pools to the CPUs Ray gave this worker (Ray exports it as OMP_NUM_THREADS).
+
+    TF otherwise sizes them to every core of the machine, and workers sharing a node oversubscribe it.
+    """
+    cpus = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if cpus > 0:
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(max(2, cpus))
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+
+
+def _build_worker(cfg: cfgmod.Config, plan: Plan, source: DataSource, strategy: tf.distribute.Strategy,
+                  rank: int, world: int) -> Worker:
+    if strategy.num_replicas_in_sync != world:
+        raise RuntimeError(f"{strategy.num_replicas_in_sync} replicas for {world} workers: "
+                           "cxr runs exactly one replica (one device) per Ray worker")
+    keras.mixed_precision.set_global_policy(cfg.scaling.precision)
+    keras.utils.set_random_seed(cfg.data.seed)
+    with strategy.scope():
+        model = build_model(cfg.model.name, cfg.data.image_size, cfg.model.dropout, cfg.model.weights)
+        optimizer = make_optimizer(cfg.optim.lr, cfg.scaling.precision)
+        optimizer.build(model.trainable_variables)
+    loss_fn = loss_from_counts(cfg.optim.weighted_loss, plan.positives, plan.total)
+    steps = DistributedSteps(strategy, model, optimizer, loss_fn, cfg.optim.batch_size * world)
+    o = cfg.optim
+    schedule = Schedule(lr=o.lr, patience=o.plateau_patience, factor=o.plateau_factor, min_lr=o.min_lr,
+                        stop_patience=o.early_stopping_patience)
+    val_data = source.make_dataset(cfg.data.manifest_uri, cfg.data.val_split, o.eval_batch_size or 2 * o.batch_size,
+                                   worker_index=rank, num_workers=world, training=False, seed=cfg.data.seed,
+                                   epoch=0, image_size=cfg.data.image_size)
+    return Worker(cfg, plan, source, rank, world, steps, schedule, val_data)
+
+
+def _restore_latest(worker: Worker) -> int:
+    """The first epoch to run: 0, or the one after the latest checkpoint's (restoring everything)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        state = restore_checkpoint(directory, worker.steps.model, worker.optimizer)
+    worker.schedule = worker.schedule.restored(state["schedule"])
+    worker.history = list(state.get("history", []))
+    worker.optimizer.learning_rate = worker.schedule.lr
+    if worker.rank == 0:
+        log.info("resumed after epoch %d (best %.4f at epoch %d, lr %.3g)", state["epoch"] + 1,
+                 worker.schedule.best_score, worker.schedule.best_epoch + 1, worker.schedule.lr)
+    return int(state["epoch"]) + 1
+
+
+def _train_batches(worker: Worker, epoch: int) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
+    """Exactly steps_per_epoch batches (the same count on every worker) of this worker's shard."""
+    cfg = worker.cfg
+    dataset = worker.source.make_dataset(
+        cfg.data.manifest_uri, cfg.data.train_split, cfg.optim.batch_size, worker_index=worker.rank,
+        num_workers=worker.world, training=True, seed=cfg.data.seed, epoch=epoch,
+        image_size=cfg.data.image_size, augment=cfg.data.augment.model_dump())
+    return iter(dataset.repeat().take(worker.plan.steps_per_epoch))
+
+
+class Throughput:
+    """Wall-clock step time and images/s over a window of steps (per worker and all workers)."""
+
+    def __init__(self, batch: int, workers: int):
+        self.batch, self.workers = batch, workers
+        self.t0 = self.dt = math.nan
+        self.first_step = 1
+        self.steps = 0
+
+    def start(self, after_step: int = 1) -> None:
+        self.t0, self.first_step = time.perf_counter(), after_step
+
+    def stop(self, step: int) -> None:
+        self.dt, self.steps = time.perf_counter() - self.t0, step - self.first_step
+
+    def metrics(self) -> dict[str, float]:
+        if self.steps <= 0:
+            return {"step_time_s": math.nan, "images_per_s_worker": math.nan, "images_per_s_total": math.nan}
+        per_worker = self.batch * self.steps / self.dt
+        return {"step_time_s": self.dt / self.steps, "images_per_s_worker": per_worker,
+                "images_per_s_total": per_worker * self.workers}
+
+    def describe(self) -> str:
+        m = self.metrics()
+        return (f"{m['step_time_s'] * 1000:.0f} ms/step, {m['images_per_s_worker']:.1f} img/s/worker, "
+                f"{m['images_per_s_total']:.1f} img/s total")
+
+
+def _train_epoch(worker: Worker, epoch: int) -> dict[str, float]:
+    """Run the epoch's steps; log loss, step time and throughput every `steps_per_log` steps on rank 0."""
+    worker.optimizer.learning_rate = worker.schedule.lr
+    total_steps, every = worker.plan.steps_per_epoch, worker.cfg.optim.steps_per_log
+    batch = worker.cfg.optim.batch_size
+    loss_sum = tf.zeros([2])
+    window = Throughput(batch, worker.world)
+    epoch_rate = Throughput(batch, worker.world)
+    for step, (images, labels) in enumerate(_train_batches(worker, epoch), start=1):
+        out = worker.steps.train_step(images, labels)
+        loss_sum += out
+        if step == 1:  # the first step includes tracing: time from its end
+            out.numpy()
+            window.start()
+            epoch_rate.start()
+        elif step % every == 0 or step == total_steps:
+            values = out.numpy()
+            window.stop(step)
+            epoch_rate.stop(step)
+            if worker.rank == 0:
+                log.info("epoch %d step %d/%d loss %.4f grad_norm %.3g | %s", epoch + 1, step, total_steps,
+                         values[0], values[1], window.describe())
+            window.start(step)
+    means = loss_sum.numpy() / total_steps
+    return {"train_loss": float(means[0]), "grad_norm": float(means[1]), **epoch_rate.metrics()}
+
+
+def _validate_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
+    """Sync BN statistics, evaluate the whole val split, update the schedule (lr, best, stop)."""
+    t0 = time.perf_counter()
+    worker.steps.sync_moving_statistics()
+    metrics: dict[str, Any] = evaluate(worker.steps, worker.val_data, worker.plan.val_size)
+    is_best = worker.schedule.update(epoch, metrics[SCORE])
+    worker.optimizer.learning_rate = worker.schedule.lr
+    metrics.update(eval_time_s=time.perf_counter() - t0, is_best=is_best, next_lr=worker.schedule.lr,
+                   best_epoch=worker.schedule.best_epoch, best_val_auroc_mean=worker.schedule.best_score,
+                   stopped_early=worker.schedule.stopped)
+    return metrics
+
+
+def _log_epoch(worker: Worker, m: dict[str, Any]) -> None:
+    if worker.rank == 0:
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val mean AUROC %.4f%s, %.1f img/s total; "
+                 "next lr %.3g%s", m["epoch"] + 1, m["train_loss"], m["val_loss"], m[SCORE],
+                 " (best)" if m["is_best"] else "", m["images_per_s_total"], m["next_lr"],
+                 " - stopping early" if m["stopped_early"] else "")
+
+
+def _report(worker: Worker, epoch: int, metrics: dict[str, Any]) -> None:
+    """Every worker reports (a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    worker.history.append(metrics)
+    if worker.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    state = {"epoch": epoch, "schedule": worker.schedule.state(), "metrics": metrics, "history": worker.history,
+             "plan": asdict(worker.plan)}
+    with tempfile.TemporaryDirectory(prefix="cxr-ckpt-") as directory:
+        save_checkpoint(directory, worker.steps.model, worker.optimizer, state, cfgmod.to_yaml(worker.cfg))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+def fit(cfg: cfgmod.Config, dataset_fn: DatasetFn | None = None, size_fn: SizeFn | None = None,
+        counts_fn: CountsFn | None = None) -> dict[str, Any]:
+    """Train as `cfg` says on a Ray cluster (started by the caller, or locally by Ray) and summarise."""
+    return summarize(run_trainer(cfg, dataset_fn, size_fn, counts_fn))
+
+
+def run_trainer(cfg: cfgmod.Config, dataset_fn: DatasetFn | None = None, size_fn: SizeFn | None = None,
+                counts_fn: CountsFn | None = None) -> Any:
+    """Run Ray Train's TensorflowTrainer for `cfg`; returns Ray's Result (history, checkpoints).
+
+    Re-running with the same `run.storage_path` + `run.name` resumes from the latest checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    source = data_source(dataset_fn, size_fn, counts_fn)
+    plan = plan_run(cfg, source)
+    storage_path = _absolute(cfg.run.storage_path)
+    cfgmod.write_resolved(cfg, storage.join(storage_path, cfg.run.name, CONFIG_FILE))
+    log.info("training %s at %d px on %d worker(s): %d steps/epoch of %d images, %d val images",
+             cfg.model.name, cfg.data.image_size, cfg.scaling.num_workers, plan.steps_per_epoch,
+             cfg.optim.batch_size * cfg.scaling.num_workers, plan.val_size)
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan, "source": source},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=cfg.scaling.resources_per_worker),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep,
+                                               checkpoint_score_attribute=SCORE, checkpoint_score_order="max")),
+    )
+    return trainer.fit()
+
+
+def summarize(result: Any) -> dict[str, Any]:
+    """Latest metrics, best epoch and the paths of the best and latest checkpoints of a Ray Result."""
+    best = result.get_best_checkpoint(metric=SCORE, mode="max") if result.best_checkpoints else None
+    best_metrics = next((m for c, m in result.best_checkpoints or [] if best and c.path == best.path), {})
+    metrics = result.metrics or {}
+    return {
+        "run_path": result.path,
+        "epochs_done": int(metrics.get("epoch", -1)) + 1,
+        "stopped_early": bool(metrics.get("stopped_early", False)),
+        "best_epoch": best_metrics.get("epoch"),
+        "best_val_auroc_mean": best_metrics.get(SCORE),
+        "best_checkpoint": best.path if best else None,
+        "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "metrics": metrics,
+    }
+
+
+def _absolute(path: str) -> str:
+    """Ray Train wants an absolute local path or a URI."""
+    return path if "://" in path else os.path.abspath(path)

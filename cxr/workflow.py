@@ -1,0 +1,118 @@
+"""`cxr train` end to end: validate → train on Ray → score the best checkpoint on test → record in MLflow.
+
+The driver does the bookkeeping after Ray Train returns: the per-epoch history comes from Ray's result,
+the test score from the checkpoint Ray kept as best by validation mean AUROC. A re-submitted run (same
+`run.storage_path` + `run.name`) resumes training and logs into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+from cxr import config as cfgmod
+from cxr import evaluate, report, tracking
+from cxr.cluster import init_ray
+from cxr.labels import FINDINGS
+
+log = logging.getLogger(__name__)
+RUN_TAG = "cxr.run"
+
+
+def _history(result: Any) -> list[dict[str, float]]:
+    """One dict per epoch, from the latest checkpoint: it carries the whole history across restarts
+    (Ray's own metrics table starts afresh when a worker group is restarted)."""
+    from cxr.train import STATE_FILE
+
+    if result.checkpoint is None:
+        return []
+    with result.checkpoint.as_directory() as directory, open(os.path.join(directory, STATE_FILE)) as fh:
+        history = json.load(fh).get("history", [])
+    rows = []
+    for rec in history:
+        rows.append({k: float(v) for k, v in rec.items()
+                     if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))})
+    return rows
+
+
+def _val_column(metrics: dict[str, Any]) -> dict[str, float | None]:
+    col: dict[str, float | None] = {}
+    for name in FINDINGS:
+        v = metrics.get(f"val_auroc/{name}")
+        col[name] = None if v is None or not math.isfinite(float(v)) else float(v)
+    col["mean"] = metrics.get("val_auroc_mean")
+    return col
+
+
+def _float32_model(cfg: cfgmod.Config, weights_file: str) -> Any:
+    """The best model in float32 for the registry: servers and notebooks should not need bf16 kernels."""
+    import keras
+
+    from cxr.models import build_model
+
+    keras.mixed_precision.set_global_policy("float32")
+    model = build_model(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
+    model.load_weights(weights_file)
+    return model
+
+
+def _existing_run(tracking_uri: str, experiment: str, key: str) -> str | None:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{key}'",
+                              output_format="list", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def run(cfg: cfgmod.Config, test_split: str = "test") -> dict[str, Any]:
+    """Train, evaluate and track; returns the summary printed by `cxr train`."""
+    import mlflow
+
+    from cxr import train
+
+    init_ray()
+    result = train.run_trainer(cfg)
+    summary = train.summarize(result)
+    history = _history(result)
+    best = result.get_best_checkpoint(metric=train.SCORE, mode="max")
+    if best is None:
+        raise RuntimeError(f"run {cfg.run.name}: Ray Train reported no checkpoint")
+    best_metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
+    with best.as_directory() as ckpt:
+        probs, labels = evaluate.predict_split(ckpt, cfg, test_split)
+        test = evaluate.score(probs, labels)
+        model = _float32_model(cfg, os.path.join(ckpt, train.MODEL_FILE))
+    val = _val_column(best_metrics)
+    table = report.auroc_table({"val": val, test_split: test})
+
+    uri = cfg.tracking.tracking_uri or tracking.default_uri(".")
+    key = f"{summary['run_path']}"
+    run_id = _existing_run(uri, cfg.tracking.experiment, key)
+    with tracking.run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name, run_id) as active:
+        mlflow.set_tag(RUN_TAG, key)
+        if run_id is None:
+            mlflow.log_params(tracking.safe_params(cfg.model_dump(mode="json")))
+        for row in history:
+            step = int(row["epoch"])
+            mlflow.log_metrics({k.replace("/", "."): v for k, v in row.items() if k != "epoch"}, step=step)
+        mlflow.log_metrics({f"test_auroc.{k}": v for k, v in test.items() if v is not None and k != "mean"})
+        mlflow.log_metrics({"test_auroc_mean": test["mean"] or float("nan"),
+                            "best_epoch": float(best_metrics["epoch"]),
+                            "best_val_auroc_mean": float(best_metrics[train.SCORE])})
+        tracking.log_text(cfgmod.to_yaml(cfg), "resolved.yaml")
+        tracking.log_text(table + "\n", "auroc.txt")
+        tracking.log_figure(report.roc_grid(labels, probs, f"{cfg.run.name}: {test_split} ROC (best epoch "
+                                            f"{int(best_metrics['epoch']) + 1})"), f"roc_{test_split}.png")
+        if history:
+            tracking.log_figure(report.learning_curves(history), "learning_curves.png")
+        tracking.log_model(model, name="model")
+        run_id = active.info.run_id
+    return {**summary, "val": val, "test": test, "table": table, "tracking_uri": uri, "mlflow_run_id": run_id,
+            "experiment": cfg.tracking.experiment, "history": history}

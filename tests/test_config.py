@@ -1,0 +1,125 @@
+"""Config files and `key=value` overrides: validated, typed like YAML, errors naming the key."""
+
+from __future__ import annotations
+
+import os
+import typing
+
+import pytest
+import yaml
+
+from cxr import config
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+MINIMAL = {"data": {"manifest_uri": "demo-out/shards/manifest.json"}}
+
+
+def write(tmp_path, raw) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw) if not isinstance(raw, str) else raw)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["demo", "chexnet", "seed-mobilenet"])
+def test_shipped_configs_are_valid(name):
+    cfg = config.load(os.path.join(CONFIGS, f"{name}.yaml"))
+    assert cfg.data.manifest_uri.endswith("manifest.json")
+
+
+def test_chexnet_and_demo_settings():
+    chexnet = config.load(os.path.join(CONFIGS, "chexnet.yaml"))
+    assert (chexnet.model.name, chexnet.data.image_size, chexnet.optim.batch_size) == ("densenet121", 224, 16)
+    assert (chexnet.optim.lr, chexnet.optim.plateau_factor, chexnet.optim.plateau_patience) == (1e-3, 0.1, 1)
+    assert chexnet.scaling.use_gpu and chexnet.scaling.precision == "mixed_float16"
+    demo = config.load(os.path.join(CONFIGS, "demo.yaml"))
+    assert (demo.model.name, demo.data.image_size, demo.scaling.num_workers) == ("small_cnn", 128, 2)
+    assert not demo.scaling.use_gpu
+    seed = config.load(os.path.join(CONFIGS, "seed-mobilenet.yaml"))
+    assert (seed.model.name, seed.data.image_size) == ("mobilenet_v2", 128)
+
+
+def test_model_names_match_the_builders():
+    from cxr import models
+
+    assert typing.get_args(config.ModelName) == models.MODEL_NAMES
+
+
+def test_overrides_are_typed_like_yaml_scalars(tmp_path):
+    cfg = config.load(write(tmp_path, MINIMAL), [
+        "optim.lr=3e-4", "scaling.num_workers=4", "scaling.use_gpu=true", "model.weights=null",
+        "run.name=2024", "scaling.resources_per_worker={CPU: 2, GPU: 1}", "optim.early_stopping_patience=5",
+        "data.augment.hflip=false",
+    ])
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.scaling.num_workers == 4 and cfg.scaling.use_gpu is True
+    assert cfg.model.weights is None and cfg.run.name == "2024"
+    assert cfg.scaling.resources_per_worker == {"CPU": 2.0, "GPU": 1.0}
+    assert cfg.optim.early_stopping_patience == 5 and cfg.data.augment.hflip is False
+
+
+def test_unknown_keys_are_named_with_a_suggestion(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"optim\.lrr: unknown key \(did you mean optim\.lr\?\)"):
+        config.load(write(tmp_path, MINIMAL), ["optim.lrr=1e-3"])
+    raw = {**MINIMAL, "scaling": {"num_worker": 2}}
+    with pytest.raises(config.ConfigError, match=r"scaling\.num_worker: unknown key"):
+        config.load(write(tmp_path, raw))
+    with pytest.raises(config.ConfigError, match=r"optimiser: unknown key"):
+        config.load(write(tmp_path, MINIMAL), ["optimiser.lr=1"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.lr=fast", "optim.lr"),
+    ("scaling.num_workers=two", "scaling.num_workers"),
+    ("scaling.num_workers=0", "scaling.num_workers"),
+    ("scaling.precision=fp8", "scaling.precision"),
+    ("model.name=resnet", "model.name"),
+    ("model.dropout=1.0", "model.dropout"),
+    ("data.image_size=16", "data.image_size"),
+])
+def test_bad_values_name_the_key(tmp_path, override, key):
+    with pytest.raises(config.ConfigError) as err:
+        config.load(write(tmp_path, MINIMAL), [override])
+    assert f"{key}: " in str(err.value)
+
+
+def test_malformed_overrides_and_files(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(config.ConfigError, match="expected section.key=value"):
+        config.load(path, ["optim.lr"])
+    with pytest.raises(config.ConfigError, match="optim.lr is not a section"):
+        config.apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr.x=1"])
+    with pytest.raises(config.ConfigError, match="data: required but missing"):
+        config.load(write(tmp_path, {"model": {"name": "small_cnn"}}))
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load(write(tmp_path, "data: [unclosed"))
+    with pytest.raises(config.ConfigError, match="top level must be a mapping"):
+        config.load(write(tmp_path, "- a\n- b\n"))
+
+
+def test_precision_default_follows_the_device(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    assert config.load(path, ["scaling.use_gpu=true"]).scaling.precision == "mixed_float16"
+    assert config.load(path).scaling.precision == config.CPU_PRECISION
+    assert config.load(path, ["scaling.precision=float32"]).scaling.precision == "float32"
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = config.load(write(tmp_path, MINIMAL), ["optim.lr=3e-4"])
+    out = str(tmp_path / "out" / "resolved.yaml")
+    config.write_resolved(cfg, out)
+    again = config.load(out)
+    assert again == cfg
+    assert "precision: " + config.CPU_PRECISION in open(out).read()  # defaults are written out
+
+
+def test_augment_defaults_match_the_pipeline():
+    import dataclasses
+
+    from cxr import pipeline
+
+    ours = config.Augment().model_dump()
+    theirs = {f.name: f.default for f in dataclasses.fields(pipeline.Augment)}
+    for name, value in ours.items():
+        if name != "enabled":
+            assert tuple(value) == theirs[name] if name == "scale" else value == theirs[name], name

@@ -1,0 +1,139 @@
+"""The training job as users run it: `ray job submit` to a token-protected cluster, and a worker killed mid-run.
+
+Real processes throughout: `ray start --head` on loopback, a real `mlflow server`, Ray Train workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import ROOT, VENV_BIN, free_port, quiet_env
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_run(manifest: str, storage: str, name: str, tracking_uri: str, epochs: int = 2) -> list[str]:
+    """Overrides that shrink configs/demo.yaml to a run of seconds per epoch on 64 px phantoms."""
+    return [f"data.manifest_uri={manifest}", "data.image_size=64", f"optim.epochs={epochs}",
+            "optim.batch_size=16", "optim.steps_per_log=2", "optim.early_stopping_patience=null",
+            f"run.storage_path={storage}", f"run.name={name}", f"tracking.tracking_uri={tracking_uri}",
+            "tracking.experiment=cxr-tests", f"tracking.run_name={name}"]
+
+
+def _mlflow_run(tracking_uri: str, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("cxr-tests")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{name}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+@pytest.fixture
+def ray_head():
+    """`ray start --head` on 127.0.0.1 with token authentication and the dashboard (job API) on."""
+    token = secrets.token_hex(24)
+    dash, gcs = free_port(), free_port()
+    env = quiet_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    start = [os.path.join(VENV_BIN, "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+             "--num-cpus=3", "--disable-usage-stats", f"--temp-dir={temp}"]
+    out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    try:
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "token": token}
+    finally:
+        subprocess.run([os.path.join(VENV_BIN, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_with_token(ray_head, phantom_shards, mlflow_server, tmp_path):
+    address, env = ray_head["address"], ray_head["env"]
+    with pytest.raises(urllib.error.HTTPError) as refused:  # no token: refused
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+    assert refused.value.code == 401
+
+    storage = str(tmp_path / "runs")
+    cmd = [os.path.join(VENV_BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+           "python", "jobs/train.py", "--config", "configs/demo.yaml",
+           *tiny_run(phantom_shards, storage, "submitted", mlflow_server)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-5000:]
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", text), text[-3000:]
+    assert "AUROC per finding" in text and "Cardiomegaly" in text
+
+    job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", text).group(1)
+    request = urllib.request.Request(f"{address}/api/jobs/{job_id}",
+                                     headers={"Authorization": f"Bearer {ray_head['token']}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert json.load(r)["status"] == "SUCCEEDED"
+
+    checkpoints = sorted(p for p in glob.glob(os.path.join(storage, "submitted", "checkpoint_*")) if os.path.isdir(p))
+    assert checkpoints, os.listdir(os.path.join(storage, "submitted"))
+    state = json.load(open(os.path.join(checkpoints[-1], "state.json")))
+    assert state["epoch"] == 1 and 0.0 <= state["metrics"]["val_auroc_mean"] <= 1.0
+
+    client, run = _mlflow_run(mlflow_server, "submitted")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "small_cnn" and run.data.params["scaling.num_workers"] == "2"
+    history = client.get_metric_history(run.info.run_id, "val_auroc_mean")
+    assert [m.step for m in history] == [0, 1]
+    assert 0.0 <= run.data.metrics["test_auroc_mean"] <= 1.0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"auroc.txt", "resolved.yaml", "roc_test.png", "learning_curves.png"} <= artifacts
+    assert client.search_logged_models([run.info.experiment_id]), "model not logged"
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ray::" in line]
+
+
+def test_killed_worker_resumes_from_checkpoint(phantom_shards, mlflow_server, tmp_path):
+    storage = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "cxr.cli", "train", "--config", os.path.join(ROOT, "configs/demo.yaml"),
+           *tiny_run(phantom_shards, str(storage), "killed", mlflow_server, epochs=3), "run.max_failures=1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 600
+        killed = None
+        while time.time() < deadline and proc.poll() is None:
+            if [p for p in glob.glob(str(storage / "killed" / "checkpoint_*")) if os.path.isdir(p)] and any("epoch 2 step" in ln for ln in lines):
+                pids = _train_worker_pids()
+                if pids:
+                    killed = pids[-1]
+                    os.kill(killed, signal.SIGKILL)
+                    break
+            time.sleep(0.2)
+        assert killed, "never saw a checkpoint and a second epoch running:\n" + "".join(lines[-60:])
+        assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(timeout=10)
+    text = "".join(lines)
+    assert "resumed after epoch 1" in text, text[-4000:]
+    client, run = _mlflow_run(mlflow_server, "killed")
+    history = client.get_metric_history(run.info.run_id, "val_auroc_mean")
+    assert sorted(m.step for m in history) == [0, 1, 2]  # each epoch once: continued, not restarted
