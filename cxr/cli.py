@@ -88,7 +88,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from cxr import config
 
-    cfg = config.load(args.config, args.overrides)  # every config error surfaces here, before Ray starts
+    # every config error surfaces here, before Ray starts
+    cfg = config.with_absolute_paths(config.load(args.config, args.overrides))
     from cxr import workflow
 
     s = workflow.run(cfg)

@@ -9,6 +9,7 @@ config (defaults filled in, precision chosen) is what a run records as `resolved
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -199,3 +200,20 @@ def _suggest(loc: list[str]) -> str:
         model = annotation
     close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
     return f" (did you mean {'.'.join([*loc[:-1], close[0]])}?)" if close else ""
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """Local relative paths made absolute against the driver's working directory.
+
+    Ray workers run in directories of their own, so `demo-out/shards` must mean the driver's folder.
+    URLs (s3://, file://, ...) are left as they are.
+    """
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or "://" in path else os.path.abspath(path)
+
+    return config.model_copy(update={
+        "data": config.data.model_copy(update={"manifest_uri": absolute(config.data.manifest_uri)}),
+        "model": config.model.model_copy(update={"weights": absolute(config.model.weights)}),
+        "run": config.run.model_copy(update={"storage_path": absolute(config.run.storage_path)}),
+    })

@@ -97,8 +97,10 @@ def _head(features, dropout: float):
 
 
 def small_cnn(image_size: int, dropout: float = 0.0, batch_norm: bool = True) -> keras.Model:
-    """Five strided 3x3 conv blocks (conv, batch norm, ReLU) + global pooling: fast on CPU at 128 px.
+    """Five strided 3x3 conv blocks (conv, batch norm, ReLU), then average AND max pooling: fast on CPU at 128 px.
 
+    Max pooling lets one small bright spot (a nodule is a few pixels at 128 px) drive an output that
+    average pooling over the whole film would dilute.
     Batch norm is what makes it learn quickly: on the synthetic phantoms it reaches a far higher
     validation AUROC in the same number of steps than the same net without it. `batch_norm=False`
     gives a variant whose per-example gradients do not depend on the rest of the batch, so two
@@ -114,8 +116,9 @@ def small_cnn(image_size: int, dropout: float = 0.0, batch_norm: bool = True) ->
             # CPU epochs already validate with the statistics the weights were trained under.
             x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
         x = keras.layers.ReLU(name=f"relu{i}")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    return keras.Model(inputs, _head(x, dropout), name="small_cnn")
+    pooled = keras.layers.Concatenate(name="pool")([keras.layers.GlobalAveragePooling2D(name="avg")(x),
+                                                    keras.layers.GlobalMaxPooling2D(name="max")(x)])
+    return keras.Model(inputs, _head(pooled, dropout), name="small_cnn")
 
 
 def imagenet_backbone_model(name: str, image_size: int, dropout: float = 0.0) -> keras.Model:
