@@ -43,12 +43,12 @@ def pipeline_vs_memory(manifest: str, size: int, batch: int, steps: int, precisi
     strategy = tf.distribute.get_strategy()
     model = build_model("small_cnn", size)
     optimizer = train.make_optimizer(1e-3, precision)
-    steps = train.DistributedSteps(strategy, model, optimizer, loss_from_counts(False, None, None), batch)
+    step = train.DistributedSteps(strategy, model, optimizer, loss_from_counts(False, None, None), batch)
     real = pipeline.make_dataset(manifest, "train", batch, training=True, seed=0, image_size=size).repeat()
     first = next(iter(real))
     memory = tf.data.Dataset.from_tensors(first).repeat()
-    rate_memory = steps_per_second(steps, memory, steps) * batch
-    rate_pipeline = steps_per_second(steps, real, steps) * batch
+    rate_memory = steps_per_second(step, memory, steps) * batch
+    rate_pipeline = steps_per_second(step, real, steps) * batch
     return {"img_per_s_memory": round(rate_memory, 1), "img_per_s_pipeline": round(rate_pipeline, 1),
             "pipeline_over_memory": round(rate_pipeline / rate_memory, 3)}
 

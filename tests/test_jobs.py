@@ -119,7 +119,8 @@ def test_killed_worker_resumes_from_checkpoint(phantom_shards, mlflow_server, tm
         deadline = time.time() + 600
         killed = None
         while time.time() < deadline and proc.poll() is None:
-            if [p for p in glob.glob(str(storage / "killed" / "checkpoint_*")) if os.path.isdir(p)] and any("epoch 2 step" in ln for ln in lines):
+            checkpoints = [p for p in glob.glob(str(storage / "killed" / "checkpoint_*")) if os.path.isdir(p)]
+            if checkpoints and any("epoch 2 step" in ln for ln in lines):
                 pids = _train_worker_pids()
                 if pids:
                     killed = pids[-1]
