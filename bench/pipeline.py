@@ -6,7 +6,7 @@ shards that `cxr prepare` makes from them once (256 px JPEG). S3 is a local Seaw
 only) started here. Each measurement runs in its own process so thread pools, caches and peak RSS are its
 own; the machine's load average is recorded because other work on a shared box skews every number.
 
-    .venv/bin/python bench/pipeline.py                        # full run (~10 min on 2 cores)
+    .venv/bin/python bench/pipeline.py                        # full run (~15 min on 2 cores)
     .venv/bin/python bench/pipeline.py --images 300 --batches 20 --repeats 1 --rss-images 1000 5000   # quick
 """
 
