@@ -86,8 +86,9 @@ class DataSource:
 
 def manifest_label_counts(manifest_uri: str, split: str) -> tuple[list[int], int]:
     """(positives per finding, images) of a split, from the manifest `cxr prepare` wrote."""
-    url = manifest_uri if manifest_uri.endswith(".json") else storage.join(manifest_uri, "manifest.json")
-    part = json.loads(storage.read_text(url))["splits"][split]
+    from cxr import pipeline
+
+    part = pipeline.load_manifest(manifest_uri)["splits"][split]
     return [int(part["label_counts"][name]) for name in FINDINGS], int(part["images"])
 
 
