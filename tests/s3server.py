@@ -235,6 +235,7 @@ class S3Server:
                 if self.bucket not in buckets:
                     client.create_bucket(Bucket=self.bucket)
                 client.head_bucket(Bucket=self.bucket)
+                self._probe_data_path(client)
                 return
             except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
                 last = exc
@@ -243,6 +244,22 @@ class S3Server:
             f"SeaweedFS S3 at {self.endpoint} not ready within {timeout_s:.0f}s "
             f"(last error: {type(last).__name__}: {last})\n{self.log_tail()}"
         )
+
+    def _probe_data_path(self, client: Any) -> None:
+        """Read back an object stored before this (re)start, then write one.
+
+        The bucket answers before the volume server has loaded its volumes; until then GETs of
+        existing objects fail with InternalError (seen in CI right after a restart).
+        """
+        key = ".ready-probe"
+        try:
+            body = client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            body = None
+        if body not in (None, b"ready"):
+            raise S3ServerError(f"probe object {key} reads back {body!r}")
+        client.put_object(Bucket=self.bucket, Key=key, Body=b"ready")
+        client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM the server's process group (it has its own session), SIGKILL if it lingers."""
