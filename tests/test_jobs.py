@@ -124,12 +124,28 @@ def _train_worker_pids(driver: int) -> list[int]:
             if "RayTrainWorker" in line and "ray::" in line and _descends_from(int(line.split()[0]), driver)]
 
 
-@pytest.mark.xfail(strict=False, reason="passes alone (3 runs) but not after the ray-job-submit test in the full suite "
-                   "(3 runs): the run ends without a 'resumed' line; under investigation (session notes)")
+def _epochs_checkpointed(run_dir: str) -> int:
+    """Epochs covered by the newest complete checkpoint on disk (its state.json is written last)."""
+    done = 0
+    for state in glob.glob(os.path.join(run_dir, "checkpoint_*", "state.json")):
+        try:
+            with open(state) as fh:
+                done = max(done, int(json.load(fh)["epoch"]) + 1)
+        except (OSError, ValueError, KeyError):
+            pass  # being copied or pruned right now
+    return done
+
+
 def test_killed_worker_resumes_from_checkpoint(phantom_shards, mlflow_server, tmp_path):
+    """SIGKILL one Ray Train worker once two epochs are checkpointed: the group restarts from the checkpoint.
+
+    The trigger is the checkpoint on disk, not the workers' log lines: Ray forwards those to the driver in
+    batches, seconds late, and these epochs take about a second each (a late trigger killed a finished run).
+    """
+    epochs = 8
     storage = tmp_path / "runs"
     cmd = [sys.executable, "-m", "cxr.cli", "train", "--config", os.path.join(ROOT, "configs/demo.yaml"),
-           *tiny_run(phantom_shards, str(storage), "killed", mlflow_server, epochs=3), "run.max_failures=1"]
+           *tiny_run(phantom_shards, str(storage), "killed", mlflow_server, epochs=epochs), "run.max_failures=1"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     lines: list[str] = []
@@ -137,24 +153,25 @@ def test_killed_worker_resumes_from_checkpoint(phantom_shards, mlflow_server, tm
     reader.start()
     try:
         deadline = time.time() + 600
-        killed = None
+        killed, done_at_kill = None, 0
         while time.time() < deadline and proc.poll() is None:
-            checkpoints = [p for p in glob.glob(str(storage / "killed" / "checkpoint_*")) if os.path.isdir(p)]
-            if checkpoints and any("epoch 2 step" in ln for ln in lines):
-                pids = _train_worker_pids(proc.pid)
-                if pids:
-                    killed = pids[-1]
-                    os.kill(killed, signal.SIGKILL)
-                    break
-            time.sleep(0.2)
-        assert killed, "never saw a checkpoint and a second epoch running:\n" + "".join(lines[-60:])
+            done_at_kill = _epochs_checkpointed(str(storage / "killed"))
+            pids = _train_worker_pids(proc.pid) if done_at_kill >= 2 else []
+            if pids:
+                killed = pids[-1]
+                os.kill(killed, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+        assert killed, "never saw two checkpointed epochs and a live worker:\n" + "".join(lines[-60:])
+        assert done_at_kill < epochs
         assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     reader.join(timeout=10)
     text = "".join(lines)
-    assert re.search(r"resumed after epoch [12]\b", text), text[-4000:]  # from a checkpoint, not from scratch
+    resumed = [int(n) for n in re.findall(r"resumed after epoch (\d+)\b", text)]
+    assert len(resumed) == 1 and 1 <= resumed[0] < epochs, text[-4000:]  # from a checkpoint, not from scratch
     client, run = _mlflow_run(mlflow_server, "killed")
     history = client.get_metric_history(run.info.run_id, "val_auroc_mean")
-    assert sorted(m.step for m in history) == [0, 1, 2]  # each epoch once: continued, not restarted
+    assert sorted(m.step for m in history) == list(range(epochs))  # each epoch once: continued, not restarted
