@@ -205,14 +205,22 @@ def _suggest(loc: list[str]) -> str:
 def with_absolute_paths(config: Config) -> Config:
     """Local relative paths made absolute against the driver's working directory.
 
-    Ray workers run in directories of their own, so `demo-out/shards` must mean the driver's folder.
-    URLs (s3://, file://, ...) are left as they are.
+    Ray workers run in directories of their own, so `demo-out/shards` must mean the driver's folder;
+    rank 0 logs to MLflow, so a relative `sqlite:///demo-out/mlflow.db` must too. URLs (s3://, http://,
+    file://, ...) are left as they are.
     """
 
     def absolute(path: str | None) -> str | None:
         return path if path is None or "://" in path else os.path.abspath(path)
 
+    def absolute_tracking(uri: str | None) -> str | None:
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        return uri if uri is None or ":" in uri else os.path.abspath(uri)
+
     return config.model_copy(update={
+        "tracking": config.tracking.model_copy(
+            update={"tracking_uri": absolute_tracking(config.tracking.tracking_uri)}),
         "data": config.data.model_copy(update={"manifest_uri": absolute(config.data.manifest_uri)}),
         "model": config.model.model_copy(update={"weights": absolute(config.model.weights)}),
         "run": config.run.model_copy(update={"storage_path": absolute(config.run.storage_path)}),

@@ -1,15 +1,22 @@
 """The tracking stage: one MLflow run per training run, resumed (same run id) when training resumes.
 
-Only the rank-0 worker and the driver talk to MLflow. Parameters are the resolved config, flattened, with
-URLs stripped of any user:password part and secret-looking keys dropped: credentials live in the
-environment and must never reach a tracking server.
+The driver opens the run before training (params, status RUNNING), rank 0 logs each epoch's metrics as
+soon as its checkpoint is reported (so a long run can be watched, and a dead one is still on record), and
+the driver finishes it: epochs not yet logged, test scores, plots, the model, and FINISHED or FAILED.
+An epoch is logged once: a restarted worker group re-runs epochs after its checkpoint, and the first
+value logged for an epoch stays. Only the rank-0 worker and the driver talk to MLflow.
+
+Parameters are the resolved config, flattened, with URLs stripped of any user:password part and
+secret-looking keys dropped: credentials live in the environment and must never reach a tracking server.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +24,8 @@ from typing import Any
 from cxr import storage
 
 log = logging.getLogger(__name__)
+RUN_TAG = "cxr.run"  # the run's storage path: a re-submitted run finds its MLflow run by it
+EPOCH_KEY = "val_auroc_mean"  # every epoch logs it; its history says which epochs are on record
 SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key)", re.IGNORECASE)
 
 
@@ -40,6 +49,87 @@ def safe_params(config: Mapping[str, Any]) -> dict[str, str]:
         text = "" if value is None else str(value)
         params[key] = storage.redact(text)[:6000]
     return params
+
+
+def epoch_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """An epoch's metrics as MLflow takes them: finite numbers only, "val_auroc/Mass" → "val_auroc.Mass"."""
+    out = {}
+    for key, value in row.items():
+        if key == "epoch" or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if math.isfinite(float(value)):
+            out[key.replace("/", ".")] = float(value)
+    return out
+
+
+def logged_epochs(client: Any, run_id: str) -> set[int]:
+    return {int(m.step) for m in client.get_metric_history(run_id, EPOCH_KEY)}
+
+
+def log_epoch(client: Any, run_id: str, row: Mapping[str, Any]) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    step = int(row["epoch"])
+    client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in epoch_metrics(row).items()])
+
+
+def open_run(tracking_uri: str, experiment: str, run_name: str, key: str, params: Mapping[str, str]) -> str:
+    """The MLflow run tagged `key` (status set back to RUNNING), or a new one with `params`; its id."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run_id = client.create_run(exp_id, run_name=run_name, tags={RUN_TAG: key}).info.run_id
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[i:i + 100])
+    return run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+class EpochLog:
+    """Rank 0's live log of epochs into the driver's MLflow run.
+
+    Tracking is not worth a training run: if the server cannot be reached, a warning says which epoch
+    waits, and the driver logs it at the end from the checkpointed history.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        try:
+            self.done = logged_epochs(self.client, run_id)
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            log.warning("MLflow unreachable; epochs are logged when the run ends: %s", storage.redact(str(exc)))
+            self.done = set()
+
+    def log(self, row: Mapping[str, Any]) -> bool:
+        """Log one epoch unless it is on record already; True if it is on record now."""
+        epoch = int(row["epoch"])
+        if epoch in self.done:
+            return True
+        try:
+            log_epoch(self.client, self.run_id, row)
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            log.warning("MLflow: epoch %d not logged now (%s); it is logged when the run ends",
+                        epoch + 1, storage.redact(str(exc)))
+            return False
+        self.done.add(epoch)
+        return True
 
 
 @contextmanager

@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from cxr import config as cfgmod
-from cxr import storage
+from cxr import storage, tracking
 from cxr.labels import FINDINGS, NUM_FINDINGS
 from cxr.losses import LossFn, Schedule, loss_from_counts, mean_loss
 from cxr.metrics import auroc_per_finding, mean_auroc
@@ -336,8 +336,9 @@ class Worker:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: build, restore if resuming, then train/validate/report per epoch.
 
-    `loop_config` holds the resolved config as plain data ("config"), the driver's `Plan` ("plan")
-    and the `DataSource` ("source"), as `fit` puts them.
+    `loop_config` holds the resolved config as plain data ("config"), the driver's `Plan` ("plan"),
+    the `DataSource` ("source") and, optionally, the MLflow run to log epochs into ("tracking": uri,
+    run_id), as `run_trainer` puts them.
     """
     import ray.train
 
@@ -349,6 +350,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     worker = _build_worker(cfg, loop_config["plan"], loop_config["source"], strategy,
                            context.get_world_rank(), context.get_world_size())
     start = _restore_latest(worker)
+    live = loop_config.get("tracking")
+    epoch_log = tracking.EpochLog(live["uri"], live["run_id"]) if live and worker.rank == 0 else None
     for epoch in range(start, cfg.optim.epochs):
         if worker.schedule.stopped:
             break
@@ -356,6 +359,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics.update(_validate_epoch(worker, epoch))
         _log_epoch(worker, metrics)
         _report(worker, epoch, metrics)
+        if epoch_log is not None:  # after the checkpoint: what MLflow shows, a restart resumes from
+            epoch_log.log(metrics)
 
 
 def _match_threads_to_cpus() -> None:
@@ -526,10 +531,11 @@ def fit(cfg: cfgmod.Config, dataset_fn: DatasetFn | None = None, size_fn: SizeFn
 
 
 def run_trainer(cfg: cfgmod.Config, dataset_fn: DatasetFn | None = None, size_fn: SizeFn | None = None,
-                counts_fn: CountsFn | None = None) -> Any:
+                counts_fn: CountsFn | None = None, live_tracking: dict[str, str] | None = None) -> Any:
     """Run Ray Train's TensorflowTrainer for `cfg`; returns Ray's Result (history, checkpoints).
 
     Re-running with the same `run.storage_path` + `run.name` resumes from the latest checkpoint.
+    `live_tracking` ({"uri", "run_id"}) has rank 0 log each epoch into that MLflow run as it ends.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -537,13 +543,14 @@ def run_trainer(cfg: cfgmod.Config, dataset_fn: DatasetFn | None = None, size_fn
     source = data_source(dataset_fn, size_fn, counts_fn)
     plan = plan_run(cfg, source)
     storage_path = _absolute(cfg.run.storage_path)
-    cfgmod.write_resolved(cfg, storage.join(storage_path, cfg.run.name, CONFIG_FILE))
+    cfgmod.write_resolved(cfg, storage.join(run_path(cfg), CONFIG_FILE))
     log.info("training %s at %d px on %d worker(s): %d steps/epoch of %d images, %d val images",
              cfg.model.name, cfg.data.image_size, cfg.scaling.num_workers, plan.steps_per_epoch,
              cfg.optim.batch_size * cfg.scaling.num_workers, plan.val_size)
     trainer = TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan, "source": source},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan, "source": source,
+                           "tracking": live_tracking},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=cfg.scaling.resources_per_worker),
         run_config=RunConfig(
@@ -570,6 +577,11 @@ def summarize(result: Any) -> dict[str, Any]:
         "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
         "metrics": metrics,
     }
+
+
+def run_path(cfg: cfgmod.Config) -> str:
+    """Where the run's checkpoints live: `run.storage_path`/`run.name`; the run's identity across re-submits."""
+    return storage.join(_absolute(cfg.run.storage_path), cfg.run.name)
 
 
 def _absolute(path: str) -> str:

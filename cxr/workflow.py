@@ -1,8 +1,9 @@
 """`cxr train` end to end: validate → train on Ray → score the best checkpoint on test → record in MLflow.
 
-The driver does the bookkeeping after Ray Train returns: the per-epoch history comes from Ray's result,
-the test score from the checkpoint Ray kept as best by validation mean AUROC. A re-submitted run (same
-`run.storage_path` + `run.name`) resumes training and logs into the same MLflow run.
+The driver opens the MLflow run before training and rank 0 logs epochs into it live; after Ray Train
+returns, the driver scores the checkpoint Ray kept as best by validation mean AUROC on the test split and
+adds what the run lacks (epochs not logged live come from the checkpointed history). A re-submitted run
+(same `run.storage_path` + `run.name`) resumes training and logs into the same MLflow run.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import os
 from typing import Any
 
 from cxr import config as cfgmod
-from cxr import evaluate, report, tracking
+from cxr import evaluate, report, storage, tracking
 from cxr.cluster import init_ray
 from cxr.labels import FINDINGS
 
 log = logging.getLogger(__name__)
-RUN_TAG = "cxr.run"
 
 
 def _history(result: Any) -> list[dict[str, float]]:
@@ -59,26 +59,36 @@ def _float32_model(cfg: cfgmod.Config, weights_file: str) -> Any:
     return model
 
 
-def _existing_run(tracking_uri: str, experiment: str, key: str) -> str | None:
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{key}'",
-                              output_format="list", max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
 def run(cfg: cfgmod.Config, test_split: str = "test") -> dict[str, Any]:
-    """Train, evaluate and track; returns the summary printed by `cxr train`."""
+    """Train, evaluate and track; returns the summary printed by `cxr train`.
+
+    The MLflow run exists from the start: rank 0 fills in epochs as they end, and a run that dies is
+    marked FAILED with the epochs it finished.
+    """
+    from cxr import train
+
+    uri = cfg.tracking.tracking_uri or tracking.default_uri(".")
+    run_id = tracking.open_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name,
+                               storage.redact(train.run_path(cfg)),
+                               tracking.safe_params(cfg.model_dump(mode="json")))
+    log.info("MLflow run %s at %s", run_id, storage.redact(uri))
+    try:
+        init_ray()
+        result = train.run_trainer(cfg, live_tracking={"uri": uri, "run_id": run_id})
+        out = _score_and_record(cfg, result, test_split, uri, run_id)
+    except BaseException as exc:
+        tracking.end_run(uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    return out
+
+
+def _score_and_record(cfg: cfgmod.Config, result: Any, test_split: str, uri: str, run_id: str) -> dict[str, Any]:
+    """The best checkpoint on the test split, then everything the MLflow run lacks; ends it FINISHED."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from cxr import train
 
-    init_ray()
-    result = train.run_trainer(cfg)
     summary = train.summarize(result)
     history = _history(result)
     best = result.get_best_checkpoint(metric=train.SCORE, mode="max")
@@ -92,16 +102,11 @@ def run(cfg: cfgmod.Config, test_split: str = "test") -> dict[str, Any]:
     val = _val_column(best_metrics)
     table = report.auroc_table({"val": val, test_split: test})
 
-    uri = cfg.tracking.tracking_uri or tracking.default_uri(".")
-    key = f"{summary['run_path']}"
-    run_id = _existing_run(uri, cfg.tracking.experiment, key)
-    with tracking.run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name, run_id) as active:
-        mlflow.set_tag(RUN_TAG, key)
-        if run_id is None:
-            mlflow.log_params(tracking.safe_params(cfg.model_dump(mode="json")))
-        for row in history:
-            step = int(row["epoch"])
-            mlflow.log_metrics({k.replace("/", "."): v for k, v in row.items() if k != "epoch"}, step=step)
+    on_record = tracking.logged_epochs(MlflowClient(uri), run_id)
+    with tracking.run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name, run_id):
+        for row in history:  # epochs rank 0 could not log live (server away, or a run from before)
+            if int(row["epoch"]) not in on_record:
+                mlflow.log_metrics(tracking.epoch_metrics(row), step=int(row["epoch"]))
         mlflow.log_metrics({f"test_auroc.{k}": v for k, v in test.items() if v is not None and k != "mean"})
         mlflow.log_metrics({"test_auroc_mean": test["mean"] or float("nan"),
                             "best_epoch": float(best_metrics["epoch"]),
@@ -113,6 +118,5 @@ def run(cfg: cfgmod.Config, test_split: str = "test") -> dict[str, Any]:
         if history:
             tracking.log_figure(report.learning_curves(history), "learning_curves.png")
         tracking.log_model(model, name="model")
-        run_id = active.info.run_id
     return {**summary, "val": val, "test": test, "table": table, "tracking_uri": uri, "mlflow_run_id": run_id,
             "experiment": cfg.tracking.experiment, "history": history}

@@ -123,3 +123,21 @@ def test_augment_defaults_match_the_pipeline():
     for name, value in ours.items():
         if name != "enabled":
             assert tuple(value) == theirs[name] if name == "scale" else value == theirs[name], name
+
+
+@pytest.mark.parametrize("tracking_uri, expected", [
+    ("sqlite:///demo-out/mlflow.db", "sqlite:///{cwd}/demo-out/mlflow.db"),
+    ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
+    ("mlruns", "{cwd}/mlruns"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    (None, None),
+])
+def test_local_paths_become_the_drivers(tmp_path, monkeypatch, tracking_uri, expected):
+    """Ray workers (and rank 0, which logs to MLflow) run elsewhere: relative paths must mean the driver's."""
+    monkeypatch.chdir(tmp_path)
+    cfg = config.with_absolute_paths(config.load(write(tmp_path, MINIMAL), [
+        f"tracking.tracking_uri={'null' if tracking_uri is None else tracking_uri}", "run.storage_path=runs",
+        "model.weights=s3://bucket/w.h5"]))
+    assert cfg.tracking.tracking_uri == (expected and expected.format(cwd=tmp_path))
+    assert cfg.data.manifest_uri == f"{tmp_path}/demo-out/shards/manifest.json"
+    assert cfg.run.storage_path == f"{tmp_path}/runs" and cfg.model.weights == "s3://bucket/w.h5"

@@ -136,16 +136,17 @@ def _epochs_checkpointed(run_dir: str) -> int:
     return done
 
 
-def test_killed_worker_resumes_from_checkpoint(phantom_shards, mlflow_server, tmp_path):
-    """SIGKILL one Ray Train worker once two epochs are checkpointed: the group restarts from the checkpoint.
+def _train_and_kill_a_worker(tmp_path, manifest: str, tracking_uri: str, name: str, epochs: int,
+                             max_failures: int) -> tuple[int, str, int]:
+    """`cxr train`; SIGKILL one Ray Train worker once two epochs are checkpointed. (exit code, output, epochs
+    checkpointed at the kill).
 
     The trigger is the checkpoint on disk, not the workers' log lines: Ray forwards those to the driver in
     batches, seconds late, and these epochs take about a second each (a late trigger killed a finished run).
     """
-    epochs = 8
     storage = tmp_path / "runs"
     cmd = [sys.executable, "-m", "cxr.cli", "train", "--config", os.path.join(ROOT, "configs/demo.yaml"),
-           *tiny_run(phantom_shards, str(storage), "killed", mlflow_server, epochs=epochs), "run.max_failures=1"]
+           *tiny_run(manifest, str(storage), name, tracking_uri, epochs=epochs), f"run.max_failures={max_failures}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     lines: list[str] = []
@@ -155,7 +156,7 @@ def test_killed_worker_resumes_from_checkpoint(phantom_shards, mlflow_server, tm
         deadline = time.time() + 600
         killed, done_at_kill = None, 0
         while time.time() < deadline and proc.poll() is None:
-            done_at_kill = _epochs_checkpointed(str(storage / "killed"))
+            done_at_kill = _epochs_checkpointed(str(storage / name))
             pids = _train_worker_pids(proc.pid) if done_at_kill >= 2 else []
             if pids:
                 killed = pids[-1]
@@ -163,15 +164,37 @@ def test_killed_worker_resumes_from_checkpoint(phantom_shards, mlflow_server, tm
                 break
             time.sleep(0.1)
         assert killed, "never saw two checkpointed epochs and a live worker:\n" + "".join(lines[-60:])
-        assert done_at_kill < epochs
-        assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
+        code = proc.wait(timeout=900)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     reader.join(timeout=10)
-    text = "".join(lines)
+    return code, "".join(lines), done_at_kill
+
+
+def test_killed_worker_resumes_from_checkpoint(phantom_shards, mlflow_server, tmp_path):
+    """max_failures=1: the group restarts from the checkpoint, and MLflow shows each epoch once."""
+    epochs = 8
+    code, text, done_at_kill = _train_and_kill_a_worker(tmp_path, phantom_shards, mlflow_server, "killed", epochs,
+                                                        max_failures=1)
+    assert code == 0, text[-6000:]
+    assert done_at_kill < epochs
     resumed = [int(n) for n in re.findall(r"resumed after epoch (\d+)\b", text)]
     assert len(resumed) == 1 and 1 <= resumed[0] < epochs, text[-4000:]  # from a checkpoint, not from scratch
     client, run = _mlflow_run(mlflow_server, "killed")
+    assert run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "val_auroc_mean")
     assert sorted(m.step for m in history) == list(range(epochs))  # each epoch once: continued, not restarted
+
+
+def test_dead_run_is_on_record_as_failed_with_its_epochs(phantom_shards, mlflow_server, tmp_path):
+    """max_failures=0: the run dies; the MLflow run says FAILED and holds the epochs logged live."""
+    code, text, done_at_kill = _train_and_kill_a_worker(tmp_path, phantom_shards, mlflow_server, "dead", 8,
+                                                        max_failures=0)
+    assert code != 0, text[-4000:]
+    client, run = _mlflow_run(mlflow_server, "dead")
+    assert run.info.status == "FAILED"
+    assert run.data.params["run.max_failures"] == "0"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_auroc_mean"))
+    # rank 0 logs an epoch right after its checkpoint, so the last one on disk may have missed MLflow
+    assert steps == list(range(len(steps))) and len(steps) >= done_at_kill - 1 >= 1, (steps, done_at_kill)
