@@ -1,6 +1,6 @@
 """Benchmark training throughput: the real input pipeline vs in-memory tensors, and 1 vs 2 Ray workers.
 
-(1) One process, the real train step (cxr.train.DistributedSteps) fed by cxr.pipeline from prepared shards,
+(1) One process, the real train step (cxr.distributed.DistributedSteps) fed by cxr.pipeline from prepared shards,
     against the same step fed one cached batch from memory (goal: ratio >= 0.9, the pipeline is never the
     bottleneck). (2) `cxr.train.fit` with 1 and 2 Ray Train workers on the same shards: img/s in total.
 
@@ -35,15 +35,15 @@ def pipeline_vs_memory(manifest: str, size: int, batch: int, steps: int, precisi
     import keras
     import tensorflow as tf
 
-    from cxr import pipeline, train
+    from cxr import distributed, pipeline
     from cxr.losses import loss_from_counts
     from cxr.models import build_model
 
     keras.mixed_precision.set_global_policy(precision)
     strategy = tf.distribute.get_strategy()
     model = build_model("small_cnn", size)
-    optimizer = train.make_optimizer(1e-3, precision)
-    step = train.DistributedSteps(strategy, model, optimizer, loss_from_counts(False, None, None), batch)
+    optimizer = distributed.make_optimizer(1e-3, precision)
+    step = distributed.DistributedSteps(strategy, model, optimizer, loss_from_counts(False, None, None), batch)
     real = pipeline.make_dataset(manifest, "train", batch, training=True, seed=0, image_size=size).repeat()
     first = next(iter(real))
     memory = tf.data.Dataset.from_tensors(first).repeat()

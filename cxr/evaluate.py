@@ -20,8 +20,8 @@ def predict_split(checkpoint_dir: str, cfg: cfgmod.Config, split: str) -> tuple[
     import keras
 
     from cxr import pipeline
+    from cxr.checkpoints import MODEL_FILE
     from cxr.models import build_model
-    from cxr.train import MODEL_FILE
 
     keras.mixed_precision.set_global_policy(cfg.scaling.precision if not cfg.scaling.use_gpu else "float32")
     model = build_model(cfg.model.name, cfg.data.image_size, cfg.model.dropout)

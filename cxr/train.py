@@ -1,24 +1,7 @@
-"""Distributed training: Ray Train starts the workers, tf.distribute keeps their models identical.
+"""Distributed training: Ray Train starts the workers, each runs the epochs of `train_loop_per_worker`.
 
-Why a hand-written step instead of `model.fit`: Keras 3's `fit` cannot run under
-MultiWorkerMirroredStrategy (MWMS) with two or more workers, while `strategy.run` + `strategy.reduce`
-in a `tf.function` on a Keras 3 model can. Each worker is one replica:
-
-- Train step: every replica computes its per-example loss, scales it by the GLOBAL batch
-  (`tf.nn.compute_average_loss`), takes gradients, and the Keras optimizer all-reduces (sums) them
-  before applying, so each worker applies the same update, equal to one worker with the global
-  batch. Under mixed_float16 a LossScaleOptimizer scales the loss; ours agrees across replicas on
-  whether the gradients are finite, so no worker can skip an all-reduce that the others enter.
-- Batch norm: per-replica batch statistics (standard MWMS; the backbones' keras.applications BN
-  layers are used as they are). Synchronised BN would add one all-reduce per BN layer per step (121
-  for DenseNet-121) for no gain at the 16+ images per replica we train with, and CheXNet itself
-  used batches of 16. Keras' moving mean/variance are per-worker variables, so once per epoch,
-  before validation, they are averaged across workers (one all-reduce): every worker then
-  evaluates and checkpoints the same model. The same holds for `small_cnn`, which uses BN too.
-- Evaluation never runs a collective per batch (workers may hold different numbers of batches):
-  each worker predicts its shard locally into a zero [N, 2*14+1] array at the images' indices
-  (probabilities, labels, a count), then ONE all-reduce SUM gives every worker all N rows; every
-  index must have been counted exactly once.
+The step itself (strategy, optimizer, train step, gathered evaluation) is `cxr.distributed`; the
+checkpoint format is `cxr.checkpoints`.
 
 Each epoch ends with `ray.train.report` on all workers (a barrier); rank 0 attaches a checkpoint
 directory holding model weights, optimizer state, the schedule (epoch, best so far, lr, patience
@@ -31,7 +14,6 @@ validation mean AUROC (plus the latest); `fit` returns which one is best.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -42,24 +24,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from cxr import config as cfgmod
 from cxr import storage, tracking
-from cxr.labels import FINDINGS, NUM_FINDINGS
-from cxr.losses import LossFn, Schedule, loss_from_counts, mean_loss
-from cxr.metrics import auroc_per_finding, mean_auroc
+from cxr.checkpoints import CONFIG_FILE, restore_checkpoint, save_checkpoint
+from cxr.distributed import SCORE, DistributedSteps, evaluate, make_optimizer, make_strategy
+from cxr.labels import FINDINGS
+from cxr.losses import Schedule, loss_from_counts
 from cxr.models import build_model
 
 log = logging.getLogger(__name__)
-
-SCORE = "val_auroc_mean"
-CHECKPOINT_FORMAT = "cxr-train-checkpoint/1"
-MODEL_FILE = "model.weights.h5"
-OPTIMIZER_FILE = "optimizer.npz"
-STATE_FILE = "state.json"
-CONFIG_FILE = "resolved.yaml"
 
 DatasetFn = Callable[..., tf.data.Dataset]
 SizeFn = Callable[[str, str], int]
@@ -143,172 +118,6 @@ def plan_run(cfg: cfgmod.Config, source: DataSource) -> Plan:
     if optim.weighted_loss:
         positives, total = source.label_counts(data.manifest_uri, data.train_split)
     return Plan(train_size, val_size, steps, positives, total)
-
-
-# ------------------------------------------------------------------ precision, strategy, optimizer
-
-
-def make_strategy() -> tf.distribute.Strategy:
-    """MWMS when Ray's TF backend has set TF_CONFIG, else the default (single-process) strategy.
-
-    MWMS must be created before any other TensorFlow op runs in the process.
-    """
-    if "TF_CONFIG" in os.environ:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-class ReplicaSyncedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
-    """A LossScaleOptimizer whose finite-gradient check is agreed by all replicas.
-
-    The stock check looks at local gradients only; under MWMS a worker with an inf gradient would skip
-    the inner optimizer (and its gradient all-reduce) while the others wait in it forever.
-    """
-
-    def check_finite(self, grads):
-        finite = super().check_finite(grads)
-        ctx = tf.distribute.get_replica_context()
-        if ctx is None or ctx.num_replicas_in_sync == 1:
-            return finite
-        bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.float32))
-        return tf.equal(bad, 0.0)
-
-
-def make_optimizer(lr: float, precision: str) -> keras.optimizers.Optimizer:
-    """Adam; wrapped for dynamic loss scaling under mixed_float16 (bfloat16 needs none)."""
-    adam = keras.optimizers.Adam(learning_rate=lr)
-    return ReplicaSyncedLossScaleOptimizer(adam) if precision == "mixed_float16" else adam
-
-
-# ------------------------------------------------------------------------------------ the steps
-
-
-class DistributedSteps:
-    """The compiled train step, the local forward pass and the moving-statistics sync of one model."""
-
-    def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
-                 optimizer: keras.optimizers.Optimizer, loss_fn: LossFn, global_batch: int):
-        self.strategy, self.model, self.optimizer = strategy, model, optimizer
-        self.loss_fn, self.global_batch = loss_fn, global_batch
-        self.train_step = tf.function(self._train_step, reduce_retracing=True)
-        self.predict = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-
-    def _replica_step(self, images, labels):
-        """One replica: loss over the global batch, gradients, optimizer update (which all-reduces)."""
-        variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
-            probs = self.model(images, training=True)
-            loss = tf.nn.compute_average_loss(self.loss_fn(labels, probs), global_batch_size=self.global_batch)
-            scaled = self.optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, variables)
-        scale = getattr(self.optimizer, "dynamic_scale", None)
-        grad_norm = tf.linalg.global_norm(grads) / (tf.cast(scale, tf.float32) if scale is not None else 1.0)
-        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
-        return tf.stack([loss, grad_norm])
-
-    def _train_step(self, images, labels):
-        """Global mean loss and mean over workers of each worker's batch-mean gradient norm.
-
-        A replica's gradient is its batch-mean gradient / num_replicas, so SUM of the local norms is
-        the mean of the per-worker batch-mean gradient norms; one reduce carries both numbers.
-        """
-        per_replica = self.strategy.run(self._replica_step, args=(images, labels))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-    def sync_moving_statistics(self) -> None:
-        """Average float non-trainable variables (BN moving mean/variance) across workers, in one all-reduce."""
-        variables = [v for v in self.model.non_trainable_variables if "float" in str(v.dtype)]
-        if not variables or self.strategy.num_replicas_in_sync == 1:
-            return
-        local = np.concatenate([np.asarray(v.numpy(), np.float32).ravel() for v in variables])
-        mean = all_reduce(self.strategy, local, tf.distribute.ReduceOp.MEAN)
-        offset = 0
-        for v in variables:
-            size = int(np.prod(v.shape))
-            v.assign(mean[offset:offset + size].reshape(v.shape))
-            offset += size
-
-
-def all_reduce(strategy: tf.distribute.Strategy, array: np.ndarray,
-               op: tf.distribute.ReduceOp = tf.distribute.ReduceOp.SUM) -> np.ndarray:
-    """`op` over all workers of `array`, element-wise; every worker must call this exactly once."""
-
-    def reduce(x):
-        per_replica = strategy.run(tf.identity, args=(x,))  # placed on this replica's device
-        return strategy.reduce(op, per_replica, axis=None)
-
-    return tf.function(reduce)(tf.constant(array)).numpy()
-
-
-def gather_predictions(steps: DistributedSteps, dataset: tf.data.Dataset, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities [n, 14], labels [n, 14]) of the whole split on every worker.
-
-    Rows are accumulated locally at each batch's `index`; row n collects indices outside 0..n-1 so a
-    bad index is reported by every worker after the one all-reduce instead of hanging the others.
-    """
-    k = NUM_FINDINGS
-    rows = np.zeros((n + 1, 2 * k + 1), np.float32)
-    for images, labels, index in dataset:
-        idx = index.numpy().astype(np.int64)
-        idx = np.where((idx >= 0) & (idx < n), idx, n)
-        block = np.concatenate([steps.predict(images).numpy(), labels.numpy(), np.ones((len(idx), 1))], axis=1)
-        np.add.at(rows, idx, block)
-    rows = all_reduce(steps.strategy, rows)
-    _check_counts(rows[:, -1], n)
-    return rows[:n, :k], rows[:n, k:2 * k]
-
-
-def _check_counts(counts: np.ndarray, n: int) -> None:
-    stray, counts = int(counts[n]), counts[:n]
-    missing, repeated = np.flatnonzero(counts == 0), np.flatnonzero(counts > 1)
-    if stray or missing.size or repeated.size:
-        raise RuntimeError(
-            f"evaluation must see each of {n} images exactly once: {missing.size} missing "
-            f"(e.g. {missing[:5].tolist()}), {repeated.size} seen twice or more (e.g. {repeated[:5].tolist()}), "
-            f"{stray} with an index outside 0..{n - 1}")
-
-
-def evaluate(steps: DistributedSteps, dataset: tf.data.Dataset, n: int) -> dict[str, float]:
-    """Validation loss, per-finding AUROC (NaN if undefined) and their mean, the same on every worker."""
-    probs, labels = gather_predictions(steps, dataset, n)
-    aurocs = auroc_per_finding(labels, probs)
-    metrics = {"val_loss": mean_loss(steps.loss_fn, labels, probs), SCORE: mean_auroc(aurocs)}
-    metrics.update({f"val_auroc/{name}": float(a) for name, a in zip(FINDINGS, aurocs, strict=True)})
-    return metrics
-
-
-# ---------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(directory: str, model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                    state: dict[str, Any], config_yaml: str) -> None:
-    """Model weights, optimizer variables (by path), training state and the resolved config."""
-    model.save_weights(os.path.join(directory, MODEL_FILE))
-    names = np.array([v.path for v in optimizer.variables])
-    values = {f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
-    np.savez(os.path.join(directory, OPTIMIZER_FILE), names=names, **values)
-    with open(os.path.join(directory, STATE_FILE), "w") as f:
-        json.dump({"format": CHECKPOINT_FORMAT, **state}, f, indent=1)
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        f.write(config_yaml)
-
-
-def restore_checkpoint(directory: str, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> dict:
-    """Load what `save_checkpoint` wrote into a built model and optimizer; returns the saved state."""
-    with open(os.path.join(directory, STATE_FILE)) as f:
-        state = json.load(f)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{directory}: not a {CHECKPOINT_FORMAT} checkpoint")
-    model.load_weights(os.path.join(directory, MODEL_FILE))
-    with np.load(os.path.join(directory, OPTIMIZER_FILE), allow_pickle=False) as saved:
-        names = saved["names"].tolist()
-        current = [v.path for v in optimizer.variables]
-        if names != current:
-            raise ValueError(f"{directory}: optimizer state does not match ({len(names)} saved variables, "
-                             f"{len(current)} expected; first saved {names[:3]}, expected {current[:3]})")
-        for i, v in enumerate(optimizer.variables):
-            v.assign(saved[f"v{i}"])
-    return state
 
 
 # ------------------------------------------------------------------------------ per-worker loop

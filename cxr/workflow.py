@@ -14,8 +14,8 @@ import math
 import os
 from typing import Any
 
+from cxr import checkpoints, evaluate, report, storage, tracking
 from cxr import config as cfgmod
-from cxr import evaluate, report, storage, tracking
 from cxr.cluster import init_ray
 from cxr.labels import FINDINGS
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def _history(result: Any) -> list[dict[str, float]]:
     """One dict per epoch, from the latest checkpoint: it carries the whole history across restarts
     (Ray's own metrics table starts afresh when a worker group is restarted)."""
-    from cxr.train import STATE_FILE
+    from cxr.checkpoints import STATE_FILE
 
     if result.checkpoint is None:
         return []
@@ -98,7 +98,7 @@ def _score_and_record(cfg: cfgmod.Config, result: Any, test_split: str, uri: str
     with best.as_directory() as ckpt:
         probs, labels = evaluate.predict_split(ckpt, cfg, test_split)
         test = evaluate.score(probs, labels)
-        model = _float32_model(cfg, os.path.join(ckpt, train.MODEL_FILE))
+        model = _float32_model(cfg, os.path.join(ckpt, checkpoints.MODEL_FILE))
     val = _val_column(best_metrics)
     table = report.auroc_table({"val": val, test_split: test})
 

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from cxr import config, losses, models, train  # noqa: E402
+from cxr import checkpoints, config, distributed, losses, models, train  # noqa: E402
 from cxr.labels import NUM_FINDINGS  # noqa: E402
 
 S = 32  # image size: small_cnn at 32 px keeps every step in milliseconds
@@ -66,7 +66,7 @@ def mechanics_worker(cfg: dict) -> None:
     """On each Ray worker: one step per precision, BN sync, and the eval gather; results to cfg['out']."""
     import ray.train
 
-    strategy = train.make_strategy()
+    strategy = distributed.make_strategy()
     rank = ray.train.get_context().get_world_rank()
     x, y = arrays(2 * B, seed=0)
     mine = slice(rank * B, (rank + 1) * B)
@@ -88,9 +88,9 @@ def _float32_step(strategy, init: str, x, y) -> dict:
         model = plain_cnn(init)
         sgd = keras.optimizers.SGD(0.5)  # SGD: the update is lr x gradient, so a wrong scale shows
         sgd.build(model.trainable_variables)
-    steps = train.DistributedSteps(strategy, model, sgd, losses.binary_crossentropy(), global_batch=2 * B)
+    steps = distributed.DistributedSteps(strategy, model, sgd, losses.binary_crossentropy(), global_batch=2 * B)
     out = steps.train_step(x, y).numpy()
-    probs, labels = train.gather_predictions(steps, uneven_val_shard(ray_rank()), N_VAL)
+    probs, labels = distributed.gather_predictions(steps, uneven_val_shard(ray_rank()), N_VAL)
     return {"weights": flat_weights(model), "step_out": out, "probs": probs, "labels": labels}
 
 
@@ -104,7 +104,7 @@ def _bn_sync(strategy, x, y) -> dict:
         model = keras.Model(inputs, keras.layers.Dense(NUM_FINDINGS, activation="sigmoid")(h))
         opt = keras.optimizers.SGD(0.1)
         opt.build(model.trainable_variables)
-    steps = train.DistributedSteps(strategy, model, opt, losses.binary_crossentropy(), global_batch=2 * B)
+    steps = distributed.DistributedSteps(strategy, model, opt, losses.binary_crossentropy(), global_batch=2 * B)
     steps.train_step(x, y)
     bn = model.get_layer("bn")
     before = np.concatenate([bn.moving_mean.numpy(), bn.moving_variance.numpy()])
@@ -120,9 +120,9 @@ def _bf16_steps(strategy, x, y) -> dict:
     try:
         with strategy.scope():
             model = models.build_model("small_cnn", S)
-            opt = train.make_optimizer(1e-3, "mixed_bfloat16")
+            opt = distributed.make_optimizer(1e-3, "mixed_bfloat16")
             opt.build(model.trainable_variables)
-        steps = train.DistributedSteps(strategy, model, opt, losses.binary_crossentropy(), global_batch=2 * B)
+        steps = distributed.DistributedSteps(strategy, model, opt, losses.binary_crossentropy(), global_batch=2 * B)
         outs = np.stack([steps.train_step(x, y).numpy() for _ in range(2)])
         trainable = np.concatenate([np.ravel(v.numpy()) for v in model.trainable_variables])
         return {"weights": trainable, "outs": outs}
@@ -136,9 +136,9 @@ def _fp16_skip(strategy, init: str, x, y_first, y_second) -> dict:
     try:
         with strategy.scope():
             model = plain_cnn(init)
-            opt = train.make_optimizer(1e-3, "mixed_float16")
+            opt = distributed.make_optimizer(1e-3, "mixed_float16")
             opt.build(model.trainable_variables)
-        steps = train.DistributedSteps(strategy, model, opt, losses.binary_crossentropy(), global_batch=2 * B)
+        steps = distributed.DistributedSteps(strategy, model, opt, losses.binary_crossentropy(), global_batch=2 * B)
         steps.train_step(x, y_first)
         after_bad = flat_weights(model)
         scale = float(opt.dynamic_scale.numpy())
@@ -219,13 +219,13 @@ def two_workers(ray_cluster, init_weights, tmp_path_factory) -> dict[str, list[d
     return {n: [dict(np.load(out / f"{n}-{r}.npz")) for r in (0, 1)] for n in names}
 
 
-def single_process_step(init: str) -> tuple[train.DistributedSteps, np.ndarray]:
+def single_process_step(init: str) -> tuple[distributed.DistributedSteps, np.ndarray]:
     """The float32 SGD step of one worker holding the whole global batch (default strategy)."""
     keras.mixed_precision.set_global_policy("float32")
-    strategy = train.make_strategy()
+    strategy = distributed.make_strategy()
     model = plain_cnn(init)
     sgd = keras.optimizers.SGD(0.5)
-    steps = train.DistributedSteps(strategy, model, sgd, losses.binary_crossentropy(), global_batch=2 * B)
+    steps = distributed.DistributedSteps(strategy, model, sgd, losses.binary_crossentropy(), global_batch=2 * B)
     x, y = arrays(2 * B, seed=0)
     out = steps.train_step(x, y).numpy()
     return steps, out
@@ -315,9 +315,9 @@ def test_fit_two_workers_checkpoints_and_resumes(ray_cluster, tmp_path):
     first = train.fit(fit_config(str(tmp_path / "ray"), epochs=2), **kwargs)
     assert first["epochs_done"] == 2
     latest = first["latest_checkpoint"]
-    assert sorted(os.listdir(latest)) == sorted([train.MODEL_FILE, train.OPTIMIZER_FILE, train.STATE_FILE,
-                                                 train.CONFIG_FILE])
-    state = json.loads(open(os.path.join(latest, train.STATE_FILE)).read())
+    assert sorted(os.listdir(latest)) == sorted([checkpoints.MODEL_FILE, checkpoints.OPTIMIZER_FILE,
+                                                 checkpoints.STATE_FILE, checkpoints.CONFIG_FILE])
+    state = json.loads(open(os.path.join(latest, checkpoints.STATE_FILE)).read())
     assert state["epoch"] == 1 and state["plan"]["steps_per_epoch"] == 48 // (2 * B)
     assert state["plan"]["positives"] == memory_counts("", "train")[0]
 
@@ -325,13 +325,13 @@ def test_fit_two_workers_checkpoints_and_resumes(ray_cluster, tmp_path):
     assert second["epochs_done"] == 3
     trained = sorted(m for m in os.listdir(marks) if m.endswith("-train"))
     assert trained == [f"train-w{w}-e{e}-train" for w in (0, 1) for e in (0, 1, 2)]  # epoch 2 only once
-    with np.load(os.path.join(second["latest_checkpoint"], train.OPTIMIZER_FILE)) as saved:
+    with np.load(os.path.join(second["latest_checkpoint"], checkpoints.OPTIMIZER_FILE)) as saved:
         names = saved["names"].tolist()
         assert int(saved[f"v{names.index('adam/iteration')}"]) == 3 * (48 // (2 * B))
 
     # The best checkpoint reproduces its reported validation AUROC in a fresh process-local model.
     best = second["best_checkpoint"]
-    model = models.build_model("small_cnn", S, weights=os.path.join(best, train.MODEL_FILE))
+    model = models.build_model("small_cnn", S, weights=os.path.join(best, checkpoints.MODEL_FILE))
     x, y = arrays(N_VAL, seed=1)
     from cxr.metrics import auroc_per_finding, mean_auroc
 
@@ -345,16 +345,16 @@ def test_fit_two_workers_checkpoints_and_resumes(ray_cluster, tmp_path):
 
 def test_gather_rejects_missing_duplicate_and_stray_indices():
     keras.mixed_precision.set_global_policy("float32")
-    strategy = train.make_strategy()
+    strategy = distributed.make_strategy()
     model = models.build_model("small_cnn", S)
-    steps = train.DistributedSteps(strategy, model, keras.optimizers.SGD(), losses.binary_crossentropy(), 1)
+    steps = distributed.DistributedSteps(strategy, model, keras.optimizers.SGD(), losses.binary_crossentropy(), 1)
     x, y = arrays(6, seed=2)
     for index in ([0, 1, 2, 3, 4, 4], [0, 1, 2, 3, 4, 9]):
         ds = tf.data.Dataset.from_tensor_slices((x, y, np.array(index, np.int64))).batch(4)
         with pytest.raises(RuntimeError, match="exactly once"):
-            train.gather_predictions(steps, ds, 6)
+            distributed.gather_predictions(steps, ds, 6)
     ds = tf.data.Dataset.from_tensor_slices((x, y, np.arange(6, dtype=np.int64))).batch(4)
-    probs, labels = train.gather_predictions(steps, ds, 6)
+    probs, labels = distributed.gather_predictions(steps, ds, 6)
     np.testing.assert_array_equal(labels, y)
     assert probs.shape == (6, NUM_FINDINGS)
 

@@ -1,0 +1,52 @@
+"""The training checkpoint: what a restarted or re-submitted run needs to continue exactly.
+
+A directory (Ray Train uploads it to `run.storage_path`) with the model weights, the optimizer's
+variables by path, the training state as JSON (epoch, schedule, metric history, plan) and the
+resolved config. `state.json` names its format so a future layout can refuse an old one clearly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import keras
+import numpy as np
+
+CHECKPOINT_FORMAT = "cxr-train-checkpoint/1"
+MODEL_FILE = "model.weights.h5"
+OPTIMIZER_FILE = "optimizer.npz"
+STATE_FILE = "state.json"
+CONFIG_FILE = "resolved.yaml"
+
+
+def save_checkpoint(directory: str, model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                    state: dict[str, Any], config_yaml: str) -> None:
+    """Model weights, optimizer variables (by path), training state and the resolved config."""
+    model.save_weights(os.path.join(directory, MODEL_FILE))
+    names = np.array([v.path for v in optimizer.variables])
+    values = {f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
+    np.savez(os.path.join(directory, OPTIMIZER_FILE), names=names, **values)
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump({"format": CHECKPOINT_FORMAT, **state}, f, indent=1)
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        f.write(config_yaml)
+
+
+def restore_checkpoint(directory: str, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> dict:
+    """Load what `save_checkpoint` wrote into a built model and optimizer; returns the saved state."""
+    with open(os.path.join(directory, STATE_FILE)) as f:
+        state = json.load(f)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{directory}: not a {CHECKPOINT_FORMAT} checkpoint")
+    model.load_weights(os.path.join(directory, MODEL_FILE))
+    with np.load(os.path.join(directory, OPTIMIZER_FILE), allow_pickle=False) as saved:
+        names = saved["names"].tolist()
+        current = [v.path for v in optimizer.variables]
+        if names != current:
+            raise ValueError(f"{directory}: optimizer state does not match ({len(names)} saved variables, "
+                             f"{len(current)} expected; first saved {names[:3]}, expected {current[:3]})")
+        for i, v in enumerate(optimizer.variables):
+            v.assign(saved[f"v{i}"])
+    return state
