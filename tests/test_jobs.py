@@ -118,10 +118,16 @@ def _descends_from(pid: int, ancestor: int) -> bool:
 
 
 def _train_worker_pids(driver: int) -> list[int]:
-    """Ray Train worker processes of our run only (descendants of our driver), never another run's."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()
-            if "RayTrainWorker" in line and "ray::" in line and _descends_from(int(line.split()[0]), driver)]
+    """Ray Train worker processes of our run only (descendants of our driver), never another run's.
+
+    Only processes the raylet started: a child forked by a worker keeps the worker's title.
+    """
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines()[1:] if len(line.split(None, 2)) == 3]
+    title = {int(pid): args for pid, _, args in rows}
+    return [int(pid) for pid, ppid, args in rows
+            if args.startswith("ray::RayTrainWorker") and "raylet" in title.get(int(ppid), "")
+            and _descends_from(int(pid), driver)]
 
 
 def _epochs_checkpointed(run_dir: str) -> int:
@@ -160,7 +166,11 @@ def _train_and_kill_a_worker(tmp_path, manifest: str, tracking_uri: str, name: s
             pids = _train_worker_pids(proc.pid) if done_at_kill >= 2 else []
             if pids:
                 killed = pids[-1]
+                snapshot = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,stat,etimes,args"], capture_output=True,
+                                          text=True).stdout
                 os.kill(killed, signal.SIGKILL)
+                lines.append(f"[test] killed {killed} of {pids} after {done_at_kill} checkpointed epochs; ps:\n"
+                             + "".join(ln + "\n" for ln in snapshot.splitlines() if "ray" in ln or "cxr" in ln))
                 break
             time.sleep(0.1)
         assert killed, "never saw two checkpointed epochs and a live worker:\n" + "".join(lines[-60:])
@@ -180,7 +190,8 @@ def test_killed_worker_resumes_from_checkpoint(phantom_shards, mlflow_server, tm
     assert code == 0, text[-6000:]
     assert done_at_kill < epochs
     resumed = [int(n) for n in re.findall(r"resumed after epoch (\d+)\b", text)]
-    assert len(resumed) == 1 and 1 <= resumed[0] < epochs, text[-4000:]  # from a checkpoint, not from scratch
+    kill_note = next((ln for ln in text.split("\n[test] ")[1:2]), "")
+    assert len(resumed) == 1 and 1 <= resumed[0] < epochs, kill_note + text[-4000:]  # from a checkpoint
     client, run = _mlflow_run(mlflow_server, "killed")
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "val_auroc_mean")
