@@ -31,10 +31,7 @@ import tensorflow as tf
 
 from cxr.labels import FINDINGS, NUM_FINDINGS
 from cxr.losses import LossFn, mean_loss
-from cxr.metrics import auroc_per_finding, mean_auroc
-
-SCORE = "val_auroc_mean"  # the validation metric that picks the best epoch
-
+from cxr.metrics import SCORE, auroc_per_finding, mean_auroc
 
 # ------------------------------------------------------------------ precision, strategy, optimizer
 

@@ -15,6 +15,8 @@ from sklearn.metrics import roc_auc_score
 
 from cxr.labels import FINDINGS
 
+SCORE = "val_auroc_mean"  # validation mean AUROC: picks the best epoch; every history row has it
+
 
 def auroc_per_finding(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
     """AUROC of each column of `y_score` [N, K] against binary `y_true` [N, K]; NaN where undefined."""

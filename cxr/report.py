@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from cxr import labels
+from cxr.metrics import SCORE
 
 
 def auroc_table(columns: Mapping[str, Mapping[str, float | None]]) -> str:
@@ -66,7 +67,7 @@ def learning_curves(history: Sequence[Mapping[str, float]]):
     a.set_xlabel("epoch")
     a.set_title("loss")
     a.legend()
-    b.plot(epochs, [h.get("val_mean_auroc", np.nan) for h in history], marker="o", color="tab:green")
+    b.plot(epochs, [h.get(SCORE, np.nan) for h in history], marker="o", color="tab:green")
     b.set_xlabel("epoch")
     b.set_title("validation mean AUROC")
     fig.tight_layout()

@@ -25,7 +25,6 @@ from cxr import storage
 
 log = logging.getLogger(__name__)
 RUN_TAG = "cxr.run"  # the run's storage path: a re-submitted run finds its MLflow run by it
-EPOCH_KEY = "val_auroc_mean"  # every epoch logs it; its history says which epochs are on record
 SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key)", re.IGNORECASE)
 
 
@@ -63,7 +62,10 @@ def epoch_metrics(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 def logged_epochs(client: Any, run_id: str) -> set[int]:
-    return {int(m.step) for m in client.get_metric_history(run_id, EPOCH_KEY)}
+    """Epochs on record: every epoch logs the validation mean AUROC."""
+    from cxr.metrics import SCORE
+
+    return {int(m.step) for m in client.get_metric_history(run_id, SCORE)}
 
 
 def log_epoch(client: Any, run_id: str, row: Mapping[str, Any]) -> None:

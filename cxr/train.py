@@ -29,9 +29,10 @@ import tensorflow as tf
 from cxr import config as cfgmod
 from cxr import storage, tracking
 from cxr.checkpoints import CONFIG_FILE, restore_checkpoint, save_checkpoint
-from cxr.distributed import SCORE, DistributedSteps, evaluate, make_optimizer, make_strategy
+from cxr.distributed import DistributedSteps, evaluate, make_optimizer, make_strategy
 from cxr.labels import FINDINGS
 from cxr.losses import Schedule, loss_from_counts
+from cxr.metrics import SCORE
 from cxr.models import build_model
 
 log = logging.getLogger(__name__)
