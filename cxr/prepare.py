@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
 from tqdm import tqdm
@@ -14,18 +13,6 @@ from cxr.cluster import init_ray
 from cxr.shards import MANIFEST, Params, build_manifest, committed_receipt, plan, write_shard
 
 log = logging.getLogger(__name__)
-
-
-def _remove_stale_temporaries(out_uri: str) -> None:
-    """Delete `.tmp-*` files a killed run left on a local OUT_URI (object stores never see partial objects)."""
-    if not storage.is_local(out_uri):
-        return
-    _, root = storage.filesystem(out_uri)
-    for folder, _, files in os.walk(root):
-        for name in files:
-            if name.startswith(".tmp-"):
-                os.remove(os.path.join(folder, name))
-                log.info("removed a partial file of an interrupted run: %s", os.path.join(folder, name))
 
 
 def prepare(data_root: str, out_uri: str, params: Params, num_workers: int | None = None,
@@ -43,7 +30,8 @@ def prepare(data_root: str, out_uri: str, params: Params, num_workers: int | Non
     if not ds.images_present:
         raise FileNotFoundError(f"{data_root}: no images/ or images_0NN/images/ folder; nothing to prepare")
     specs = plan(ds, params)
-    _remove_stale_temporaries(out_uri)
+    for path in storage.remove_partial_writes(out_uri):
+        log.info("removed a partial file of an interrupted run: %s", path)
     receipts, todo = [], []
     for spec in specs:
         done = committed_receipt(out_uri, spec, params)

@@ -180,11 +180,14 @@ def _write_file(path: str, data: bytes) -> None:
         fh.write(data)
 
 
+TEMP_PREFIX = ".tmp-"  # local atomic writes fill `.tmp-<uuid>-<name>` beside the target, then rename
+
+
 def _replace_local(path: str, fill: Callable[[str], None]) -> None:
     """Fill a temporary sibling of `path`, then rename it into place; never leave the temporary behind."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    tmp = os.path.join(parent, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
         fill(tmp)
         os.replace(tmp, path)
@@ -192,6 +195,24 @@ def _replace_local(path: str, fill: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def remove_partial_writes(url: str) -> list[str]:
+    """Delete the temporaries of atomic writes a killed process left under a local `url`; their paths.
+
+    Only a SIGKILL leaves them (the writer removes its own otherwise); object stores never expose a
+    partial object, so there is nothing to do for them.
+    """
+    if not is_local(url):
+        return []
+    _, root = filesystem(url)
+    removed = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.startswith(TEMP_PREFIX):
+                os.remove(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+    return removed
 
 
 def makedirs(url: str) -> None:

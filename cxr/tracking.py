@@ -50,15 +50,15 @@ def safe_params(config: Mapping[str, Any]) -> dict[str, str]:
     return params
 
 
+def finite_numbers(row: Mapping[str, Any]) -> dict[str, float]:
+    """The finite int/float entries of a metrics row as floats (flags, NaN AUROCs and text left out)."""
+    return {k: float(v) for k, v in row.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
 def epoch_metrics(row: Mapping[str, Any]) -> dict[str, float]:
     """An epoch's metrics as MLflow takes them: finite numbers only, "val_auroc/Mass" → "val_auroc.Mass"."""
-    out = {}
-    for key, value in row.items():
-        if key == "epoch" or isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        if math.isfinite(float(value)):
-            out[key.replace("/", ".")] = float(value)
-    return out
+    return {k.replace("/", "."): v for k, v in finite_numbers(row).items() if k != "epoch"}
 
 
 def logged_epochs(client: Any, run_id: str) -> set[int]:

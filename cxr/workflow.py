@@ -31,11 +31,7 @@ def _history(result: Any) -> list[dict[str, float]]:
         return []
     with result.checkpoint.as_directory() as directory, open(os.path.join(directory, STATE_FILE)) as fh:
         history = json.load(fh).get("history", [])
-    rows = []
-    for rec in history:
-        rows.append({k: float(v) for k, v in rec.items()
-                     if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))})
-    return rows
+    return [tracking.finite_numbers(rec) for rec in history]
 
 
 def _val_column(metrics: dict[str, Any]) -> dict[str, float | None]:

@@ -83,13 +83,17 @@ def test_whole_model_weights_round_trip_local_file_and_url(tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
+def _assert_loads_into_backbone(source, path: str, name: str) -> None:
+    """`source`'s weights saved to `path` end up, unchanged, in the backbone of model `name` at 32 px."""
+    source.save_weights(path)
+    model = models.build_model(name, 32, weights=path)
+    for a, b in zip(source.get_weights(), model.get_layer(models.BACKBONE).get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_backbone_only_imagenet_style_file_loads_into_the_backbone(tmp_path):
     backbone = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
-    path = str(tmp_path / "mobilenet_v2_notop.weights.h5")
-    backbone.save_weights(path)
-    model = models.build_model("mobilenet_v2", 32, weights=path)
-    for a, b in zip(backbone.get_weights(), model.get_layer(models.BACKBONE).get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    _assert_loads_into_backbone(backbone, str(tmp_path / "mobilenet_v2_notop.weights.h5"), "mobilenet_v2")
 
 
 def test_missing_or_mismatched_weight_file_fails_clearly(tmp_path):
@@ -106,8 +110,4 @@ def test_legacy_keras_applications_notop_h5_loads_into_the_backbone(tmp_path):
     """The format of Keras' published `*_notop.h5` ImageNet files (written by Keras 2)."""
     tf_keras = pytest.importorskip("tf_keras")
     legacy = tf_keras.applications.DenseNet121(include_top=False, weights=None, input_shape=(32, 32, 3))
-    path = str(tmp_path / "densenet121_notop.h5")
-    legacy.save_weights(path)
-    model = models.build_model("densenet121", 32, weights=path)
-    for a, b in zip(legacy.get_weights(), model.get_layer(models.BACKBONE).get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    _assert_loads_into_backbone(legacy, str(tmp_path / "densenet121_notop.h5"), "densenet121")
