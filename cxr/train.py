@@ -137,6 +137,7 @@ class Worker:
     schedule: Schedule
     val_data: tf.data.Dataset
     history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's metrics, carried by checkpoints
+    resumes: list[int] = field(default_factory=list)  # epochs done at each restore from a checkpoint
 
     @property
     def optimizer(self) -> keras.optimizers.Optimizer:
@@ -223,7 +224,7 @@ def _restore_latest(worker: Worker) -> int:
         state = restore_checkpoint(directory, worker.steps.model, worker.optimizer)
     worker.schedule = worker.schedule.restored(state["schedule"])
     worker.history = list(state.get("history", []))
-    worker.optimizer.learning_rate = worker.schedule.lr
+    worker.resumes = [*state.get("resumes", []), int(state["epoch"]) + 1]
     if worker.rank == 0:
         log.info("resumed after epoch %d (best %.4f at epoch %d, lr %.3g)", state["epoch"] + 1,
                  worker.schedule.best_score, worker.schedule.best_epoch + 1, worker.schedule.lr)
@@ -270,7 +271,7 @@ class Throughput:
 
 def _train_epoch(worker: Worker, epoch: int) -> dict[str, float]:
     """Run the epoch's steps; log loss, step time and throughput every `steps_per_log` steps on rank 0."""
-    worker.optimizer.learning_rate = worker.schedule.lr
+    worker.optimizer.learning_rate = worker.schedule.lr  # the schedule owns the lr; set before any step
     total_steps, every = worker.plan.steps_per_epoch, worker.cfg.optim.steps_per_log
     batch = worker.cfg.optim.batch_size
     loss_sum = tf.zeros([2])
@@ -301,7 +302,6 @@ def _validate_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
     worker.steps.sync_moving_statistics()
     metrics: dict[str, Any] = evaluate(worker.steps, worker.val_data, worker.plan.val_size)
     is_best = worker.schedule.update(epoch, metrics[SCORE])
-    worker.optimizer.learning_rate = worker.schedule.lr
     metrics.update(eval_time_s=time.perf_counter() - t0, is_best=is_best, next_lr=worker.schedule.lr,
                    best_epoch=worker.schedule.best_epoch, best_val_auroc_mean=worker.schedule.best_score,
                    stopped_early=worker.schedule.stopped)
@@ -325,7 +325,7 @@ def _report(worker: Worker, epoch: int, metrics: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=None)
         return
     state = {"epoch": epoch, "schedule": worker.schedule.state(), "metrics": metrics, "history": worker.history,
-             "plan": asdict(worker.plan)}
+             "resumes": worker.resumes, "plan": asdict(worker.plan)}
     with tempfile.TemporaryDirectory(prefix="cxr-ckpt-") as directory:
         save_checkpoint(directory, worker.steps.model, worker.optimizer, state, cfgmod.to_yaml(worker.cfg))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
