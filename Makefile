@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/cxr synth $(DEMO)/raw --patients 575 --size 256 --seed 0
 	$(VENV)/bin/cxr inspect $(DEMO)/raw
-	$(VENV)/bin/cxr prepare $(DEMO)/raw $(DEMO)/shards --size 128 --images-per-shard 250
+	$(VENV)/bin/cxr prepare $(DEMO)/raw $(DEMO)/shards --size 128 --codec uint8 --images-per-shard 250
 	$(VENV)/bin/cxr train --config configs/demo.yaml
 
 test: $(STAMP)

@@ -397,12 +397,13 @@ def _photometric(x: tf.Tensor, mean: tf.Tensor, gain: tf.Tensor, bias: tf.Tensor
 
 
 def _source_mean(images: tf.Tensor) -> tf.Tensor:
-    """Each uint8 source image's mean in [0, 1], from every 4th pixel: plenty for a contrast pivot.
+    """Each uint8 source image's mean in [0, 1], the contrast pivot.
 
     Taken from the source, not the warped output, so that XLA does not fuse the warp into a reduction
-    (which recomputes the gathers); subsampled because a full reduction costs a third of the warp.
+    (which recomputes the gathers); outside XLA, whose CPU reductions are ~2.5× slower than TF's, and over
+    every pixel, which measured half the cost of a strided subsample (0.03 vs 0.06 ms per 256² image).
     """
-    return tf.reduce_mean(tf.cast(images[:, ::4, ::4, :], tf.float32), axis=[1, 2, 3]) / 255.0
+    return tf.reduce_mean(tf.cast(images, tf.float32), axis=[1, 2, 3]) / 255.0
 
 
 @tf.function(jit_compile=True)
@@ -481,11 +482,17 @@ class _Tail:
     shuffle_seed: int
     augment_key: int
 
-    def apply(self, ds: tf.data.Dataset, decode: Callable[[tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
+    def apply(self, ds: tf.data.Dataset, decode: Callable[[tf.Tensor], tf.Tensor],
+              per_batch: bool = False) -> tf.data.Dataset:
+        """`decode` maps one encoded image to uint8 [S, S, 1]; with per_batch, a batch of them to [B, S, S, 1]."""
         if self.training and self.shuffle_buffer > 1:
             ds = ds.shuffle(self.shuffle_buffer, seed=self.shuffle_seed)
-        ds = ds.map(lambda image, y, index: (decode(image), y, index), num_parallel_calls=AUTOTUNE)
-        ds = ds.batch(self.batch_size, drop_remainder=self.training)  # fused with the map: cheaper than parallel
+        if per_batch:
+            ds = ds.batch(self.batch_size, drop_remainder=self.training)
+            ds = ds.map(lambda image, y, index: (decode(image), y, index))
+        else:
+            ds = ds.map(lambda image, y, index: (decode(image), y, index), num_parallel_calls=AUTOTUNE)
+            ds = ds.batch(self.batch_size, drop_remainder=self.training)  # fused with the map: beats parallel
         if self.training:
             ds = ds.enumerate().map(
                 lambda step, b: (augment_batch(b[0], step, self.augment_key, self.augment, self.image_size), b[1]),
@@ -529,8 +536,11 @@ def _parse(blob: tf.Tensor, starts: tf.Tensor, lengths: tf.Tensor,
 
 
 def _decoder(codec: str, size: int) -> Callable[[tf.Tensor], tf.Tensor]:
+    """One image's decoder for jpeg/png; for uint8, a whole batch's (one op: the bytes are the pixels)."""
     if codec not in shards.CODECS:
         raise ValueError(f"manifest codec {codec!r} is not one of {shards.CODECS}")
+    if codec == "uint8":
+        return lambda images: tf.reshape(tf.io.decode_raw(images, tf.uint8), [-1, size, size, 1])
 
     def decode(image: tf.Tensor) -> tf.Tensor:
         if codec == "jpeg":  # TF's default IDCT is the fast, inexact one; accurate matches PIL/libjpeg
@@ -574,7 +584,7 @@ def make_dataset(manifest_uri: str, split: str, batch_size: int, worker_index: i
     pre = manifest["preprocessing"]
     buffer = min(shuffle_buffer, plan.images())  # more would only mix passes
     tail = _tail(batch_size, training, image_size, augment, buffer, seed, epoch, worker_index)
-    ds = tail.apply(records, _decoder(pre["codec"], int(pre["size"])))
+    ds = tail.apply(records, _decoder(pre["codec"], int(pre["size"])), per_batch=pre["codec"] == "uint8")
     ds.stats = stats
     return ds
 
@@ -631,7 +641,10 @@ def _box_average(image: tf.Tensor, size: int) -> tf.Tensor:
     f = tf.maximum(side // size, 1)
     m = side // f
     x = tf.cast(image[:m * f, :m * f, 0], tf.float32)
-    return tf.reduce_mean(tf.reshape(x, [m, f, m, f]), axis=[1, 3])[..., None]
+    # Rows first (f contiguous rows → one), then columns: half the CPU of one reduce over axes [1, 3]. Sums
+    # of ≤ f² 8-bit values are exact in float32, so the order does not change the result.
+    rows = tf.reduce_sum(tf.reshape(x, [m, f, m * f]), axis=1)
+    return (tf.reduce_sum(tf.reshape(rows, [m, m, f]), axis=2) / tf.cast(f * f, tf.float32))[..., None]
 
 
 def shrink(image: tf.Tensor, size: int) -> tf.Tensor:

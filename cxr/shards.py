@@ -31,7 +31,7 @@ from cxr import labels, metadata, storage
 log = logging.getLogger(__name__)
 
 FORMAT = "cxr-shards/1"
-CODECS = ("jpeg", "png")
+CODECS = ("jpeg", "png", "uint8")  # uint8: the pixels themselves, row-major, no header
 JPEG_QUALITY = 95
 MANIFEST = "manifest.json"
 PARTS = "_parts"
@@ -94,6 +94,8 @@ def encode(gray: np.ndarray, codec: str, quality: int = JPEG_QUALITY) -> bytes:
         im.save(buf, format="JPEG", quality=quality, subsampling=0)
     elif codec == "png":
         im.save(buf, format="PNG", compress_level=6)
+    elif codec == "uint8":
+        return np.ascontiguousarray(gray, dtype=np.uint8).tobytes()
     else:
         raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
     return buf.getvalue()

@@ -147,6 +147,29 @@ def test_decoded_pixels_equal_pil_decode_of_the_stored_jpeg(data):
         assert np.abs(img[..., 0] - ref).max() <= 1 / 255 + 1e-6
 
 
+def test_uint8_codec_gives_exactly_the_png_codec_batches(data):
+    """Both codecs are lossless: raw pixels decoded per batch must equal PNGs decoded per image, bit for bit."""
+    out = {c: str(data["base"] / f"codec-{c}") for c in ("png", "uint8")}
+    for codec, url in out.items():
+        write_shards(data["root"], url, shards.Params(size=STORED, images_per_shard=PER_SHARD, codec=codec))
+    png, raw = (shard_records(out[c], json.loads(storage.read_text(storage.join(out[c], shards.MANIFEST))), "test")
+                for c in ("png", "uint8"))
+    for a, b in zip(png, raw, strict=True):
+        assert b["image"] == np.asarray(Image.open(io.BytesIO(a["image"]))).tobytes()  # the stored pixels
+    for split in ("train", "test"):  # test: a final partial batch, decoded per batch too
+        x_png, y_png, i_png, sizes = eval_pass(pipeline.make_dataset(out["png"], split, 8, image_size=24))
+        x_raw, y_raw, i_raw, sizes_raw = eval_pass(pipeline.make_dataset(out["uint8"], split, 8, image_size=24))
+        assert sizes_raw == sizes and sizes[-1] != 8
+        np.testing.assert_array_equal(i_raw, i_png)
+        np.testing.assert_array_equal(y_raw, y_png)
+        np.testing.assert_array_equal(x_raw, x_png)
+    trained = [take(pipeline.make_dataset(out[c], "train", 8, training=True, image_size=24, seed=5), 6)
+               for c in ("png", "uint8")]
+    for (x1, y1), (x2, y2) in zip(*trained, strict=True):
+        np.testing.assert_array_equal(x2, x1)
+        np.testing.assert_array_equal(y2, y1)
+
+
 def test_training_contract_repeat_and_determinism(data):
     def batches(**kw) -> list[tuple[np.ndarray, np.ndarray]]:
         return take(pipeline.make_dataset(data["out"], "train", 8, training=True, image_size=24, **kw), 12)
