@@ -4,6 +4,8 @@ Shape of the pipeline (big_vision style, read top to bottom in `make_dataset`):
 
     shard streams ──interleave──> records ──shuffle──> decode ──batch──> augment / resize ──prefetch──>
 
+(uint8 shards swap decode and batch: their records are the pixels, so a batch becomes a tensor in one op.)
+
 Reading. Only byte fetching is Python, because TF 2.21's tf.io.gfile has no s3:// and every object goes
 through `cxr.storage` (fsspec: local paths, file://, s3://). Each stream has its own small thread pool that
 fetches whole shard objects `readahead` shards ahead of the one being consumed, checks size and sha256
@@ -540,7 +542,13 @@ def _decoder(codec: str, size: int) -> Callable[[tf.Tensor], tf.Tensor]:
     if codec not in shards.CODECS:
         raise ValueError(f"manifest codec {codec!r} is not one of {shards.CODECS}")
     if codec == "uint8":
-        return lambda images: tf.reshape(tf.io.decode_raw(images, tf.uint8), [-1, size, size, 1])
+        def decode_batch(images: tf.Tensor) -> tf.Tensor:
+            check = tf.debugging.assert_equal(tf.strings.length(images), size * size, message=(
+                f"a uint8 shard record is not {size}×{size} bytes: the shards do not match manifest size {size}"))
+            with tf.control_dependencies([check]):
+                return tf.reshape(tf.io.decode_raw(images, tf.uint8), [-1, size, size, 1])
+
+        return decode_batch
 
     def decode(image: tf.Tensor) -> tf.Tensor:
         if codec == "jpeg":  # TF's default IDCT is the fast, inexact one; accurate matches PIL/libjpeg

@@ -170,6 +170,15 @@ def test_uint8_codec_gives_exactly_the_png_codec_batches(data):
         np.testing.assert_array_equal(y2, y1)
 
 
+def test_uint8_records_of_the_wrong_size_raise_a_clear_error(data, tmp_path):
+    out = str(tmp_path / "u8")
+    manifest = write_shards(data["root"], out, shards.Params(size=STORED, images_per_shard=PER_SHARD, codec="uint8"))
+    manifest["preprocessing"]["size"] = STORED // 2  # a manifest that lies about the stored size
+    storage.write_text(storage.join(out, shards.MANIFEST), json.dumps(manifest))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"not {STORED // 2}×{STORED // 2} bytes"):
+        eval_pass(pipeline.make_dataset(out, "test", 8, image_size=24))
+
+
 def test_training_contract_repeat_and_determinism(data):
     def batches(**kw) -> list[tuple[np.ndarray, np.ndarray]]:
         return take(pipeline.make_dataset(data["out"], "train", 8, training=True, image_size=24, **kw), 12)
