@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--size", type=int, default=256, help="stored image side in pixels")
     r.add_argument("--codec", choices=["jpeg", "png", "uint8"], default="jpeg",
                    help="jpeg (q95, 4x cheaper to decode than png), lossless png, or uint8 (the bare pixels: "
-                        "nothing to decode, ~3x the bytes of jpeg); see docs/data.md")
+                        "nothing to decode, 3-4x the bytes of jpeg); see docs/data.md")
     r.add_argument("--quality", type=int, default=95, help="JPEG quality")
     r.add_argument("--images-per-shard", type=int, default=1000)
     r.add_argument("--num-workers", type=int, default=None, help="parallel Ray tasks (default: cluster CPUs)")
