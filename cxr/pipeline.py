@@ -537,8 +537,8 @@ def _parse(blob: tf.Tensor, starts: tf.Tensor, lengths: tf.Tensor,
     return feats["image"], tf.cast(feats["labels"], tf.float32), positions
 
 
-def _decoder(codec: str, size: int) -> Callable[[tf.Tensor], tf.Tensor]:
-    """One image's decoder for jpeg/png; for uint8, a whole batch's (one op: the bytes are the pixels)."""
+def _decoder(codec: str, size: int) -> tuple[Callable[[tf.Tensor], tf.Tensor], bool]:
+    """(decode, per_batch): one image's decoder for jpeg/png; for uint8 a whole batch's (the bytes are the pixels)."""
     if codec not in shards.CODECS:
         raise ValueError(f"manifest codec {codec!r} is not one of {shards.CODECS}")
     if codec == "uint8":
@@ -548,7 +548,7 @@ def _decoder(codec: str, size: int) -> Callable[[tf.Tensor], tf.Tensor]:
             with tf.control_dependencies([check]):
                 return tf.reshape(tf.io.decode_raw(images, tf.uint8), [-1, size, size, 1])
 
-        return decode_batch
+        return decode_batch, True
 
     def decode(image: tf.Tensor) -> tf.Tensor:
         if codec == "jpeg":  # TF's default IDCT is the fast, inexact one; accurate matches PIL/libjpeg
@@ -557,7 +557,7 @@ def _decoder(codec: str, size: int) -> Callable[[tf.Tensor], tf.Tensor]:
             img = tf.io.decode_png(image, channels=1)
         return tf.ensure_shape(img, [size, size, 1])
 
-    return decode
+    return decode, False
 
 
 def make_dataset(manifest_uri: str, split: str, batch_size: int, worker_index: int = 0, num_workers: int = 1,
@@ -592,7 +592,8 @@ def make_dataset(manifest_uri: str, split: str, batch_size: int, worker_index: i
     pre = manifest["preprocessing"]
     buffer = min(shuffle_buffer, plan.images())  # more would only mix passes
     tail = _tail(batch_size, training, image_size, augment, buffer, seed, epoch, worker_index)
-    ds = tail.apply(records, _decoder(pre["codec"], int(pre["size"])), per_batch=pre["codec"] == "uint8")
+    decode, per_batch = _decoder(pre["codec"], int(pre["size"]))
+    ds = tail.apply(records, decode, per_batch=per_batch)
     ds.stats = stats
     return ds
 

@@ -135,16 +135,12 @@ class EpochLog:
 
 
 @contextmanager
-def run(tracking_uri: str, experiment: str, run_name: str, run_id: str | None = None) -> Iterator[Any]:
-    """Start (or, given `run_id`, resume) an MLflow run; yields the active run."""
+def resume(tracking_uri: str, run_id: str) -> Iterator[Any]:
+    """Make the run `open_run` created the active MLflow run (for the fluent log_* calls); yields it."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    if run_id is None:
-        mlflow.set_experiment(experiment)
-        active = mlflow.start_run(run_name=run_name)
-    else:
-        active = mlflow.start_run(run_id=run_id)
+    active = mlflow.start_run(run_id=run_id)
     try:
         yield active
     except BaseException:

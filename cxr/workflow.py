@@ -98,11 +98,12 @@ def _score_and_record(cfg: cfgmod.Config, result: Any, test_split: str, uri: str
     val = _val_column(best_metrics)
     table = report.auroc_table({"val": val, test_split: test})
 
-    on_record = tracking.logged_epochs(MlflowClient(uri), run_id)
-    with tracking.run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name, run_id):
-        for row in history:  # epochs rank 0 could not log live (server away, or a run from before)
-            if int(row["epoch"]) not in on_record:
-                mlflow.log_metrics(tracking.epoch_metrics(row), step=int(row["epoch"]))
+    client = MlflowClient(uri)
+    on_record = tracking.logged_epochs(client, run_id)
+    for row in history:  # epochs rank 0 could not log live (server away, or a run from before)
+        if int(row["epoch"]) not in on_record:
+            tracking.log_epoch(client, run_id, row)
+    with tracking.resume(uri, run_id):
         mlflow.log_metrics({f"test_auroc.{k}": v for k, v in test.items() if v is not None and k != "mean"})
         mlflow.log_metrics({"test_auroc_mean": test["mean"] or float("nan"),
                             "best_epoch": float(best_metrics["epoch"]),
