@@ -131,15 +131,18 @@ def _train_worker_pids(driver: int) -> list[int]:
 
 
 def _epochs_checkpointed(run_dir: str) -> int:
-    """Epochs covered by the newest complete checkpoint on disk (its state.json is written last)."""
-    done = 0
-    for state in glob.glob(os.path.join(run_dir, "checkpoint_*", "state.json")):
-        try:
-            with open(state) as fh:
-                done = max(done, int(json.load(fh)["epoch"]) + 1)
-        except (OSError, ValueError, KeyError):
-            pass  # being copied or pruned right now
-    return done
+    """Epochs covered by the newest checkpoint that Ray Train's controller has registered.
+
+    A checkpoint is on disk (state.json and all) before the controller takes in its report; a worker killed in
+    between makes Ray restart from the previous registered checkpoint, or from scratch if there is none (seen
+    once in CI). The controller records what it registered in its run snapshot, so that is the trigger.
+    """
+    try:
+        with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as fh:
+            latest = json.load(fh)["latest_checkpoint_result"]
+        return int(latest["metrics"]["epoch"]) + 1 if latest else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0  # not written yet, or being rewritten right now
 
 
 def _train_and_kill_a_worker(tmp_path, manifest: str, tracking_uri: str, name: str, epochs: int,
@@ -147,8 +150,9 @@ def _train_and_kill_a_worker(tmp_path, manifest: str, tracking_uri: str, name: s
     """`cxr train`; SIGKILL one Ray Train worker once two epochs are checkpointed. (exit code, output, epochs
     checkpointed at the kill).
 
-    The trigger is the checkpoint on disk, not the workers' log lines: Ray forwards those to the driver in
-    batches, seconds late, and these epochs take about a second each (a late trigger killed a finished run).
+    The trigger is the controller's record of checkpoints, not the workers' log lines: Ray forwards those to the
+    driver in batches, seconds late, and these epochs take about a second each (a late trigger killed a finished
+    run).
     """
     storage = tmp_path / "runs"
     cmd = [sys.executable, "-m", "cxr.cli", "train", "--config", os.path.join(ROOT, "configs/demo.yaml"),

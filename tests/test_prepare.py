@@ -159,6 +159,17 @@ def _committed(parts) -> list[str]:
     return [n for n in os.listdir(parts) if n.endswith(".json") and not n.startswith(".tmp-")]
 
 
+def _wait_until_session_ends(sid: int, timeout: float = 60) -> None:
+    """Until no process of session `sid` is left: an orphaned Ray worker may still commit a shard meanwhile."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["ps", "-eo", "sid="], capture_output=True, text=True).stdout
+        if str(sid) not in out.split():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of session {sid} still alive {timeout} s after SIGKILL")
+
+
 def test_killed_prepare_resumes_to_the_same_manifest(tmp_path):
     root = tmp_path / "raw"
     make_root(root, n_patients=30, per_patient=4, size=320)  # 120 images, 2 per shard: ~60 commits to interrupt
@@ -174,6 +185,7 @@ def test_killed_prepare_resumes_to_the_same_manifest(tmp_path):
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    _wait_until_session_ends(proc.pid)  # Ray workers run in their own process groups and outlive the killpg
     done_before = len(_committed(parts))
     assert not (out / "manifest.json").exists()
     total_shards = 0
