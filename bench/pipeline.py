@@ -159,13 +159,17 @@ def child_shards(args: argparse.Namespace) -> dict:
 
 
 def child_decode(args: argparse.Namespace) -> dict:
-    """(e) one core, one 1024² PNG decode at a time: PIL and tf.io.decode_png; the faster is the bound."""
+    """(e) one core, one 1024² PNG decode at a time: PIL, tf.io.decode_png and Wuffs (raw mode's decoder);
+    the fastest is the bound."""
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     import io
 
     import tensorflow as tf
     from PIL import Image
 
+    from cxr import pipeline
+
+    pipeline.keep_heap_top()  # as raw mode does: the decoders' buffers are not re-faulted on every image
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     blobs = [p.read_bytes() for p in sorted(SAMPLES.glob("*.png"))]
@@ -180,7 +184,8 @@ def child_decode(args: argparse.Namespace) -> dict:
 
     pil = rate(lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("L")))
     tfd = rate(lambda b: tf.io.decode_png(b, channels=1).numpy())
-    return {"img_s": max(pil, tfd), "pil_img_s": pil, "tf_img_s": tfd}
+    wuffs = rate(lambda b: pipeline.decode_gray8_png(b, "sample"))
+    return {"img_s": max(pil, tfd, wuffs), "pil_img_s": pil, "tf_img_s": tfd, "wuffs_img_s": wuffs}
 
 
 def child_rss(args: argparse.Namespace) -> dict:
@@ -264,7 +269,7 @@ def report(res: dict) -> str:
         ("(b) cxr make_raw_dataset, raw PNG", res["raw"]),
         ("(c) cxr make_dataset, 256px JPEG shards, local disk", res["local"]),
         ("(d) cxr make_dataset, same shards, SeaweedFS S3", res["s3"]),
-        ("(e) 1024² PNG decode, one core (max of PIL, TF)", res["decode"]),
+        ("(e) 1024² PNG decode, one core (max of PIL, TF, Wuffs)", res["decode"]),
     ]
     lines = [f"{'mode':<62}{'img/s':>8}{'× (a)':>7}{'cores':>7}{'CPU ms/img':>12}{'2-core bound':>14}",
              "-" * 110]
@@ -274,7 +279,7 @@ def report(res: dict) -> str:
         lines.append(f"{name:<62}{r['img_s']:>8,.0f}{r['img_s'] / a:>7.1f}{r.get('cpu_cores', 1.0):>7.2f}"
                      f"{cpu_ms:>12.3f}{bound:>14,.0f}")
     lines += [f"    (e) detail: PIL {res['decode']['pil_img_s']:,.0f} img/s, tf.io.decode_png "
-              f"{res['decode']['tf_img_s']:,.0f} img/s on one pinned core",
+              f"{res['decode']['tf_img_s']:,.0f}, Wuffs {res['decode']['wuffs_img_s']:,.0f} img/s on one pinned core",
               f"    (d) SeaweedFS server CPU during the timed run(s): {res['s3'].get('server_cpu_s', 0):.1f} s "
               "(another process: not in the CPU columns)",
               "    runs (img/s): " + "; ".join(f"{k} {res[k]['runs_img_s']}"

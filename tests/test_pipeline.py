@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -393,6 +394,53 @@ def test_raw_mode_corrupt_png_raises_naming_it_or_is_skipped(real_root, tmp_path
     stats = pipeline.Stats()
     out = _raw_by_name(root, 64, on_corrupt="skip", stats=stats)
     assert "00000002_000.png" not in out and len(out) == 4 and list(stats.skipped) == [victim]
+
+
+def _tf_shrink(png: bytes, size: int) -> np.ndarray:
+    """The reference: TF's decoder, a float32 box mean, TF's bilinear resize, round half to even."""
+    x = tf.cast(tf.io.decode_png(png, channels=1)[..., 0], tf.float32)
+    f = max(int(x.shape[0]) // size, 1)
+    m = int(x.shape[0]) // f
+    mean = tf.reduce_mean(tf.reshape(x[:m * f, :m * f], [m, f, m, f]), axis=[1, 3])
+    if m != size:
+        mean = tf.image.resize(mean[..., None], [size, size], method="bilinear")[..., 0]
+    return tf.cast(tf.round(mean), tf.uint8).numpy()
+
+
+@pytest.mark.parametrize("side,size", [(1024, 256), (1000, 256), (300, 128), (256, 256), (200, 256)])
+def test_raw_decode_and_shrink_equal_tf_bit_for_bit(side, size):
+    """Wuffs + the numpy box filter give exactly what TF's PNG decoder and ops give (real NIH pixels)."""
+    with Image.open(os.path.join(SAMPLES, "00000001_000.png")) as im:
+        gray = np.asarray(im.convert("L").resize((side, side), Image.Resampling.BILINEAR))
+    buf = io.BytesIO()
+    Image.fromarray(gray, mode="L").save(buf, format="PNG")
+    png = buf.getvalue()
+    decoded = pipeline.decode_gray8_png(png, "x.png")
+    np.testing.assert_array_equal(decoded, gray)
+    out = pipeline.shrink(decoded, size)
+    assert out.shape == (size, size) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, _tf_shrink(png, size))
+
+
+def test_raw_mode_undecodable_png_with_valid_crcs_raises_naming_it(real_root, tmp_path):
+    """Corrupt compressed data behind a correct chunk CRC gets past the structure check; the decoder's error
+    still names the file."""
+    root = str(tmp_path / "root")
+    shutil.copytree(real_root, root)
+    victim = os.path.join(root, "images", "00000013_003.png")
+    data = bytearray(open(victim, "rb").read())
+    length = int.from_bytes(data[33:37], "big")  # the first chunk after IHDR
+    assert data[37:41] == b"IDAT"
+    data[41 + length // 2: 41 + length // 2 + 64] = bytes(64)  # zeros inside the deflate stream
+    data[41 + length: 45 + length] = zlib.crc32(bytes(data[37:41 + length])).to_bytes(4, "big")
+    open(victim, "wb").write(bytes(data))
+    pipeline.png_header(bytes(data), victim)  # structurally sound
+    with pytest.raises(tf.errors.OpError, match="undecodable PNG") as err:
+        _raw_by_name(root, 64)
+    assert victim in str(err.value)
+    stats = pipeline.Stats()
+    out = _raw_by_name(root, 64, on_corrupt="skip", stats=stats)
+    assert "00000013_003.png" not in out and list(stats.skipped) == [victim]
 
 
 def test_streams_from_s3(data, s3):
