@@ -78,7 +78,6 @@ R = TypeVar("R")
 AUTOTUNE = tf.data.AUTOTUNE
 ON_CORRUPT = ("raise", "skip")
 RAW_CHUNK = 32  # raw images per generator element: amortises the Python→TF hand-off
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class CorruptDataError(ValueError):
@@ -615,7 +614,7 @@ def make_dataset(manifest_uri: str, split: str, batch_size: int, worker_index: i
 
 def png_header(data: bytes, url: str) -> tuple[int, int, int, int]:
     """Walk a PNG's chunks checking every CRC (cheap, and errors can name the file); (w, h, bit depth, colour)."""
-    if not data.startswith(PNG_SIGNATURE):
+    if not data.startswith(shards.PNG_SIGNATURE):
         raise CorruptImageError(f"{url}: not a PNG file")
     header, off, view = None, 8, memoryview(data)
     while off + 12 <= len(data):
@@ -646,25 +645,12 @@ def _as_plain_gray(data: bytes, url: str, size: int) -> np.ndarray:
     return shards.square_resize(gray, size)
 
 
-_WUFFS = threading.local()
-
-
 def decode_gray8_png(data: bytes, url: str) -> np.ndarray:
-    """An 8-bit grayscale PNG → uint8 [h, w], with Wuffs: 1.3-1.6× libpng's speed on NIH's 1024² PNGs here
-    (same pixels); it releases the GIL, so the I/O threads decode in parallel. One decoder per thread."""
-    decoder = getattr(_WUFFS, "decoder", None)
-    if decoder is None:
-        import pywuffs
-        import pywuffs.aux
-
-        config = pywuffs.aux.ImageDecoderConfig()
-        config.enabled_decoders = [pywuffs.ImageDecoderType.PNG]
-        config.pixel_format = pywuffs.PixelFormat.Y
-        decoder = _WUFFS.decoder = pywuffs.aux.ImageDecoder(config)
-    result = decoder.decode(data)
-    if result.error_message:
-        raise CorruptImageError(f"{url}: undecodable PNG ({result.error_message})")
-    return result.pixbuf.reshape(result.pixcfg.height(), result.pixcfg.width())
+    """An 8-bit grayscale PNG → uint8 [h, w] (Wuffs, see `shards.decode_gray8_png`); errors name the file."""
+    try:
+        return shards.decode_gray8_png(data)
+    except ValueError as exc:
+        raise CorruptImageError(f"{url}: {exc}") from exc
 
 
 def shrink(image: np.ndarray, size: int) -> np.ndarray:

@@ -127,6 +127,21 @@ def test_real_samples_through_prepare(tmp_path):
     assert recs["00000013_003.png"]["patient"] == 13 and recs["00000001_000.png"]["age"] == 57
 
 
+def test_gray8_pngs_decode_with_wuffs_to_pillows_pixels():
+    """The fast decoder for 8-bit grayscale PNGs (all of NIH's 8-bit ones) gives exactly Pillow's pixels."""
+    for name in sorted(n for n in os.listdir(SAMPLES) if n.endswith(".png")):
+        data = open(os.path.join(SAMPLES, name), "rb").read()
+        assert shards.is_gray8_png(data)
+        with Image.open(io.BytesIO(data)) as im:
+            expected = shards.to_gray8(im)
+        np.testing.assert_array_equal(shards.decode_gray8_png(data), expected)
+        lossless = shards.convert(data, 256, "png")
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(lossless))),
+                                      shards.square_resize(expected, 256))
+    with pytest.raises(ValueError, match="undecodable PNG"):
+        shards.decode_gray8_png(data[: len(data) // 2])
+
+
 def test_manifest_adds_up_and_quarantines(tmp_path):
     root = tmp_path / "raw"
     names = make_root(root, n_patients=10, per_patient=3)
@@ -203,6 +218,9 @@ def test_killed_prepare_resumes_to_the_same_manifest(tmp_path):
 
 
 def test_prepare_into_s3(tmp_path, s3):
+    import ray
+
+    ray.shutdown()  # a local Ray started by an earlier test lacks the S3 credentials the fixture put in the env
     root = tmp_path / "raw"
     names = make_root(root, n_patients=6, per_patient=2)
     out = s3.url("prepared/run1")
