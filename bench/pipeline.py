@@ -167,7 +167,7 @@ def child_decode(args: argparse.Namespace) -> dict:
     import tensorflow as tf
     from PIL import Image
 
-    from cxr import pipeline
+    from cxr import pipeline, shards
 
     pipeline.keep_heap_top()  # as raw mode does: the decoders' buffers are not re-faulted on every image
     tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -184,7 +184,7 @@ def child_decode(args: argparse.Namespace) -> dict:
 
     pil = rate(lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("L")))
     tfd = rate(lambda b: tf.io.decode_png(b, channels=1).numpy())
-    wuffs = rate(lambda b: pipeline.decode_gray8_png(b, "sample"))
+    wuffs = rate(shards.decode_gray8_png)
     return {"img_s": max(pil, tfd, wuffs), "pil_img_s": pil, "tf_img_s": tfd, "wuffs_img_s": wuffs}
 
 

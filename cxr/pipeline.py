@@ -51,7 +51,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -67,7 +66,6 @@ from typing import TypeVar
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 
 from cxr import labels, metadata, shards, storage
 
@@ -634,25 +632,6 @@ def png_header(data: bytes, url: str) -> tuple[int, int, int, int]:
     raise CorruptImageError(f"{url}: truncated PNG (no IEND chunk)")
 
 
-def _as_plain_gray(data: bytes, url: str, size: int) -> np.ndarray:
-    """16-bit, colour, palette or non-square PNGs → square 8-bit grayscale exactly as `cxr prepare` converts."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            gray = shards.to_gray8(im)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt file
-        raise CorruptImageError(f"{url}: {type(exc).__name__}: {exc}") from exc
-    return shards.square_resize(gray, size)
-
-
-def decode_gray8_png(data: bytes, url: str) -> np.ndarray:
-    """An 8-bit grayscale PNG → uint8 [h, w] (Wuffs, see `shards.decode_gray8_png`); errors name the file."""
-    try:
-        return shards.decode_gray8_png(data)
-    except ValueError as exc:
-        raise CorruptImageError(f"{url}: {exc}") from exc
-
-
 def shrink(image: np.ndarray, size: int) -> np.ndarray:
     """Square uint8 [s, s] → [size, size]: box average by f = ⌊s/size⌋ (alias-free, cheap), then bilinear.
 
@@ -675,13 +654,20 @@ def shrink(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def read_raw_image(url: str, size: int) -> tuple[np.ndarray, int]:
-    """A raw PNG as uint8 [size, size], checked (errors name the file) and converted like `cxr prepare` does;
-    and the file's size in bytes."""
+    """A raw PNG as uint8 [size, size], checked (errors name the file), and the file's size in bytes.
+
+    Square 8-bit grayscale images (NIH's) are box-filtered; any other (16-bit, colour, palette, non-square)
+    is converted exactly as `cxr prepare` converts it.
+    """
     data = storage.read_bytes(url)
     width, height, depth, colour = png_header(data, url)
+    try:
+        gray = shards.decode(data)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt file
+        raise CorruptImageError(f"{url}: {type(exc).__name__}: {exc}") from exc
     if depth == 8 and colour == 0 and width == height:
-        return shrink(decode_gray8_png(data, url), size), len(data)
-    return _as_plain_gray(data, url, size), len(data)
+        return shrink(gray, size), len(data)
+    return shards.square_resize(gray, size), len(data)
 
 
 def raw_rows(data_root: str, split: str, split_seed: int = 0, val_fraction: float = 0.1,

@@ -129,15 +129,18 @@ def decode_gray8_png(data: bytes) -> np.ndarray:
     return result.pixbuf.reshape(result.pixcfg.height(), result.pixcfg.width())
 
 
+def decode(data: bytes) -> np.ndarray:
+    """Raw image file bytes → 8-bit grayscale array: Wuffs for 8-bit grayscale PNGs, Pillow and `to_gray8` else."""
+    if is_gray8_png(data):
+        return decode_gray8_png(data)
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return to_gray8(im)
+
+
 def convert(data: bytes, size: int, codec: str, quality: int = JPEG_QUALITY) -> bytes:
     """Raw image file bytes → encoded `size`² 8-bit grayscale image bytes."""
-    if is_gray8_png(data):
-        gray = decode_gray8_png(data)
-    else:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            gray = to_gray8(im)
-    return encode(square_resize(gray, size), codec, quality)
+    return encode(square_resize(decode(data), size), codec, quality)
 
 
 def example(image: bytes, y: np.ndarray, row: dict) -> bytes:
