@@ -317,8 +317,8 @@ def release_free_heap() -> None:
     Shard-sized blocks are allocated and freed by many threads; glibc keeps what each thread frees in that
     thread's arena, so without this RSS creeps up with the shards read (+130 MB over 120 shards measured).
     Called every TRIM_EVERY_SHARDS shards, not every shard: each trim also hands back the free pages that
-    the next batches would reuse, and faulting them in again cost 10-15% of uint8-shard pipeline CPU when
-    trimming per shard (peak RSS +60 MB with every 8th, still flat over 256 shards).
+    the next batches would reuse, and faulting them in again cost 5-12% of the CPU per image on uint8 shards
+    over S3 (A/B runs); every 8th shard costs +35-75 MB of peak RSS, flat over 2,000 batches (256 shards).
     """
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
