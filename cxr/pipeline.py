@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import hashlib
 import itertools
 import json
@@ -638,6 +639,41 @@ def png_header(data: bytes, url: str) -> tuple[int, int, int, int]:
     raise CorruptImageError(f"{url}: truncated PNG (no IEND chunk)")
 
 
+@functools.cache
+def _box_sums_kernel() -> Callable[[np.ndarray, int, np.ndarray, np.ndarray], np.ndarray]:
+    """`box_sums(x, f, col, out)`: the f×f block sums of x's top-left (m·f)² corner into out [m, m].
+
+    numba-compiled, one pass, GIL-free (~0.2 ms per 1024² image). The dozen numpy passes it replaced each took
+    the GIL back from the decoding threads; raw mode's CPU per image fell by 0.8-1.3 ms in 5 of 7 A/B runs.
+    Compiled on first use (~1 s): only raw mode needs it.
+    """
+    import numba
+
+    @numba.njit(nogil=True)
+    def box_sums(x: np.ndarray, f: int, col: np.ndarray, out: np.ndarray) -> np.ndarray:
+        m = out.shape[0]
+        for i in range(m):
+            col[:] = 0
+            for r in range(i * f, i * f + f):  # rows first: contiguous, vectorised
+                row = x[r]
+                for j in range(m * f):
+                    col[j] += row[j]
+            o = out[i]
+            o[:] = 0
+            for k in range(f):
+                for j in range(m):
+                    o[j] += col[j * f + k]
+        return out
+
+    return box_sums
+
+
+@functools.cache
+def _rounded_means(f: int) -> np.ndarray:
+    """uint8 of every possible f×f block sum's float32 mean, rounded half to even (TF's and numpy's rint)."""
+    return np.rint(np.arange(255 * f * f + 1, dtype=np.float32) / np.float32(f * f)).astype(np.uint8)
+
+
 def shrink(image: np.ndarray, size: int) -> np.ndarray:
     """Square uint8 [s, s] → [size, size]: box average by f = ⌊s/size⌋ (alias-free, cheap), then bilinear.
 
@@ -646,16 +682,12 @@ def shrink(image: np.ndarray, size: int) -> np.ndarray:
     """
     f = max(image.shape[0] // size, 1)
     m = image.shape[0] // f
-    x = image[:m * f, :m * f]
-    rows = x[0::f].astype(np.uint16 if f <= 16 else np.uint32)  # f² · 255 fits: no further casts
-    for i in range(1, f):
-        rows += x[i::f]
-    sums = rows[:, 0::f].copy()
-    for j in range(1, f):
-        sums += rows[:, j::f]
+    wide = np.uint16 if f <= 16 else np.uint32  # f² · 255 fits
+    sums = _box_sums_kernel()(np.ascontiguousarray(image), f, np.empty(m * f, wide), np.empty((m, m), wide))
+    if m == size:
+        return _rounded_means(f)[sums]
     mean = sums.astype(np.float32) / np.float32(f * f)
-    if m != size:
-        mean = tf.image.resize(mean[..., None], [size, size], method="bilinear").numpy()[..., 0]
+    mean = tf.image.resize(mean[..., None], [size, size], method="bilinear").numpy()[..., 0]
     return np.rint(mean).astype(np.uint8)
 
 
@@ -750,6 +782,7 @@ def make_raw_dataset(data_root: str, split: str, batch_size: int, worker_index: 
     if not 0 <= worker_index < num_workers:
         raise ValueError(f"worker_index {worker_index} not in [0, num_workers={num_workers})")
     keep_heap_top()
+    shrink(np.zeros((2, 2), np.uint8), 1)  # compile the box filter (~1 s) here, not in the first reading threads
     rows = [(url, y, k) for k, (url, y) in enumerate(raw_rows(data_root, split, split_seed, val_fraction,
                                                              test_fraction))][worker_index::num_workers]
     if training and not rows:
