@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cxr import labels, metadata, pipeline, shards, storage
+from cxr import labels, metadata, pipeline, png, shards, storage
 from cxr.pipeline import Augment
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
@@ -153,9 +153,9 @@ def test_uint8_codec_gives_exactly_the_png_codec_batches(data):
     out = {c: str(data["base"] / f"codec-{c}") for c in ("png", "uint8")}
     for codec, url in out.items():
         write_shards(data["root"], url, shards.Params(size=STORED, images_per_shard=PER_SHARD, codec=codec))
-    png, raw = (shard_records(out[c], json.loads(storage.read_text(storage.join(out[c], shards.MANIFEST))), "test")
-                for c in ("png", "uint8"))
-    for a, b in zip(png, raw, strict=True):
+    lossless, raw = (shard_records(out[c], json.loads(storage.read_text(storage.join(out[c], shards.MANIFEST))),
+                                   "test") for c in ("png", "uint8"))
+    for a, b in zip(lossless, raw, strict=True):
         assert b["image"] == np.asarray(Image.open(io.BytesIO(a["image"]))).tobytes()  # the stored pixels
     for split in ("train", "test"):  # test: a final partial batch, decoded per batch too
         x_png, y_png, i_png, sizes = eval_pass(pipeline.make_dataset(out["png"], split, 8, image_size=24))
@@ -409,9 +409,9 @@ def test_raw_mode_corrupt_png_raises_naming_it_or_is_skipped(real_root, tmp_path
     assert "00000002_000.png" not in out and len(out) == 4 and list(stats.skipped) == [victim]
 
 
-def _tf_shrink(png: bytes, size: int) -> np.ndarray:
+def _tf_shrink(blob: bytes, size: int) -> np.ndarray:
     """The reference: TF's decoder, a float32 box mean, TF's bilinear resize, round half to even."""
-    x = tf.cast(tf.io.decode_png(png, channels=1)[..., 0], tf.float32)
+    x = tf.cast(tf.io.decode_png(blob, channels=1)[..., 0], tf.float32)
     f = max(int(x.shape[0]) // size, 1)
     m = int(x.shape[0]) // f
     mean = tf.reduce_mean(tf.reshape(x[:m * f, :m * f], [m, f, m, f]), axis=[1, 3])
@@ -420,20 +420,26 @@ def _tf_shrink(png: bytes, size: int) -> np.ndarray:
     return tf.cast(tf.round(mean), tf.uint8).numpy()
 
 
-@pytest.mark.parametrize("side,size", [(1024, 256), (1000, 256), (300, 128), (256, 256), (200, 256), (1100, 64)])
+@pytest.mark.parametrize("side,size", [(1024, 256), (1000, 256), (300, 128), (256, 256), (200, 256), (1100, 64),
+                                       (1024, 100), ("nih", 256), ("nih", 128)])
 def test_raw_decode_and_shrink_equal_tf_bit_for_bit(side, size):
-    """Wuffs + the box filter give exactly what TF's PNG decoder and ops give (real NIH pixels); 1100 → 64 is
-    f = 17, whose block sums no longer fit 16 bits."""
-    with Image.open(os.path.join(SAMPLES, "00000001_000.png")) as im:
-        gray = np.asarray(im.convert("L").resize((side, side), Image.Resampling.BILINEAR))
-    buf = io.BytesIO()
-    Image.fromarray(gray, mode="L").save(buf, format="PNG")
-    png = buf.getvalue()
-    decoded = shards.decode_gray8_png(png)
-    np.testing.assert_array_equal(decoded, gray)
+    """cxr.png + the box filter give exactly what TF's PNG decoder and ops give (real NIH pixels: re-encoded by
+    Pillow at other sides; NIH's own file, with NIH's Up/Paeth rows, as "nih"); 1100 → 64 is f = 17, whose
+    block sums no longer fit 16 bits."""
+    if side == "nih":
+        blob = open(os.path.join(SAMPLES, "00000013_003.png"), "rb").read()
+    else:
+        with Image.open(os.path.join(SAMPLES, "00000001_000.png")) as im:
+            gray = np.asarray(im.convert("L").resize((side, side), Image.Resampling.BILINEAR))
+        buf = io.BytesIO()
+        Image.fromarray(gray, mode="L").save(buf, format="PNG")
+        blob = buf.getvalue()
+    decoded = shards.decode(blob)
+    np.testing.assert_array_equal(decoded, tf.io.decode_png(blob, channels=1).numpy()[..., 0])
+    expected = _tf_shrink(blob, size)
     out = pipeline.shrink(decoded, size)
     assert out.shape == (size, size) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out, _tf_shrink(png, size))
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_raw_mode_undecodable_png_with_valid_crcs_raises_naming_it(real_root, tmp_path):
@@ -448,7 +454,7 @@ def test_raw_mode_undecodable_png_with_valid_crcs_raises_naming_it(real_root, tm
     data[41 + length // 2: 41 + length // 2 + 64] = bytes(64)  # zeros inside the deflate stream
     data[41 + length: 45 + length] = zlib.crc32(bytes(data[37:41 + length])).to_bytes(4, "big")
     open(victim, "wb").write(bytes(data))
-    pipeline.png_header(bytes(data), victim)  # structurally sound
+    png.parse(bytes(data))  # structurally sound: every CRC matches
     with pytest.raises(tf.errors.OpError, match="undecodable PNG") as err:
         _raw_by_name(root, 64)
     assert victim in str(err.value)
