@@ -66,25 +66,20 @@ def _paeth_up_paeth(s0: np.ndarray, s1: np.ndarray, s2: np.ndarray, above: np.nd
 
 
 @numba.njit(nogil=True, cache=True)
-def _unfilter_rows(filtered: np.ndarray, r0: int, r1: int, above: np.ndarray, out: np.ndarray) -> None:
-    """Rows r0 … r1-1 of `filtered` into out[0 : r1-r0]; `above` is pixel row r0-1 (zeros for the first)."""
-    r = r0
-    while r < r1:
-        k = r - r0
-        prev = above if k == 0 else out[k - 1]
-        if r + 2 < r1 and filtered[r, 0] == 4 and filtered[r + 1, 0] == 2 and filtered[r + 2, 0] == 4:
-            _paeth_up_paeth(filtered[r, 1:], filtered[r + 1, 1:], filtered[r + 2, 1:], prev, out[k], out[k + 1],
-                            out[k + 2])
-            r += 3
-        else:
-            _one_row(filtered[r, 0], filtered[r, 1:], prev, out[k])
-            r += 1
-
-
-@numba.njit(nogil=True, cache=True)
 def unfilter(filtered: np.ndarray, out: np.ndarray) -> None:
     """PNG rows of one byte per pixel, filtered [h, w + 1] (type byte first, all 0-4) → pixels out [h, w]."""
-    _unfilter_rows(filtered, 0, out.shape[0], np.zeros(out.shape[1], np.uint8), out)
+    h = out.shape[0]
+    zero = np.zeros(out.shape[1], np.uint8)  # the row above the first
+    r = 0
+    while r < h:
+        above = out[r - 1] if r > 0 else zero
+        if r + 2 < h and filtered[r, 0] == 4 and filtered[r + 1, 0] == 2 and filtered[r + 2, 0] == 4:
+            _paeth_up_paeth(filtered[r, 1:], filtered[r + 1, 1:], filtered[r + 2, 1:], above, out[r], out[r + 1],
+                            out[r + 2])
+            r += 3
+        else:
+            _one_row(filtered[r, 0], filtered[r, 1:], above, out[r])
+            r += 1
 
 
 @numba.njit(nogil=True, cache=True)
