@@ -103,3 +103,17 @@ def box_sums(x: np.ndarray, f: int, out: np.ndarray) -> np.ndarray:
             for j in range(m):
                 o[j] += col[j * f + k]
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def box_means(x: np.ndarray, f: int, table: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """`box_sums` looked up in `table` (uint8 [m, m] = table[sums]), the lookup outside the GIL too.
+
+    numpy's `table[sums]` or `np.take` held the GIL for 0.08-0.2 ms per 256² image, ~3% of raw mode's CPU.
+    """
+    m = out.shape[0]
+    sums = box_sums(x, f, np.empty((m, m), np.uint32))
+    for i in range(m):
+        for j in range(m):
+            out[i, j] = table[sums[i, j]]
+    return out

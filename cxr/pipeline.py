@@ -632,10 +632,11 @@ def shrink(image: np.ndarray, size: int) -> np.ndarray:
 
     f = max(image.shape[0] // size, 1)
     m = image.shape[0] // f
-    wide = np.uint16 if f <= 16 else np.uint32  # f² · 255 fits
-    sums = kernels.box_sums(np.ascontiguousarray(image), f, np.empty((m, m), wide))
+    image = np.ascontiguousarray(image)
     if m == size:
-        return np.take(_rounded_means(f), sums)  # 0.08 ms per 256² vs 0.2 for table[sums]
+        return kernels.box_means(image, f, _rounded_means(f), np.empty((m, m), np.uint8))
+    wide = np.uint16 if f <= 16 else np.uint32  # f² · 255 fits
+    sums = kernels.box_sums(image, f, np.empty((m, m), wide))
     mean = sums.astype(np.float32) / np.float32(f * f)
     mean = tf.image.resize(mean[..., None], [size, size], method="bilinear").numpy()[..., 0]
     return np.rint(mean).astype(np.uint8)
