@@ -651,13 +651,13 @@ def read_raw_image(url: str, size: int) -> tuple[np.ndarray, int]:
     data = storage.read_bytes(url)
     try:
         image = png.parse(data)
-        if image.gray8 and image.width == image.height:
-            return shrink(image.pixels(), size), len(data)
-        gray = shards.decode(data)
+        gray = image.pixels() if image.gray8 else shards.decode(data)  # parsed once for NIH's kind
     except ValueError as exc:  # cxr.png says what is wrong
         raise CorruptImageError(f"{url}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any other decoder failure means a corrupt file too
         raise CorruptImageError(f"{url}: {type(exc).__name__}: {exc}") from exc
+    if image.gray8 and image.width == image.height:
+        return shrink(gray, size), len(data)
     return shards.square_resize(gray, size), len(data)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import deflate
 import numpy as np
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -49,8 +50,6 @@ class Png:
 
         ValueError if the data is damaged or not an 8-bit grayscale, non-interlaced image.
         """
-        import deflate
-
         if not self.gray8:
             raise ValueError(f"not an 8-bit grayscale, non-interlaced PNG (bit depth {self.depth}, colour type "
                              f"{self.colour}, interlace {self.interlace})")
@@ -80,8 +79,6 @@ class Png:
 
 def parse(data: bytes) -> Png:
     """Walk the chunks, checking every CRC; ValueError naming the chunk and its byte offset if one is wrong."""
-    import deflate
-
     if not data.startswith(SIGNATURE):
         raise ValueError("not a PNG file")
     header, idat, off, view = None, [], len(SIGNATURE), memoryview(data)
