@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from cxr import labels
+from cxr.redact import install_log_filter, redact
 
 
 def _print_inspect(s: dict) -> None:
@@ -78,7 +79,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     params = Params(size=args.size, codec=args.codec, quality=args.quality, images_per_shard=args.images_per_shard,
                     seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     s = prepare(args.data_root, args.out_uri, params, num_workers=args.num_workers)
-    print(f"prepared {s['images']:,} images into {s['manifest']}: converted {s['converted']:,} in "
+    print(f"prepared {s['images']:,} images into {redact(s['manifest'])}: converted {s['converted']:,} in "
           f"{s['shards_written']} new shards ({s['shards_kept']} kept from an earlier run), "
           f"{s['images_per_second']:,} img/s, {s['bytes'] / 1e6:,.1f} MB, quarantined {s['quarantined']}, "
           f"excluded by metadata {s['excluded_by_metadata']}, {s['seconds']}s")
@@ -97,8 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     early = " (stopped early)" if s["stopped_early"] else ""
     print(f"\nrun {cfg.run.name}: {s['epochs_done']} epoch(s){early}, best epoch {best}; AUROC per finding:")
     print(s["table"])
-    print(f"checkpoints: {s['run_path']}")
-    print(f"MLflow: {s['tracking_uri']}  experiment {s['experiment']!r}  run {s['mlflow_run_id']}")
+    print(f"checkpoints: {redact(s['run_path'])}")
+    print(f"MLflow: {redact(s['tracking_uri'])}  experiment {s['experiment']!r}  run {s['mlflow_run_id']}")
     return 0
 
 
@@ -153,10 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    install_log_filter()
+    # MLflow prints "View run … at: URL" with the URL as given, credentials included; cxr prints its own.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         return int(args.func(args))
     except (FileNotFoundError, ValueError) as exc:  # includes config.ConfigError
-        print(f"cxr {args.command}: error: {exc}", file=sys.stderr)
+        print(f"cxr {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -3,7 +3,7 @@
 Validation (pydantic v2, unknown keys forbidden) happens on the driver before any Ray worker starts,
 so a typo costs a second, not a cluster start-up. Override values are typed the way YAML types a
 scalar (`3`, `3.0e-4`, `true`, `null`, `[a, b]`) and then checked like the file. The fully resolved
-config (defaults filled in, precision chosen) is what a run records as `resolved.yaml`.
+config (defaults filled in, precision chosen, credentials in URLs masked) is what a run records as `resolved.yaml`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cxr import storage
+from cxr.redact import redact
 
 Precision = Literal["float32", "mixed_bfloat16", "mixed_float16"]
 ModelName = Literal["small_cnn", "mobilenet_v2", "densenet121", "efficientnet_b0"]
@@ -61,6 +62,7 @@ class Data(Section):
     val_split: str = "val"
     augment: Augment = Field(default_factory=Augment)
     seed: int = 0
+    allow_upsample: bool = Field(False, description="train above the shards' stored size (blurry: refused unless set)")
 
 
 class Model(Section):
@@ -88,6 +90,8 @@ class Scaling(Section):
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
     precision: Precision | None = Field(None, description="default: mixed_float16 on GPU, else CPU_PRECISION")
+    resources_timeout_s: float = Field(600.0, ge=0.0, description=(
+        "on a cluster, how long to wait for the workers' resources (an autoscaler adding nodes) before failing"))
 
     @model_validator(mode="after")
     def _default_precision(self) -> Scaling:
@@ -169,8 +173,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 
 def to_yaml(config: Config) -> str:
-    """The resolved config as YAML, in declaration order."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, in declaration order, credentials in URLs masked: every copy is a record."""
+    return redact(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def write_resolved(config: Config, url: str) -> None:

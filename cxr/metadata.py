@@ -21,6 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from cxr import labels, storage
+from cxr.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ BBOX_NAME = "BBox_List_2017.csv"
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 SPLITS = ("train", "val", "test")
+MAX_ENCODING_REPORTS = 100  # lines with non-UTF-8 bytes listed per file; a file in another encoding has them all
 MAX_AGE = 120  # the 2017 file has ages up to 414; no patient is older than this
 
 COLUMNS = {
@@ -97,9 +99,41 @@ def _find_csv(root: str) -> str:
     )
 
 
-def _read_data_entry(url: str) -> pd.DataFrame:
+def _read_text(url: str, problems: list[Problem]) -> str:
+    """A metadata file as text; every line holding bytes that are not UTF-8 is reported by file, line and column.
+
+    One bad byte must not make 112,120 rows unreadable: it is read as U+FFFD (a row it breaks fails its own
+    checks). A bad byte in the first line is an error: the header's columns cannot be trusted.
+    """
     raw = storage.read_bytes(url)
-    df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
+    name = url.rsplit("/", 1)[-1]
+    reported: set[int] = set()
+    start = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte-order mark is not data
+    while True:
+        try:
+            raw[start:].decode("utf-8")
+            break
+        except UnicodeDecodeError as exc:
+            at = start + exc.start
+            line = raw.count(b"\n", 0, at) + 1
+            column = at - (raw.rfind(b"\n", 0, at) + 1) + 1
+            where = f"line {line}, column {column}: byte 0x{raw[at]:02x} is not UTF-8"
+            if line == 1:
+                raise ValueError(f"{redact(url)}: {where} (in the header; save the file as UTF-8)") from None
+            if line not in reported:
+                problems.append(Problem(name, "bad_encoding", f"{name} {where}; read as U+FFFD"))
+                reported.add(line)
+            if len(reported) == MAX_ENCODING_REPORTS:
+                problems.append(Problem(name, "bad_encoding", f"{name}: more lines after line {line} are not "
+                                        "UTF-8 and are not listed (is the file in another encoding?)"))
+                break
+            start = at + max(1, exc.end - exc.start)
+    return raw.decode("utf-8-sig", errors="replace")
+
+
+def _read_data_entry(url: str, problems: list[Problem]) -> pd.DataFrame:
+    text = _read_text(url, problems)
+    df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{url}: missing column(s) {missing}; header is {list(df.columns)}")
@@ -136,10 +170,11 @@ def _locate_images(root: str) -> dict[str, str]:
     return found
 
 
-def _read_list(url: str) -> list[str] | None:
+def _read_list(url: str, problems: list[Problem]) -> list[str] | None:
     if not storage.exists(url):
         return None
-    return [line.strip() for line in storage.read_text(url).splitlines() if line.strip()]
+    text = _read_text(url, problems)
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _label_matrix(df: pd.DataFrame, problems: list[Problem]) -> tuple[np.ndarray, np.ndarray]:
@@ -202,22 +237,25 @@ def _take(n: int, fraction: float) -> int:
 
 
 def _assign_splits(df: pd.DataFrame, root: str, seed: int, val_fraction: float, test_fraction: float,
-                   problems: list[Problem]) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Split per row ('' where excluded) and the keep-mask. Patient-disjoint by construction."""
+                   problems: list[Problem], in_csv: set[str]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Split per row ('' where excluded) and the keep-mask. Patient-disjoint by construction.
+
+    `df` holds the rows still usable; `in_csv` every image the CSV names, so that a listed image excluded for
+    another reason (already reported) is not reported again as missing from the CSV.
+    """
     split = np.full(len(df), "", dtype=object)
     keep = np.ones(len(df), dtype=bool)
-    train_val = _read_list(storage.join(root, TRAIN_VAL_LIST))
-    test = _read_list(storage.join(root, TEST_LIST))
+    train_val = _read_list(storage.join(root, TRAIN_VAL_LIST), problems)
+    test = _read_list(storage.join(root, TEST_LIST), problems)
     official = train_val is not None and test is not None
     if (train_val is None) != (test is None):
         have = TRAIN_VAL_LIST if train_val is not None else TEST_LIST
         raise ValueError(f"{root}: {have} is present without its partner list; provide both or neither")
 
     if official:
-        known = set(df["image"])
         for name, entries in (("train_val_list.txt", train_val), ("test_list.txt", test)):
             for image in entries:
-                if image not in known:
+                if image not in in_csv:
                     problems.append(Problem(image, "not_in_csv", f"listed in {name} but has no row in the CSV"))
         in_tv = df["image"].isin(set(train_val)).to_numpy()
         in_test = df["image"].isin(set(test)).to_numpy()
@@ -260,7 +298,8 @@ def _read_bboxes(root: str, images: set[str], problems: list[Problem]) -> pd.Dat
     cols = ["image", "finding", "x", "y", "w", "h"]
     if not storage.exists(url):
         return pd.DataFrame(columns=cols)
-    raw = pd.read_csv(io.BytesIO(storage.read_bytes(url)), dtype=str, keep_default_na=False, header=0)
+    text = _read_text(url, problems)
+    raw = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, header=0)
     if raw.shape[1] < 6:
         raise ValueError(f"{url}: expected at least 6 columns (image, label, x, y, w, h), got {list(raw.columns)}")
     extra = raw.iloc[:, 6:]
@@ -323,9 +362,9 @@ def load(root: str, seed: int = 0, val_fraction: float = 0.1, test_fraction: flo
     """Read and validate a dataset root; see the module docstring."""
     root = root.rstrip("/") if "://" in root else root
     csv_name = _find_csv(root)
-    df = _read_data_entry(storage.join(root, csv_name))
-    rows_read = len(df)
     problems: list[Problem] = []
+    df = _read_data_entry(storage.join(root, csv_name), problems)
+    rows_read = len(df)
 
     keep = _check_rows(df, problems)
     y, labels_ok = _label_matrix(df, problems)
@@ -348,7 +387,7 @@ def load(root: str, seed: int = 0, val_fraction: float = 0.1, test_fraction: flo
         keep &= _scan_images(df, workers, problems, progress)
 
     split, split_keep, official = _assign_splits(
-        df[keep].reset_index(drop=True), root, seed, val_fraction, test_fraction, problems)
+        df[keep].reset_index(drop=True), root, seed, val_fraction, test_fraction, problems, set(df["image"]))
     table = df[keep].reset_index(drop=True)
     table["split"] = split
     table = table[split_keep].reset_index(drop=True)

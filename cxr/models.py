@@ -29,7 +29,9 @@ import contextlib
 import logging
 import math
 import os
+import posixpath
 import tempfile
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -37,6 +39,7 @@ import keras
 
 from cxr import storage
 from cxr.labels import NUM_FINDINGS
+from cxr.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -156,19 +159,19 @@ def load_initial_weights(model: keras.Model, url: str) -> None:
     its backbone.
     """
     if not storage.exists(url):
-        raise FileNotFoundError(f"initial weights {url!r}: no such file")
+        raise FileNotFoundError(f"initial weights {redact(url)!r}: no such file")
     with _local_copy(url) as path:
         errors = [_try_load(model, path)]
         if errors[0] is None:
-            log.info("loaded model weights from %s", url)
+            log.info("loaded model weights from %s", redact(url))
             return
         if _has_backbone(model):
             errors.append(_try_load(model.get_layer(BACKBONE), path))
             if errors[1] is None:
-                log.info("loaded backbone weights from %s", url)
+                log.info("loaded backbone weights from %s", redact(url))
                 return
     details = "; ".join(f"{what}: {err}" for what, err in zip(("model", "backbone"), errors, strict=False))
-    raise ValueError(f"initial weights {url!r} do not match model {model.name!r} ({details})")
+    raise ValueError(f"initial weights {redact(url)!r} do not match model {model.name!r} ({details})")
 
 
 def _has_backbone(model: keras.Model) -> bool:
@@ -199,8 +202,9 @@ def _local_copy(url: str) -> Iterator[str]:
         yield storage.filesystem(url)[1]
         return
     with tempfile.TemporaryDirectory(prefix="cxr-weights-") as tmp:
-        # Keras picks the loader from the suffix (.weights.h5, legacy .h5), so keep the name.
-        path = os.path.join(tmp, os.path.basename(url.rstrip("/")))
+        # Keras picks the loader from the suffix (.weights.h5, legacy .h5), so keep the name (not a presigned
+        # URL's query string).
+        path = os.path.join(tmp, posixpath.basename(urllib.parse.urlsplit(url).path.rstrip("/")))
         with open(path, "wb") as f:
             f.write(storage.read_bytes(url))
         yield path

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from cxr import storage
+from cxr.redact import redact
 
 log = logging.getLogger(__name__)
 RUN_TAG = "cxr.run"  # the run's storage path: a re-submitted run finds its MLflow run by it
@@ -46,7 +46,7 @@ def safe_params(config: Mapping[str, Any]) -> dict[str, str]:
         if SECRET_KEY.search(key):
             continue
         text = "" if value is None else str(value)
-        params[key] = storage.redact(text)[:6000]
+        params[key] = redact(text)[:6000]
     return params
 
 
@@ -87,6 +87,10 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, key: str, params
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{key}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
+        changed = sorted(k for k, v in params.items() if found[0].data.params.get(k, v) != v)
+        if changed:  # MLflow params cannot change: the run keeps the values it started with
+            log.warning("resuming MLflow run %s, whose params differ from this config in %s; the run keeps "
+                        "its first values", run_id, ", ".join(changed[:10]) + (" …" if len(changed) > 10 else ""))
         client.update_run(run_id, status="RUNNING")
         return run_id
     run_id = client.create_run(exp_id, run_name=run_name, tags={RUN_TAG: key}).info.run_id
@@ -116,7 +120,7 @@ class EpochLog:
         try:
             self.done = logged_epochs(self.client, run_id)
         except Exception as exc:  # noqa: BLE001 - see the class docstring
-            log.warning("MLflow unreachable; epochs are logged when the run ends: %s", storage.redact(str(exc)))
+            log.warning("MLflow unreachable; epochs are logged when the run ends: %s", redact(str(exc)))
             self.done = set()
 
     def log(self, row: Mapping[str, Any]) -> bool:
@@ -128,7 +132,7 @@ class EpochLog:
             log_epoch(self.client, self.run_id, row)
         except Exception as exc:  # noqa: BLE001 - see the class docstring
             log.warning("MLflow: epoch %d not logged now (%s); it is logged when the run ends",
-                        epoch + 1, storage.redact(str(exc)))
+                        epoch + 1, redact(str(exc)))
             return False
         self.done.add(epoch)
         return True

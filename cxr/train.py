@@ -34,12 +34,14 @@ from cxr.labels import FINDINGS
 from cxr.losses import Schedule, loss_from_counts
 from cxr.metrics import SCORE
 from cxr.models import build_model
+from cxr.redact import install_log_filter, redact
 
 log = logging.getLogger(__name__)
 
 DatasetFn = Callable[..., tf.data.Dataset]
 SizeFn = Callable[[str, str], int]
 CountsFn = Callable[[str, str], tuple[list[int], int]]
+StoredSizeFn = Callable[[str], int | None]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -58,6 +60,7 @@ class DataSource:
     make_dataset: DatasetFn
     split_size: SizeFn
     label_counts: CountsFn
+    stored_size: StoredSizeFn = lambda uri: None  # side of the stored images, None if not fixed
 
 
 def manifest_label_counts(manifest_uri: str, split: str) -> tuple[list[int], int]:
@@ -85,12 +88,20 @@ def pipeline_split_size(manifest_uri: str, split: str) -> int:
     return pipeline.split_size(manifest_uri, split)
 
 
+def manifest_stored_size(manifest_uri: str) -> int:
+    from cxr import pipeline
+
+    return int(pipeline.load_manifest(manifest_uri)["preprocessing"]["size"])
+
+
 def data_source(
     dataset_fn: DatasetFn | None = None, size_fn: SizeFn | None = None, counts_fn: CountsFn | None = None
 ) -> DataSource:
     """The given callables, falling back to cxr.pipeline (imported only when used) and the manifest."""
-    return DataSource(dataset_fn or pipeline_dataset, size_fn or pipeline_split_size,
-                      counts_fn or manifest_label_counts)
+    if dataset_fn is not None:
+        return DataSource(dataset_fn, size_fn or pipeline_split_size, counts_fn or manifest_label_counts)
+    return DataSource(pipeline_dataset, size_fn or pipeline_split_size, counts_fn or manifest_label_counts,
+                      manifest_stored_size)
 
 
 @dataclass(frozen=True)
@@ -105,8 +116,16 @@ class Plan:
 
 
 def plan_run(cfg: cfgmod.Config, source: DataSource) -> Plan:
-    """Split sizes, steps per epoch (train size // global batch) and, for the weighted loss, counts."""
+    """Split sizes, steps per epoch (train size // global batch) and, for the weighted loss, counts.
+
+    Reads the manifest, so a wrong path, split or image size fails here, before Ray or MLflow start.
+    """
     data, optim = cfg.data, cfg.optim
+    stored = source.stored_size(data.manifest_uri)
+    if stored is not None and data.image_size > stored and not data.allow_upsample:
+        raise ValueError(f"data.image_size {data.image_size} is larger than the {stored} px images stored in "
+                         f"{redact(data.manifest_uri)}: they would be upsampled (blurred). Prepare shards with "
+                         f"--size {data.image_size} or more, or set data.allow_upsample=true")
     train_size = int(source.split_size(data.manifest_uri, data.train_split))
     val_size = int(source.split_size(data.manifest_uri, data.val_split))
     global_batch = optim.batch_size * cfg.scaling.num_workers
@@ -188,6 +207,7 @@ def _match_threads_to_cpus() -> None:
 def _configure_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    install_log_filter()  # worker logs are files on every node: no credentials in them
     log.setLevel(logging.INFO)
 
 
@@ -341,17 +361,19 @@ def fit(cfg: cfgmod.Config, dataset_fn: DatasetFn | None = None, size_fn: SizeFn
 
 
 def run_trainer(cfg: cfgmod.Config, dataset_fn: DatasetFn | None = None, size_fn: SizeFn | None = None,
-                counts_fn: CountsFn | None = None, live_tracking: dict[str, str] | None = None) -> Any:
+                counts_fn: CountsFn | None = None, live_tracking: dict[str, str] | None = None,
+                plan: Plan | None = None) -> Any:
     """Run Ray Train's TensorflowTrainer for `cfg`; returns Ray's Result (history, checkpoints).
 
     Re-running with the same `run.storage_path` + `run.name` resumes from the latest checkpoint.
     `live_tracking` ({"uri", "run_id"}) has rank 0 log each epoch into that MLflow run as it ends.
+    `plan` is `plan_run`'s, when the caller made it already (to fail before starting Ray).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     source = data_source(dataset_fn, size_fn, counts_fn)
-    plan = plan_run(cfg, source)
+    plan = plan or plan_run(cfg, source)
     storage_path = _absolute(cfg.run.storage_path)
     cfgmod.write_resolved(cfg, storage.join(run_path(cfg), CONFIG_FILE))
     log.info("training %s at %d px on %d worker(s): %d steps/epoch of %d images, %d val images",
@@ -370,6 +392,60 @@ def run_trainer(cfg: cfgmod.Config, dataset_fn: DatasetFn | None = None, size_fn
                                                checkpoint_score_attribute=SCORE, checkpoint_score_order="max")),
     )
     return trainer.fit()
+
+
+def worker_resources(cfg: cfgmod.Config) -> dict[str, float]:
+    """What one Ray Train worker asks for, as ScalingConfig resolves it (1 CPU, or 1 GPU with use_gpu)."""
+    wanted = dict(cfg.scaling.resources_per_worker or {})
+    if not wanted:
+        wanted = {"CPU": 1.0}
+    if cfg.scaling.use_gpu:
+        wanted.setdefault("GPU", 1.0)
+    return {k: float(v) for k, v in wanted.items() if float(v) > 0}
+
+
+def workers_that_fit(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many workers of `bundle` the nodes' total resources can hold (first fit; a worker is one node's)."""
+    free = [dict(n) for n in nodes]
+    placed = 0
+    for node in free:
+        while all(node.get(k, 0.0) >= v for k, v in bundle.items()):
+            for k, v in bundle.items():
+                node[k] -= v
+            placed += 1
+    return placed
+
+
+def require_resources(cfg: cfgmod.Config, local: bool, poll_s: float = 5.0) -> None:
+    """Fail before the trainer starts when its workers cannot be placed: Ray Train would wait for them forever.
+
+    A local Ray never grows, so it is checked once; a cluster may be autoscaling, so it gets
+    `scaling.resources_timeout_s` to provide the resources.
+    """
+    import ray
+
+    bundle, wanted = worker_resources(cfg), cfg.scaling.num_workers
+    deadline = time.monotonic() + (0.0 if local else cfg.scaling.resources_timeout_s)
+    waited = False
+    while True:
+        nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
+        fit = workers_that_fit(bundle, nodes)
+        if fit >= wanted:
+            return
+        if time.monotonic() >= deadline:
+            have = {k: sum(n.get(k, 0.0) for n in nodes) for k in bundle}
+            need = {k: v * wanted for k, v in bundle.items()}
+            waited_s = cfg.scaling.resources_timeout_s
+            where = "this machine's local Ray" if local else f"the cluster after {waited_s:.0f} s"
+            raise ValueError(
+                f"scaling.num_workers={wanted} workers of {bundle} need {need}; {where} has {have} on {len(nodes)} "
+                f"node(s), room for {fit} worker(s). Lower scaling.num_workers or scaling.resources_per_worker, "
+                "or run on a cluster with more resources")
+        if not waited:
+            log.warning("waiting up to %.0f s for resources: %d of %d workers of %s fit now",
+                        cfg.scaling.resources_timeout_s, fit, wanted, bundle)
+        waited = True
+        time.sleep(poll_s)
 
 
 def summarize(result: Any) -> dict[str, Any]:

@@ -14,10 +14,11 @@ import math
 import os
 from typing import Any
 
-from cxr import checkpoints, evaluate, report, storage, tracking
+from cxr import checkpoints, evaluate, report, tracking
 from cxr import config as cfgmod
 from cxr.cluster import init_ray
 from cxr.labels import FINDINGS
+from cxr.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,17 @@ def run(cfg: cfgmod.Config, test_split: str = "test") -> dict[str, Any]:
     """
     from cxr import train
 
+    plan = train.plan_run(cfg, train.data_source())  # manifest, splits, sizes: wrong ones fail before Ray/MLflow
+    local = not os.environ.get("RAY_ADDRESS")
+    init_ray()
+    train.require_resources(cfg, local)
     uri = cfg.tracking.tracking_uri or tracking.default_uri(".")
     run_id = tracking.open_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name,
-                               storage.redact(train.run_path(cfg)),
+                               redact(train.run_path(cfg)),
                                tracking.safe_params(cfg.model_dump(mode="json")))
-    log.info("MLflow run %s at %s", run_id, storage.redact(uri))
+    log.info("MLflow run %s at %s", run_id, redact(uri))
     try:
-        init_ray()
-        result = train.run_trainer(cfg, live_tracking={"uri": uri, "run_id": run_id})
+        result = train.run_trainer(cfg, live_tracking={"uri": uri, "run_id": run_id}, plan=plan)
         out = _score_and_record(cfg, result, test_split, uri, run_id)
     except BaseException as exc:
         tracking.end_run(uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

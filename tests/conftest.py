@@ -75,6 +75,14 @@ def quiet_env(**extra: str) -> dict[str, str]:
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", **extra}
 
 
+def tiny_run(manifest: str, storage: str, name: str, tracking_uri: str, epochs: int = 2) -> list[str]:
+    """Overrides that shrink configs/demo.yaml to a run of seconds per epoch on 64 px phantoms."""
+    return [f"data.manifest_uri={manifest}", "data.image_size=64", f"optim.epochs={epochs}",
+            "optim.batch_size=16", "optim.steps_per_log=2", "optim.early_stopping_patience=null",
+            f"run.storage_path={storage}", f"run.name={name}", f"tracking.tracking_uri={tracking_uri}",
+            "tracking.experiment=cxr-tests", f"tracking.run_name={name}"]
+
+
 @pytest.fixture(scope="session")
 def phantom_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small prepared phantom dataset (synth → prepare in child processes); returns manifest.json's path."""

@@ -21,17 +21,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import ROOT, VENV_BIN, free_port, quiet_env
+from conftest import ROOT, VENV_BIN, free_port, quiet_env, tiny_run
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_run(manifest: str, storage: str, name: str, tracking_uri: str, epochs: int = 2) -> list[str]:
-    """Overrides that shrink configs/demo.yaml to a run of seconds per epoch on 64 px phantoms."""
-    return [f"data.manifest_uri={manifest}", "data.image_size=64", f"optim.epochs={epochs}",
-            "optim.batch_size=16", "optim.steps_per_log=2", "optim.early_stopping_patience=null",
-            f"run.storage_path={storage}", f"run.name={name}", f"tracking.tracking_uri={tracking_uri}",
-            "tracking.experiment=cxr-tests", f"tracking.run_name={name}"]
 
 
 def _mlflow_run(tracking_uri: str, name: str):

@@ -257,3 +257,36 @@ def test_cli_json_contract_and_strict(tmp_path):
     assert bad.returncode == 1 and "impossible_age" in bad.stdout
     missing = _cli("inspect", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "no metadata CSV" in missing.stderr
+
+
+def test_non_utf8_byte_is_reported_by_file_line_and_column(tmp_path):
+    rows = _rows(10, 2)
+    write_csv(tmp_path, rows)
+    csv = tmp_path / "Data_Entry_2017_v2020.csv"
+    data = csv.read_bytes()
+    at = data.index(rows[4].encode()) + len(rows[4]) - 2  # line 6 (header is line 1), inside the last field
+    csv.write_bytes(data[:at] + b"\xff" + data[at + 1:])
+    ds = metadata.load(str(tmp_path))
+    bad = [p for p in ds.problems if p.kind == "bad_encoding"]
+    column = at - data.rindex(b"\n", 0, at)
+    assert [(p.image, p.detail) for p in bad] == [
+        ("Data_Entry_2017_v2020.csv",
+         f"Data_Entry_2017_v2020.csv line 6, column {column}: byte 0xff is not UTF-8; read as U+FFFD")]
+    assert len(ds.table) == len(rows)  # the byte sat in a field nothing reads: the row stays
+
+    csv.write_bytes(b"Image \xe9ndex" + data[len("Image Index"):])  # latin-1 in the header: nothing to trust
+    with pytest.raises(ValueError, match=r"Data_Entry_2017_v2020\.csv: line 1, column 7: byte 0xe9 is not UTF-8"):
+        metadata.load(str(tmp_path))
+
+
+def test_excluded_rows_are_not_reported_again_as_missing_from_the_csv(tmp_path):
+    rows = _rows(10, 2)
+    rows[3] = set_field(rows[3], 1, "Cardiomegaly|Unicorn")  # unknown label: excluded for that reason
+    rows[5] = set_field(rows[5], 3, "P-17")  # bad patient id
+    write_csv(tmp_path, rows + [rows[7]])  # a duplicate: only the first row of an image is kept
+    names = _images(rows)
+    write_lists(tmp_path, names[:14], [*names[14:], "12345678_000.png"])
+    ds = metadata.load(str(tmp_path))
+    reported = sorted((p.kind, p.image) for p in ds.problems)
+    assert reported == sorted([("unknown_label", names[3]), ("bad_patient_id", names[5]),
+                               ("duplicate_image", names[7]), ("not_in_csv", "12345678_000.png")])
