@@ -25,8 +25,13 @@ from cxr.redact import redact
 
 log = logging.getLogger(__name__)
 
-CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+DATA_ENTRY = "Data_Entry_2017_v2020.csv"  # the 2020 re-release: corrected ages, no trailing comma
+DATA_ENTRY_2017 = "Data_Entry_2017.csv"
+CSV_NAMES = (DATA_ENTRY, DATA_ENTRY_2017)
+HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+          "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
 BBOX_NAME = "BBox_List_2017.csv"
+BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 SPLITS = ("train", "val", "test")

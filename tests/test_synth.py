@@ -11,11 +11,10 @@ import pytest
 from PIL import Image
 
 from cxr import labels, metadata, synth
+from cxr.synth import anatomy, findings
 
 SIZE = 64
 PATIENTS = 90  # ~300 images
-HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-          "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
 ROW = re.compile(r"^(\d{8})_(\d{3})\.png,([A-Za-z_| ]+),(\d+),(\d+),(\d+),([MF]),(PA|AP),(\d+),(\d+),"
                  r"([0-9.]+),([0-9.]+)$")
 BBOX_ROW = re.compile(r"^(\d{8}_\d{3}\.png),([A-Za-z_]+),(\d+\.\d+),(\d+\.\d+),(\d+\.\d+),(\d+\.\d+),,,$")
@@ -47,7 +46,7 @@ def pixels(root: str, image: str) -> np.ndarray:
         return np.asarray(im)
 
 
-def csv_rows(root: str, name: str = synth.DATA_ENTRY) -> list[list[str]]:
+def csv_rows(root: str, name: str = metadata.DATA_ENTRY) -> list[list[str]]:
     """Data rows split on commas, the two bracketed header columns being plain numbers in rows."""
     return [line.split(",") for line in lines(root, name)[1:]]
 
@@ -58,7 +57,7 @@ def csv_rows(root: str, name: str = synth.DATA_ENTRY) -> list[list[str]]:
 def test_same_seed_same_bytes_and_pixels_whatever_the_workers(clean, tmp_path):
     root, summary = clean
     again = synth.synthesize(str(tmp_path), patients=PATIENTS, size=SIZE, seed=3, workers=1, progress=False)
-    for name in (synth.DATA_ENTRY, synth.BBOX_LIST, synth.TRAIN_VAL_LIST, synth.TEST_LIST):
+    for name in (metadata.DATA_ENTRY, metadata.BBOX_NAME, metadata.TRAIN_VAL_LIST, metadata.TEST_LIST):
         assert read(root, name) == read(str(tmp_path), name), name
     images = [r[0] for r in csv_rows(root)]
     for image in images[:: max(1, len(images) // 12)]:
@@ -76,7 +75,7 @@ def test_a_rerun_into_the_same_root_leaves_exactly_the_new_dataset(tmp_path):
 def test_different_seed_differs(clean, tmp_path):
     root, _ = clean
     synth.synthesize(str(tmp_path), patients=PATIENTS, size=SIZE, seed=4, workers=1, progress=False)
-    assert read(root, synth.DATA_ENTRY) != read(str(tmp_path), synth.DATA_ENTRY)
+    assert read(root, metadata.DATA_ENTRY) != read(str(tmp_path), metadata.DATA_ENTRY)
     assert not np.array_equal(pixels(root, "00000001_000.png"), pixels(str(tmp_path), "00000001_000.png"))
 
 
@@ -95,8 +94,8 @@ def test_render_is_a_function_of_the_rng_state():
 
 def test_data_entry_header_and_rows_are_nih_shaped(clean):
     root, summary = clean
-    text = lines(root, synth.DATA_ENTRY)
-    assert text[0] == HEADER
+    text = lines(root, metadata.DATA_ENTRY)
+    assert text[0] == metadata.HEADER
     assert not os.path.exists(os.path.join(root, "Data_Entry_2017.csv"))
     patients: dict[int, list[tuple[int, int]]] = {}
     views = []
@@ -134,7 +133,7 @@ def test_every_finding_has_positives_and_no_finding_is_common(clean):
 
 def test_split_lists_are_patient_disjoint_and_cover_every_row(clean):
     root, summary = clean
-    train_val, test = lines(root, synth.TRAIN_VAL_LIST), lines(root, synth.TEST_LIST)
+    train_val, test = lines(root, metadata.TRAIN_VAL_LIST), lines(root, metadata.TEST_LIST)
     images = [r[0] for r in csv_rows(root)]
     assert sorted(train_val + test) == sorted(images)
     assert not set(train_val) & set(test)
@@ -147,10 +146,10 @@ def test_split_lists_are_patient_disjoint_and_cover_every_row(clean):
 
 def test_bbox_list_is_nih_shaped_and_boxes_only_test_positives(clean):
     root, summary = clean
-    text = lines(root, synth.BBOX_LIST)
+    text = lines(root, metadata.BBOX_NAME)
     assert text[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
     rows = {r[0]: labels.parse(r[1])[0] for r in csv_rows(root)}
-    test = set(lines(root, synth.TEST_LIST))
+    test = set(lines(root, metadata.TEST_LIST))
     seen = set()
     for line in text[1:]:
         m = BBOX_ROW.match(line)
@@ -196,15 +195,15 @@ def test_messy_records_one_of_each_defect_on_distinct_train_val_images(messy):
     assert set(d) == kinds | {"csv_variant"} and d["csv_variant"] == "2017"
     images = [d[k] for k in kinds]
     assert len(set(images)) == len(images)
-    assert set(images) <= set(lines(root, synth.TRAIN_VAL_LIST))
+    assert set(images) <= set(lines(root, metadata.TRAIN_VAL_LIST))
 
 
 def test_messy_csv_is_the_2017_variant_with_its_row_defects(messy):
     root, summary = messy
     d = summary["defects"]
-    assert not os.path.exists(os.path.join(root, synth.DATA_ENTRY))
+    assert not os.path.exists(os.path.join(root, metadata.DATA_ENTRY))
     text = lines(root, "Data_Entry_2017.csv")
-    assert text[0] == HEADER + "," and all(line.endswith(",") for line in text)
+    assert text[0] == metadata.HEADER + "," and all(line.endswith(",") for line in text)
     by_image: dict[str, list[str]] = {}
     for line in text[1:]:
         by_image.setdefault(line.split(",")[0], []).append(line)
@@ -322,9 +321,9 @@ def test_lucent_findings_darken_and_opacities_brighten():
 
 def test_ap_films_never_reach_a_cardiomegalic_heart():
     """AP magnifies the heart a little; the cardiothoracic ratio stays clearly apart from Cardiomegaly's."""
-    def ctr(view: str, findings: set[str], seed: int) -> float:
+    def ctr(view: str, present: set[str], seed: int) -> float:
         streams = [np.random.default_rng([seed, i]) for i in range(2 + labels.NUM_FINDINGS)]
-        a = synth._global_findings(synth._sample_anatomy(streams[0], view), findings, streams)
+        a = findings.global_findings(anatomy.sample_anatomy(streams[0], view), present, streams)
         return a.ctr
 
     normal = [ctr(v, set(), s) for v in ("PA", "AP") for s in range(200)]
