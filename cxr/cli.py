@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cxr import labels
+from cxr import labels, quiet
 from cxr.redact import install_log_filter, redact
 
 
@@ -155,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     install_log_filter()
+    if args.verbose:
+        quiet.set_verbose()  # TensorFlow's start-up lines and library INFO logs too
+    else:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level on import
     # MLflow prints "View run … at: URL" with the URL as given, credentials included; cxr prints its own.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:

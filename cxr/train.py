@@ -205,10 +205,14 @@ def _match_threads_to_cpus() -> None:
 
 
 def _configure_logging() -> None:
+    """cxr's INFO lines, everyone else's warnings (Ray Train's per-report INFO lines name no logger of theirs)."""
+    from cxr import quiet
+
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(logging.INFO if quiet.verbose() else logging.WARNING)
+    logging.getLogger("cxr").setLevel(logging.INFO)
     install_log_filter()  # worker logs are files on every node: no credentials in them
-    log.setLevel(logging.INFO)
 
 
 def _build_worker(cfg: cfgmod.Config, plan: Plan, source: DataSource, strategy: tf.distribute.Strategy,
@@ -369,8 +373,10 @@ def run_trainer(cfg: cfgmod.Config, dataset_fn: DatasetFn | None = None, size_fn
     `live_tracking` ({"uri", "run_id"}) has rank 0 log each epoch into that MLflow run as it ends.
     `plan` is `plan_run`'s, when the caller made it already (to fail before starting Ray).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
+
+    from cxr import quiet
 
     source = data_source(dataset_fn, size_fn, counts_fn)
     plan = plan or plan_run(cfg, source)
@@ -388,6 +394,8 @@ def run_trainer(cfg: cfgmod.Config, dataset_fn: DatasetFn | None = None, size_fn
         run_config=RunConfig(
             name=cfg.run.name, storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            # Ray Train's INFO lines repeat every metric of every worker each epoch; cxr prints its own.
+            logging_config=LoggingConfig(log_level="INFO" if quiet.verbose() else "WARNING"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep,
                                                checkpoint_score_attribute=SCORE, checkpoint_score_order="max")),
     )
