@@ -20,14 +20,16 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cxr import labels, metadata, png, storage
+from cxr.png import LIMITS, ImageLimits, ImageRejected
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +104,53 @@ def encode(gray: np.ndarray, codec: str, quality: int = JPEG_QUALITY) -> bytes:
     return buf.getvalue()
 
 
-def decode(data: bytes) -> np.ndarray:
+def decode(data: bytes, limits: ImageLimits = LIMITS) -> np.ndarray:
     """Raw image file bytes → 8-bit grayscale array: `cxr.png` for 8-bit grayscale PNGs (NIH's; 2-3× faster
-    than libpng), Pillow and `to_gray8` for anything else. PNGs have every chunk CRC checked either way."""
+    than libpng), Pillow and `to_gray8` for anything else. PNGs have every chunk CRC checked either way.
+
+    Any file that cannot be decoded is a ValueError saying why (ImageRejected beyond `limits`, which are
+    checked from the header before any pixel is decoded); the message never depends on the run.
+    """
     if data.startswith(png.SIGNATURE):
-        image = png.parse(data)
-        if image.gray8:
-            return image.pixels()
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return to_gray8(im)
+        return decode_png(png.parse(data, limits), data)
+    return _pillow(data, limits)
 
 
-def convert(data: bytes, size: int, codec: str, quality: int = JPEG_QUALITY) -> bytes:
-    """Raw image file bytes → encoded `size`² 8-bit grayscale image bytes."""
-    return encode(square_resize(decode(data), size), codec, quality)
+def decode_png(image: png.Png, data: bytes) -> np.ndarray:
+    """A parsed PNG's pixels as 8-bit grayscale; for Pillow's kinds the image data's size is checked first."""
+    if image.gray8:
+        return image.pixels()
+    image.check_size()
+    return _pillow(data, None)  # `png.parse` checked the header against the caller's limits
+
+
+def _pillow(data: bytes, limits: ImageLimits | None) -> np.ndarray:
+    """Pillow's decode of any format it knows, the header checked against `limits` (None: already checked)
+    and Pillow's own bomb guard applied; every failure a ValueError."""
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    kind = "image"
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # lazy: only the header is read here
+            kind = f"{im.format} image"
+            if limits is not None:
+                limits.check(*im.size)
+            im.load()
+            return to_gray8(im)
+    except (ImageRejected, MemoryError):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(f"{kind} refused by Pillow's decompression-bomb guard: {exc}") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"not an image: unrecognised format (first bytes {png.first_bytes(data)})") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types; all mean an undecodable file
+        detail = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))  # no object addresses: reasons must not vary by run
+        raise ValueError(f"undecodable {kind}: {type(exc).__name__}: {detail}") from exc
+
+
+def convert(data: bytes, size: int, codec: str, quality: int = JPEG_QUALITY, limits: ImageLimits = LIMITS) -> bytes:
+    """Raw image file bytes → encoded `size`² 8-bit grayscale image bytes; ValueError as `decode`."""
+    return encode(square_resize(decode(data, limits), size), codec, quality)
 
 
 def example(image: bytes, y: np.ndarray, row: dict) -> bytes:
