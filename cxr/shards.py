@@ -6,11 +6,14 @@ training reads every image every epoch, so images are converted once to
 is committed atomically with a small receipt in `OUT_URI/_parts/`; a re-run skips shards that have both, so
 a crashed job resumes where it stopped.
 
-Image handling (the same for every source): 16-bit images are rescaled linearly from their bit depth
-(the smallest power of two above the maximum value) to 8 bits; RGB(A), LA and palette images become
-8-bit luma (alpha dropped: NIH's RGBA images are opaque); non-square images are padded, centred, with
-black (the radiograph background) to a square so anatomy is never stretched or cropped, then resized
-with Lanczos filtering to `size`².
+Image handling (the same for every source): every image's header is checked against `png.ImageLimits`
+before it is decoded (dimensions, pixel count, aspect ratio), so a few hundred bytes cannot claim gigabytes;
+beyond them it is `ImageRejected` (a ValueError). 16-bit images are rescaled linearly from their bit depth
+(the smallest power of two above the maximum value) to 8 bits; RGB(A), LA and palette images become 8-bit
+luma (alpha dropped: NIH's RGBA images are opaque), converted a strip of rows at a time so no full-size
+temporary is made. Images are resized with Lanczos filtering so the long side is `size`, aspect kept, and a
+non-square one is then padded, centred, with black (the radiograph background) to `size`²: anatomy is never
+stretched or cropped, and no full-resolution square canvas is ever allocated.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +42,8 @@ CODECS = ("jpeg", "png", "uint8")  # uint8: the pixels themselves, row-major, no
 JPEG_QUALITY = 95
 MANIFEST = "manifest.json"
 PARTS = "_parts"
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # more than 8 bits per pixel: rescaled, not converted
+STRIP_PIXELS = 1 << 18  # to_gray8 converts this many pixels at a time: its temporaries stay ~1-2 MB
 
 
 @dataclass(frozen=True)
@@ -57,37 +63,81 @@ class Params:
             "size": self.size, "codec": self.codec, "quality": self.quality if self.codec == "jpeg" else None,
             "images_per_shard": self.images_per_shard, "seed": self.seed, "val_fraction": self.val_fraction,
             "test_fraction": self.test_fraction, "grayscale_bits": 8,
-            "aspect": "pad to square, centred, black; then Lanczos resize",
+            "aspect": "Lanczos resize of the long side to size, aspect kept; short side padded, centred, black",
         }
 
 
+def _strips(im: Image.Image) -> Iterator[tuple[int, int, Image.Image]]:
+    """(first row, end row, that strip of `im`) covering the image, STRIP_PIXELS at a time."""
+    width, height = im.size
+    step = max(1, STRIP_PIXELS // width)
+    if step >= height:
+        yield 0, height, im
+        return
+    for top in range(0, height, step):
+        yield top, min(top + step, height), im.crop((0, top, width, min(top + step, height)))
+
+
+def _rescale_table(full: float) -> np.ndarray:
+    """uint8 [65536]: `_rescale` of every 16-bit value, so a 16-bit image costs one lookup per pixel."""
+    return _rescale(np.arange(1 << 16, dtype=np.float64), full)
+
+
+def _rescale(values: np.ndarray, full: float) -> np.ndarray:
+    return np.clip(np.rint(values.astype(np.float64) * (255.0 / full)), 0, 255).astype(np.uint8)
+
+
+def _luma(strip: Image.Image) -> np.ndarray:
+    """One strip of an 8-bit-per-channel image → uint8 luma (per-pixel conversions: strips give the whole's)."""
+    if strip.mode == "PA":
+        strip = strip.convert("RGBA")  # then RGBA → L, which is RGB → L: Pillow's luma ignores alpha
+    elif strip.mode == "LA":
+        strip = strip.getchannel("L")
+    return np.asarray(strip if strip.mode == "L" else strip.convert("L"), dtype=np.uint8)
+
+
 def to_gray8(im: Image.Image) -> np.ndarray:
-    """Any PIL image → 8-bit grayscale array, converting modes explicitly (see module docstring)."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = max(float(arr.max()), 1.0)
-        full = 2.0 ** np.ceil(np.log2(top + 1.0)) - 1.0
-        return np.clip(np.rint(arr * (255.0 / full)), 0, 255).astype(np.uint8)
-    if im.mode in ("RGBA", "LA", "PA"):
-        im = im.convert("RGBA" if im.mode != "LA" else "LA")
-        im = im.convert("RGB") if im.mode == "RGBA" else im.getchannel("L")
-    if im.mode != "L":
-        im = im.convert("L")
+    """Any PIL image → 8-bit grayscale array, converting modes explicitly (see module docstring).
+
+    A strip at a time: besides Pillow's decoded image and the result, memory stays at a few strips.
+    """
+    if im.mode == "L":
+        return np.asarray(im, dtype=np.uint8)
+    out = np.empty((im.size[1], im.size[0]), np.uint8)
+    if im.mode not in WIDE_MODES:
+        for top, end, strip in _strips(im):
+            out[top:end] = _luma(strip)
+        return out
+    lo, hi = np.inf, -np.inf
+    for _, _, strip in _strips(im):
+        values = np.asarray(strip)
+        lo, hi = min(lo, values.min()), max(hi, values.max())
+    full = 2.0 ** np.ceil(np.log2(max(float(hi), 1.0) + 1.0)) - 1.0
+    table = _rescale_table(full) if im.mode != "F" and 0 <= lo and hi < 1 << 16 else None
+    for top, end, strip in _strips(im):
+        values = np.asarray(strip)
+        out[top:end] = table[values] if table is not None else _rescale(values, full)
+    return out
+
+
+def _lanczos(gray: np.ndarray, width: int, height: int) -> np.ndarray:
+    im = Image.fromarray(gray, mode="L").resize((width, height), Image.Resampling.LANCZOS, reducing_gap=2.0)
     return np.asarray(im, dtype=np.uint8)
 
 
 def square_resize(gray: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [h, w] → [size, size]: Lanczos to a long side of `size`, aspect kept (the short side rounded, ≥ 1),
+    then padded, centred, with black. A square image is resized as a whole, as it always was."""
     h, w = gray.shape
-    if h != w:
-        side = max(h, w)
-        canvas = np.zeros((side, side), dtype=np.uint8)
-        top, left = (side - h) // 2, (side - w) // 2
-        canvas[top:top + h, left:left + w] = gray
-        gray = canvas
-    if gray.shape[0] == size:
-        return gray
-    im = Image.fromarray(gray, mode="L").resize((size, size), Image.Resampling.LANCZOS, reducing_gap=2.0)
-    return np.asarray(im, dtype=np.uint8)
+    if h == w:
+        return gray if h == size else _lanczos(gray, size, size)
+    long = max(h, w)
+    rh, rw = (max(1, (side * size + long // 2) // long) for side in (h, w))
+    small = gray if (rh, rw) == (h, w) else _lanczos(gray, rw, rh)
+    out = np.zeros((size, size), np.uint8)
+    top, left = (size - rh) // 2, (size - rw) // 2
+    out[top:top + rh, left:left + rw] = small
+    return out
 
 
 def encode(gray: np.ndarray, codec: str, quality: int = JPEG_QUALITY) -> bytes:

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -225,6 +226,23 @@ def test_bombs_are_refused_from_their_header_in_bounded_memory_and_time(tmp_path
         assert seconds < 0.5 and rss < 32 << 20, (name, seconds, rss)
 
 
+def test_admitted_images_cost_a_few_times_their_8bit_size(tmp_path):
+    """Peak memory above the file's bytes: ~2× the 8-bit pixels for 8-bit gray, ~3× for 16-bit (Pillow's 16-bit
+    image, then the result), ~5.5× for colour (Pillow stores RGB(A) in 4 bytes a pixel)."""
+    yy, xx = np.mgrid[0:2048, 0:2048]
+    sixteen = np.tile(((xx * 16 + yy) % 65536).astype(np.uint16), (2, 2))  # 4096², every value used
+    rgba = np.stack([xx % 256, yy % 256, (xx + yy) % 256, np.full_like(xx, 255)], -1).astype(np.uint8)
+    files = {"4096x4096-16bit.png": (pillow_png(Image.fromarray(sixteen)), 4.0),
+             "2048x8000.png": (black_png(2048, 8000), 3.0),
+             "2048x2048-rgba.png": (pillow_png(Image.fromarray(rgba)), 6.5)}
+    costs = _costs(tmp_path, {name: data for name, (data, _) in files.items()})
+    for name, (_, bound) in files.items():
+        outcome, message, seconds, rss = costs[name]
+        w, h = map(int, name.split("-")[0].split(".")[0].split("x"))
+        assert outcome == "converted", message
+        assert rss < bound * w * h + (4 << 20) and seconds < 10, (name, rss / (w * h), seconds)
+
+
 def _jpeg_claiming(width: int, height: int) -> bytes:
     """A 16 × 16 JPEG whose frame header claims width × height."""
     data = bytearray(_jpeg(16, 16))
@@ -242,6 +260,85 @@ def test_non_png_headers_are_checked_and_pillows_bomb_guard_is_an_image_rejectio
     with pytest.raises(ValueError, match="decompression-bomb guard: Image size \\(225000000 pixels\\)") as err:
         shards.decode(_jpeg_claiming(15000, 15000), png.ImageLimits(max_side=20000, max_pixels=1 << 30))
     assert isinstance(err.value, png.ImageRejected)
+
+
+# ---------------------------------------------------------------------------------------------- conversions
+
+
+def old_square_resize(gray: np.ndarray, size: int) -> np.ndarray:
+    """The algorithm before: pad to a max(h, w)² canvas, centred, black, then Lanczos the canvas."""
+    h, w = gray.shape
+    side = max(h, w)
+    canvas = np.zeros((side, side), dtype=np.uint8)
+    canvas[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = gray
+    if side == size:
+        return canvas
+    im = Image.fromarray(canvas, mode="L").resize((size, size), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def test_square_images_resize_as_before_and_others_without_a_square_canvas():
+    rng = np.random.default_rng(7)
+    with Image.open(os.path.join(SAMPLES, NIH[0])) as im:
+        nih = np.asarray(im)
+    for side, size in ((1024, 256), (1024, 224), (1000, 256), (300, 512), (256, 256), (97, 64)):
+        gray = nih if side == 1024 else rng.integers(0, 256, (side, side), dtype=np.uint8)
+        np.testing.assert_array_equal(shards.square_resize(gray, size), old_square_resize(gray, size))
+    tall = rng.integers(1, 256, (4000, 1001), dtype=np.uint8)  # 4000 × 1001 → 256 × 64, padded left and right
+    tracemalloc.start()
+    out = shards.square_resize(tall, 256)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, peak  # the canvas was 4000² = 16 MB
+    lanczos = np.asarray(Image.fromarray(tall).resize((64, 256), Image.Resampling.LANCZOS, reducing_gap=2.0))
+    np.testing.assert_array_equal(out[:, 96:160], lanczos)
+    assert not out[:, :96].any() and not out[:, 160:].any()
+    wide = rng.integers(0, 256, (40, 60), dtype=np.uint8)  # the long side is already `size`: only padded
+    np.testing.assert_array_equal(shards.square_resize(wide, 60)[10:50], wide)
+    assert shards.square_resize(rng.integers(0, 256, (5, 19), dtype=np.uint8), 8).shape == (8, 8)
+
+
+def old_to_gray8_wide(im: Image.Image) -> np.ndarray:
+    """The rescaling before, in float64 over the whole image."""
+    arr = np.asarray(im, dtype=np.float64)
+    top = max(float(arr.max()), 1.0)
+    full = 2.0 ** np.ceil(np.log2(top + 1.0)) - 1.0
+    return np.clip(np.rint(arr * (255.0 / full)), 0, 255).astype(np.uint8)
+
+
+def test_16bit_rescaling_equals_the_float_formula_without_full_size_float_copies():
+    rng = np.random.default_rng(11)
+    for top in (0, 1, 2, 255, 256, 1023, 4095, 4096, 40000, 65535):
+        values = rng.integers(0, top + 1, (33, 47), dtype=np.uint16)
+        values[0, 0] = top
+        im = Image.fromarray(values)
+        assert im.mode == "I;16"
+        np.testing.assert_array_equal(shards.to_gray8(im), old_to_gray8_wide(im))
+    wider = rng.integers(-5000, 300000, (21, 13)).astype(np.int32)
+    for arr in (wider, rng.normal(900, 400, (21, 13)).astype(np.float32)):
+        im = Image.fromarray(arr)  # "I" beyond 16 bits and "F": the formula strip by strip
+        np.testing.assert_array_equal(shards.to_gray8(im), old_to_gray8_wide(im))
+    big = Image.fromarray(rng.integers(0, 4096, (1024, 4096), dtype=np.uint16))  # 16 strips
+    tracemalloc.start()
+    out = shards.to_gray8(big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(out, old_to_gray8_wide(big))
+    assert peak < out.nbytes + (6 << 20), peak  # the result and a few strips; float64 copies were 32 MB each
+
+
+def test_colour_and_palette_conversions_equal_the_whole_image_ones():
+    """Strip by strip gives what converting the whole image gave (the conversions are per pixel)."""
+    rng = np.random.default_rng(3)
+    rgba = Image.fromarray(rng.integers(0, 256, (1500, 700, 4), dtype=np.uint8))  # 5 strips
+    palette = rgba.convert("RGB").quantize(60)
+    pa = Image.frombytes("PA", palette.size, np.stack([np.asarray(palette), np.asarray(rgba)[..., 3]], -1).tobytes())
+    pa.putpalette(palette.getpalette())
+    cmyk = rgba.convert("CMYK")
+    for im, old in ((rgba, rgba.convert("RGBA").convert("RGB").convert("L")), (palette, palette.convert("L")),
+                    (pa, pa.convert("RGBA").convert("RGB").convert("L")), (rgba.convert("LA"), rgba.convert("L")),
+                    (rgba.convert("RGB"), rgba.convert("L")), (cmyk, cmyk.convert("L"))):
+        np.testing.assert_array_equal(shards.to_gray8(im), np.asarray(old), err_msg=im.mode)
 
 
 # ---------------------------------------------------------------------------------------------- datasets
