@@ -198,6 +198,26 @@ def _pillow(data: bytes, limits: ImageLimits | None) -> np.ndarray:
         raise ValueError(f"undecodable {kind}: {type(exc).__name__}: {detail}") from exc
 
 
+def content_mismatch(name: str, data: bytes) -> str | None:
+    """A note when a decodable file's content is another format than its name's extension says, else None."""
+    ext = os.path.splitext(name)[1].lower()
+    if data.startswith(png.SIGNATURE):
+        if ext == ".png":  # NIH's case, without asking Pillow
+            return None
+        found = "PNG"
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                found = im.format
+        except Exception:  # noqa: BLE001 - not an image at all: decoding reports that, not this
+            return None
+    said = Image.registered_extensions().get(ext)
+    if found == said:
+        return None
+    return (f"content is {found} (first bytes {png.first_bytes(data, 4)}), but the extension {ext or '(none)'} says "
+            f"{said or 'no image format'}; converted all the same")
+
+
 def convert(data: bytes, size: int, codec: str, quality: int = JPEG_QUALITY, limits: ImageLimits = LIMITS) -> bytes:
     """Raw image file bytes → encoded `size`² 8-bit grayscale image bytes; ValueError as `decode`."""
     return encode(square_resize(decode(data, limits), size), codec, quality)
@@ -264,6 +284,7 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
 
     t0 = time.perf_counter()
     quarantined: list[dict] = []
+    notes: list[dict] = []  # converted, but worth a look (a JPEG named .png)
     records = 0
     label_counts = np.zeros(labels.NUM_FINDINGS, dtype=np.int64)
     no_finding = 0
@@ -273,10 +294,13 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
         with tf.io.TFRecordWriter(local) as writer:
             for row in spec.rows:
                 try:
-                    image = convert(storage.read_bytes(row["path"]), params.size, params.codec, params.quality)
+                    data = storage.read_bytes(row["path"])
+                    image = convert(data, params.size, params.codec, params.quality)
                 except Exception as exc:  # noqa: BLE001 - any failure quarantines this one image
                     quarantined.append({"image": row["image"], "reason": f"{type(exc).__name__}: {exc}"})
                     continue
+                if (note := content_mismatch(row["path"], data)) is not None:
+                    notes.append({"image": row["image"], "note": note})
                 y = np.array([row[f] for f in labels.FINDINGS], dtype=np.int64)
                 writer.write(example(image, y, row))
                 records += 1
@@ -291,7 +315,7 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
         "split": spec.split, "name": spec.name, "records": records, "sha256": digest, "bytes": nbytes,
         "images": [r["image"] for r in spec.rows if r["image"] not in {q["image"] for q in quarantined}],
         "patients": sorted(patients), "label_counts": label_counts.tolist(), "no_finding": no_finding,
-        "quarantine": quarantined,
+        "quarantine": quarantined, "notes": notes,
         "params": params.as_dict(), "seconds": round(time.perf_counter() - t0, 3),
     }
     storage.write_text(_receipt_url(out_uri, spec), json.dumps(receipt))
@@ -343,6 +367,7 @@ def build_manifest(ds: metadata.Dataset, params: Params, receipts: list[dict]) -
             "shards": [{k: r[k] for k in ("name", "records", "sha256", "bytes")} for r in mine],
         }
     quarantine = sorted((q for r in receipts for q in r["quarantine"]), key=lambda q: q["image"])
+    notes = sorted((n for r in receipts for n in r.get("notes", ())), key=lambda n: n["image"])
     return {
         "format": FORMAT,
         "labels": list(labels.FINDINGS),
@@ -353,6 +378,7 @@ def build_manifest(ds: metadata.Dataset, params: Params, receipts: list[dict]) -
         },
         "splits": splits,
         "quarantine": quarantine,
+        "notes": notes,
         "excluded_by_metadata": [{"image": p.image, "kind": p.kind, "detail": p.detail}
                                  for p in ds.problems if p.fatal],
     }

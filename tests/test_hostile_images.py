@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 from test_png import chunk
 
-from cxr import png, shards
+from cxr import metadata, png, shards
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
 NIH = sorted(n for n in os.listdir(SAMPLES) if n.endswith(".png"))
@@ -355,6 +355,67 @@ def _root(tmp_path, files: dict[str, bytes]) -> str:
     rows = [f"{n},No Finding,0,{int(n[:8])},50,F,PA,1024,1024,0.143,0.143" for n in [*NIH, *files]]
     (root / "Data_Entry_2017_v2020.csv").write_text("\n".join([HEADER, *rows]) + "\n")
     return str(root)
+
+
+def _gif() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+HOSTILE = {
+    "00000100_000.png": _jpeg(64, 64),  # a JPEG named .png: converted, reported
+    "00000101_000.png": _gif(),  # a GIF named .png: likewise
+    "00000102_000.png": b"",
+    "00000103_000.png": bytes(range(200)),
+    "00000104_000.png": black_png(3, 60000),
+    "00000105_000.png": restream(pillow_png(Image.fromarray(np.full((40, 40), 3000, np.uint16))),
+                                 lambda raw: raw[:len(raw) // 2]),  # 16-bit, the bottom half missing
+    "00000106_000.png": split_idat(),
+}
+REASONS = {
+    "00000102_000.png": "ValueError: empty file (0 bytes)",
+    "00000103_000.png": "ValueError: not an image: unrecognised format (first bytes 00 01 02 03 04 05 06 07 …)",
+    "00000104_000.png": "ImageRejected: image of 3 × 60000 pixels exceeds the image limits: side 60000 > max_side "
+                        "8192; aspect ratio 60000:3 > max_aspect 4:1",
+    "00000105_000.png": "ValueError: undecodable PNG: the image data inflates to 1620 bytes, not the 3240 40 × 40 "
+                        "at bit depth 16, colour type 0 needs (rows missing)",
+    "00000106_000.png": f"ValueError: IDAT chunk at byte {split_idat().rindex(b'IDAT') - 4} after a tEXt chunk at "
+                        f"byte {split_idat().index(b'tEXt') - 4}: IDAT chunks must be consecutive",
+}
+NOTES = {
+    "00000100_000.png": "content is JPEG (first bytes ff d8 ff e0 …), but the extension .png says PNG; "
+                        "converted all the same",
+    "00000101_000.png": "content is GIF (first bytes 47 49 46 38 …), but the extension .png says PNG; "
+                        "converted all the same",
+}
+
+
+def test_prepare_quarantines_with_deterministic_reasons_and_lists_mismatched_content(tmp_path):
+    root = _root(tmp_path, HOSTILE)
+    params = shards.Params(size=64, codec="png", images_per_shard=100, val_fraction=0.0, test_fraction=0.0)
+    ds = metadata.load(root, val_fraction=0.0, test_fraction=0.0)
+    (spec,) = shards.plan(ds, params)
+    receipt = shards.write_shard(spec, str(tmp_path / "out"), params)
+    assert {q["image"]: q["reason"] for q in receipt["quarantine"]} == REASONS
+    assert receipt["records"] == len(NIH) + len(NOTES)
+    manifest = shards.build_manifest(ds, params, [receipt])
+    assert manifest["notes"] == [{"image": name, "note": note} for name, note in sorted(NOTES.items())]
+    again = shards.write_shard(spec, str(tmp_path / "again"), params)
+    assert json.dumps(shards.build_manifest(ds, params, [again])) == json.dumps(manifest)
+
+
+def test_inspect_scan_reports_what_prepare_will_quarantine_and_mismatched_content(tmp_path):
+    root = _root(tmp_path, HOSTILE)
+    ds = metadata.load(root, scan_images=True)
+    found = {(p.image, p.kind): p.detail for p in ds.problems}
+    for name, reason in REASONS.items():
+        url = os.path.join(root, "images", name)
+        assert found.pop((name, "unreadable_image")) == f"{url}: {reason}"
+    for name, note in NOTES.items():
+        assert found.pop((name, "extension_mismatch")) == note
+    assert found == {("00000101_000.png", "unusual_mode"): "mode P; converted to 8-bit grayscale when prepared"}
+    assert sorted(ds.table["image"]) == sorted([*NIH, *NOTES])  # a mismatch is not fatal
 
 
 def test_raw_mode_skips_or_names_an_image_beyond_the_limits(tmp_path):
