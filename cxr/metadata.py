@@ -331,21 +331,29 @@ def _read_bboxes(root: str, images: set[str], problems: list[Problem]) -> pd.Dat
     return df[keep].reset_index(drop=True)
 
 
-def _scan_one(image: str, url: str) -> Problem | None:
-    """Decode an image fully; report what the shard writer will have to convert or cannot read."""
+def _scan_one(image: str, url: str) -> list[Problem]:
+    """Decode an image as the shard writer will (same checks, same limits); report what it will have to convert,
+    what it will quarantine, and content that is not what the file's name says."""
+    from cxr import shards  # shards imports this module
+
     try:
-        with Image.open(io.BytesIO(storage.read_bytes(url))) as im:
+        data = storage.read_bytes(url)
+        shards.decode(data)
+        with Image.open(io.BytesIO(data)) as im:  # the header only: its mode, for the report
             mode = im.mode
-            im.load()
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unusable
-        return Problem(image, "unreadable_image", f"{url}: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - any failure means the shard writer cannot use the file
+        return [Problem(image, "unreadable_image", f"{url}: {type(exc).__name__}: {exc}")]
+    found = []
+    note = shards.content_mismatch(url, data)
+    if note is not None:
+        found.append(Problem(image, "extension_mismatch", note))
     if mode in ("RGBA", "LA"):
-        return Problem(image, "rgba_image", f"mode {mode}; converted to 8-bit grayscale when prepared")
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        return Problem(image, "16bit_image", f"mode {mode}; rescaled to 8-bit when prepared")
-    if mode != "L":
-        return Problem(image, "unusual_mode", f"mode {mode}; converted to 8-bit grayscale when prepared")
-    return None
+        found.append(Problem(image, "rgba_image", f"mode {mode}; converted to 8-bit grayscale when prepared"))
+    elif mode in ("I;16", "I;16B", "I;16L", "I"):
+        found.append(Problem(image, "16bit_image", f"mode {mode}; rescaled to 8-bit when prepared"))
+    elif mode != "L":
+        found.append(Problem(image, "unusual_mode", f"mode {mode}; converted to 8-bit grayscale when prepared"))
+    return found
 
 
 def _scan_images(df: pd.DataFrame, workers: int, problems: list[Problem], progress: bool) -> np.ndarray:
@@ -355,10 +363,9 @@ def _scan_images(df: pd.DataFrame, workers: int, problems: list[Problem], progre
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda t: (t[0], _scan_one(t[1], t[2])), todo)
-        for i, problem in tqdm(results, total=len(todo), desc="scan images", unit="img", disable=not progress):
-            if problem is not None:
-                problems.append(problem)
-                keep[i] = not problem.fatal
+        for i, found in tqdm(results, total=len(todo), desc="scan images", unit="img", disable=not progress):
+            problems.extend(found)
+            keep[i] = not any(p.fatal for p in found)
     return keep
 
 

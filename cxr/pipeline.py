@@ -642,20 +642,19 @@ def shrink(image: np.ndarray, size: int) -> np.ndarray:
     return np.rint(mean).astype(np.uint8)
 
 
-def read_raw_image(url: str, size: int) -> tuple[np.ndarray, int]:
+def read_raw_image(url: str, size: int, limits: png.ImageLimits = png.LIMITS) -> tuple[np.ndarray, int]:
     """A raw PNG as uint8 [size, size], checked (errors name the file), and the file's size in bytes.
 
     Square 8-bit grayscale images (NIH's) are box-filtered; any other (16-bit, colour, palette, non-square)
-    is converted exactly as `cxr prepare` converts it.
+    is converted exactly as `cxr prepare` converts it. Every decoding failure, including an image beyond
+    `limits` (refused from its header, before any allocation), is a CorruptImageError naming the file.
     """
     data = storage.read_bytes(url)
     try:
-        image = png.parse(data)
-        gray = image.pixels() if image.gray8 else shards.decode(data)  # parsed once for NIH's kind
-    except ValueError as exc:  # cxr.png says what is wrong
+        image = png.parse(data, limits)
+        gray = shards.decode_png(image, data)  # parsed once
+    except ValueError as exc:  # cxr.png and shards.decode say what is wrong
         raise CorruptImageError(f"{url}: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - any other decoder failure means a corrupt file too
-        raise CorruptImageError(f"{url}: {type(exc).__name__}: {exc}") from exc
     if image.gray8 and image.width == image.height:
         return shrink(gray, size), len(data)
     return shards.square_resize(gray, size), len(data)

@@ -12,21 +12,74 @@ With one byte per pixel, Paeth is a serial chain along the row: each byte needs 
 three side by side, two independent chains in flight: 1.8-2.0 ms for an NIH image's filters, against
 2.7-2.8 ms row by row. Other sequences go row by row.
 
-Checks: every chunk's CRC (Wuffs ignores them), IHDR present, IEND reached, the zlib stream's Adler-32 and an
-inflated size of exactly height × (width + 1), filter types 0-4. A damaged file is a ValueError saying what is
-wrong, never quietly wrong pixels. Other PNGs (16-bit, colour, palette, interlaced) are left to Pillow.
+Checks: every chunk's CRC (Wuffs ignores them); IHDR first, once, with valid fields (compression and filter
+method 0, a bit depth its colour type allows); IDAT chunks consecutive; IEND reached; the dimensions within
+`ImageLimits`, checked at IHDR, before anything is inflated or allocated. For 8-bit grayscale: the zlib
+stream's Adler-32, an inflated size of exactly height × (width + 1), filter types 0-4. A damaged file is a
+ValueError saying what is wrong, never quietly wrong pixels. Other PNGs (16-bit, colour, palette,
+interlaced) are left to Pillow, after `Png.check_size` has inflated their stream once, in bounded memory, to
+the exact size their IHDR implies: Pillow zero-fills missing rows silently.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 
 import deflate
 import numpy as np
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_PIXELS = 1 << 28  # ~16k²: far above any radiograph; a bigger IHDR is a decompression bomb (Pillow: 179M)
+DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}  # colour type → bit depths
+CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# Adam7's seven passes: first column and row, column and row steps
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+INFLATE_PIECE = 1 << 20  # bytes inflated at a time by `Png.check_size`, then dropped
+
+
+class ImageRejected(ValueError):
+    """An image whose header is valid but whose dimensions exceed `ImageLimits`: refused before decoding."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an image's header may claim before any pixel is decoded; beyond it an image is `ImageRejected`.
+
+    The defaults admit every chest radiograph with wide margin (NIH's are 1024²; the largest detectors give
+    ~4300 per side; chest films are 0.8-1.25 wide for their height, stitched spine/leg films up to ~3) while a
+    64 Mpixel image stays 64 MB at 8 bits (256 MB as Pillow's RGBA) however few bytes its file has.
+    """
+
+    max_side: int = 8192
+    max_pixels: int = 1 << 26  # 8192², below Pillow's own bomb warning (89 M) and error (179 M)
+    max_aspect: float = 4.0  # long side / short side
+
+    def __post_init__(self) -> None:
+        if self.max_side < 1 or self.max_pixels < 1 or self.max_aspect < 1:
+            raise ValueError(f"ImageLimits need max_side, max_pixels ≥ 1 and max_aspect ≥ 1, got {self}")
+
+    def check(self, width: int, height: int) -> None:
+        """ImageRejected naming every limit a width × height image exceeds (ValueError if it has no pixels)."""
+        if width < 1 or height < 1:
+            raise ValueError(f"image of {width} × {height} pixels: no pixels")
+        over = []
+        if max(width, height) > self.max_side:
+            over.append(f"side {max(width, height)} > max_side {self.max_side}")
+        if width * height > self.max_pixels:
+            over.append(f"{width * height:,} pixels > max_pixels {self.max_pixels:,}")
+        if max(width, height) > self.max_aspect * min(width, height):
+            over.append(f"aspect ratio {max(width, height)}:{min(width, height)} > max_aspect {self.max_aspect:g}:1")
+        if over:
+            raise ImageRejected(f"image of {width} × {height} pixels exceeds the image limits: {'; '.join(over)}")
+
+
+LIMITS = ImageLimits()
+
+
+def first_bytes(data: bytes, n: int = 8) -> str:
+    """The first bytes in hex, for messages about content that is not what it should be."""
+    return " ".join(f"{b:02x}" for b in data[:n]) + (" …" if len(data) > n else "")
 
 
 @dataclass(frozen=True)
@@ -76,32 +129,100 @@ class Png:
         kernels.unfilter(self.filtered(), out)
         return out
 
+    @property
+    def inflated_size(self) -> int:
+        """Bytes the zlib stream must inflate to: the filtered rows (a type byte each) of every Adam7 pass."""
+        bits = self.depth * CHANNELS[self.colour]
+        passes = ADAM7 if self.interlace else ((0, 0, 1, 1),)
+        total = 0
+        for x0, y0, dx, dy in passes:
+            w, h = max(0, -(-(self.width - x0) // dx)), max(0, -(-(self.height - y0) // dy))
+            if w and h:  # an empty pass has no rows, not even type bytes
+                total += h * (1 + (w * bits + 7) // 8)
+        return total
 
-def parse(data: bytes) -> Png:
-    """Walk the chunks, checking every CRC; ValueError naming the chunk and its byte offset if one is wrong."""
+    def check_size(self) -> None:
+        """ValueError unless the zlib stream is whole and inflates to exactly `inflated_size` bytes.
+
+        For the PNGs left to Pillow, which fills missing rows with zeros silently. Inflates INFLATE_PIECE
+        bytes at a time and keeps none: bounded memory whatever the image, and it stops past the size.
+        """
+        want, got, tail = self.inflated_size, 0, self.idat
+        stream = zlib.decompressobj()
+        try:
+            while not stream.eof and got <= want:
+                piece = stream.decompress(tail, INFLATE_PIECE)
+                got, tail = got + len(piece), stream.unconsumed_tail
+                if not piece and not tail:
+                    break
+        except zlib.error as exc:
+            raise ValueError(f"undecodable PNG: the image data does not inflate ({exc})") from None
+        what = (f"{self.width} × {self.height} at bit depth {self.depth}, colour type {self.colour}"
+                f"{', Adam7-interlaced' if self.interlace else ''}")
+        if got > want:
+            raise ValueError(f"undecodable PNG: the image data inflates to more than the {want} bytes {what} needs")
+        if not stream.eof:
+            raise ValueError(f"undecodable PNG: the image data's zlib stream ends early ({got} of {want} bytes)")
+        if got < want:
+            raise ValueError(f"undecodable PNG: the image data inflates to {got} bytes, not the {want} {what} "
+                             "needs (rows missing)")
+
+
+def _header(data: bytes, off: int, length: int, limits: ImageLimits) -> tuple[int, ...]:
+    """IHDR's fields, checked: ValueError for values the PNG specification does not define, ImageRejected beyond
+    `limits`."""
+    if length != 13:
+        raise ValueError(f"IHDR chunk of {length} bytes, 13 expected")
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, off + 8)
+    if width == 0 or height == 0:
+        raise ValueError(f"IHDR says {width} × {height} pixels: no pixels")
+    if colour not in DEPTHS:
+        raise ValueError(f"IHDR colour type {colour} (0, 2, 3, 4 and 6 exist)")
+    if depth not in DEPTHS[colour]:
+        raise ValueError(f"IHDR bit depth {depth} with colour type {colour} (allowed: {DEPTHS[colour]})")
+    if compression != 0:
+        raise ValueError(f"IHDR compression method {compression} (only 0, deflate, exists)")
+    if filtering != 0:
+        raise ValueError(f"IHDR filter method {filtering} (only 0, adaptive filtering, exists)")
+    if interlace not in (0, 1):
+        raise ValueError(f"IHDR interlace method {interlace} (0 none and 1 Adam7 exist)")
+    limits.check(width, height)
+    return width, height, depth, colour, interlace
+
+
+def parse(data: bytes, limits: ImageLimits = LIMITS) -> Png:
+    """Walk the chunks, checking every CRC and the chunk order; ValueError naming the chunk and its byte offset
+    if one is wrong. The header is checked against `limits` first, so a bomb is refused before any allocation."""
+    if not data:
+        raise ValueError("empty file (0 bytes)")
     if not data.startswith(SIGNATURE):
-        raise ValueError("not a PNG file")
+        raise ValueError(f"not a PNG file (first bytes {first_bytes(data)})")
     header, idat, off, view = None, [], len(SIGNATURE), memoryview(data)
+    after_idat = None  # the first chunk after the IDATs: no IDAT may follow it
     while off + 12 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, off)
+        name = kind.decode("latin-1")
         end = off + 8 + length
         if end + 4 > len(data):
             break
         if deflate.crc32(view[off + 4:end]) != struct.unpack_from(">I", data, end)[0]:
-            raise ValueError(f"CRC mismatch in {kind.decode('latin-1')} chunk at byte {off}")
+            raise ValueError(f"CRC mismatch in {name} chunk at byte {off}")
+        if header is None and kind != b"IHDR":
+            raise ValueError(f"PNG without IHDR as its first chunk ({name} chunk at byte {off} comes first)")
         if kind == b"IHDR":
-            if length != 13:
-                raise ValueError(f"IHDR chunk of {length} bytes, 13 expected")
-            header = struct.unpack_from(">IIBBBBB", data, off + 8)
-            if not 0 < header[0] * header[1] <= MAX_PIXELS:
-                raise ValueError(f"IHDR says {header[0]} × {header[1]} pixels (1 to {MAX_PIXELS:,} accepted)")
+            if header is not None:
+                raise ValueError(f"a second IHDR chunk at byte {off}")
+            header = _header(data, off, length, limits)
         elif kind == b"IDAT":
+            if after_idat is not None:
+                raise ValueError(f"IDAT chunk at byte {off} after {after_idat}: IDAT chunks must be consecutive")
             idat.append(view[off + 8:end])
         elif kind == b"IEND":
-            if header is None:
-                raise ValueError("PNG without IHDR")
-            width, height, depth, colour, _, _, interlace = header
-            return Png(width, height, depth, colour, interlace, b"".join(idat))
+            if not idat:
+                raise ValueError("PNG without image data (no IDAT chunk)")
+            return Png(*header, b"".join(idat))
+        elif idat and after_idat is None:
+            after_idat = f"a {name} chunk at byte {off}"
         off = end + 4
     raise ValueError("truncated PNG (no IEND chunk)")
 

@@ -43,11 +43,11 @@ def chunk(kind: bytes, body: bytes) -> bytes:
 
 
 def build(width: int, height: int, stream: bytes, depth: int = 8, colour: int = 0, interlace: int = 0,
-          idat_chunks: int = 3) -> bytes:
+          idat_chunks: int = 3, compression: int = 0, filtering: int = 0) -> bytes:
     """A PNG file around a zlib stream, the stream cut across several IDAT chunks as encoders do."""
     cut = np.linspace(0, len(stream), idat_chunks + 1).astype(int)
     idats = b"".join(chunk(b"IDAT", stream[cut[i]:cut[i + 1]]) for i in range(idat_chunks))
-    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace))
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, compression, filtering, interlace))
     return png.SIGNATURE + ihdr + chunk(b"tEXt", b"Comment\0built by a test") + idats + chunk(b"IEND", b"")
 
 
@@ -78,7 +78,7 @@ def test_decodes_every_filter_type_to_the_encoded_pixels(width, height, kinds, l
     pixels[-1, ::2] = 0
     kinds = rng.integers(0, 5, height).tolist() if kinds == "random" else kinds
     data = build(width, height, zlib.compress(filter_rows(pixels, kinds), 6))
-    image = png.parse(data)
+    image = png.parse(data, png.ImageLimits(max_aspect=100))  # 1 × 7 … 64 × 6: shapes no radiograph has
     assert (image.width, image.height, image.gray8) == (width, height, True)
     decoded = image.pixels()
     assert decoded.dtype == np.uint8 and decoded.shape == (height, width)
@@ -169,3 +169,86 @@ def test_empty_or_bomb_dimensions_are_refused_before_inflating(width, height, me
     _, rows = _valid()
     with pytest.raises(ValueError, match=message):
         png.parse(build(width, height, zlib.compress(rows)))
+
+
+def _reordered(data: bytes, order: list[int]) -> bytes:
+    """The PNG with its chunks (0: IHDR, …, last: IEND) in another order; every CRC stays valid."""
+    parts, off = [], len(png.SIGNATURE)
+    while off < len(data):
+        length = struct.unpack_from(">I", data, off)[0]
+        parts.append(data[off:off + 12 + length])
+        off += 12 + length
+    return png.SIGNATURE + b"".join(parts[i] for i in order)
+
+
+def _spec_invalid() -> dict[str, tuple[bytes, str]]:
+    _, rows = _valid()
+    stream = zlib.compress(rows)
+    good = build(10, 12, stream)  # IHDR, tEXt, IDAT × 3, IEND
+    return {
+        "compression method 1": (build(10, 12, stream, compression=1), "IHDR compression method 1 "),
+        "filter method 1": (build(10, 12, stream, filtering=1), "IHDR filter method 1 "),
+        "IDAT before IHDR": (_reordered(good, [2, 0, 1, 3, 4, 5]), r"without IHDR as its first chunk \(IDAT chunk"),
+        "IDATs split by tEXt": (_reordered(good, [0, 2, 1, 3, 4, 5]), "IDAT chunks must be consecutive"),
+        "second IHDR": (_reordered(good, [0, 0, 1, 2, 3, 4, 5]), "a second IHDR chunk at byte 33"),
+        "no IDAT": (_reordered(good, [0, 1, 5]), r"no IDAT chunk"),
+        "bit depth 3": (build(10, 12, stream, depth=3), r"IHDR bit depth 3 with colour type 0"),
+        "colour type 5": (build(10, 12, stream, colour=5), r"IHDR colour type 5 "),
+        "interlace method 2": (build(10, 12, stream, interlace=2), r"IHDR interlace method 2 "),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_spec_invalid()))
+def test_spec_invalid_headers_and_chunk_orders_are_refused_naming_the_problem(case):
+    """Files libpng refuses; cxr.png used to decode most of them (IDATs in any order, any header method)."""
+    data, message = _spec_invalid()[case]
+    with pytest.raises(ValueError, match=message):
+        png.parse(data)
+    with pytest.raises(ValueError, match=message):
+        shards.decode(data)
+
+
+@pytest.mark.parametrize("width,height,message", [
+    (16384, 16384, "16384 × 16384 pixels exceeds the image limits: side 16384 > max_side 8192; 268,435,456 pixels "
+                   "> max_pixels 67,108,864$"),  # Pillow refuses it as a decompression bomb
+    (8193, 2100, "8193 × 2100 pixels exceeds the image limits: side 8193 > max_side 8192$"),
+    (8192, 8193, "side 8193 > max_side 8192; 67,117,056 pixels > max_pixels 67,108,864$"),
+    (3, 60000, "3 × 60000 pixels exceeds the image limits: side 60000 > max_side 8192; aspect ratio 60000:3 > "
+               "max_aspect 4:1$"),
+    (100000, 1, "aspect ratio 100000:1 > max_aspect 4:1$"),
+    (4001, 1000, "4001 × 1000 pixels exceeds the image limits: aspect ratio 4001:1000 > max_aspect 4:1$"),
+])
+def test_dimensions_beyond_the_limits_are_rejected_from_the_header(width, height, message):
+    """The IDAT stream is not even valid: nothing past IHDR is looked at, let alone inflated."""
+    data = build(width, height, b"not a zlib stream")
+    with pytest.raises(ValueError, match=message) as err:
+        png.parse(data)
+    assert type(err.value).__name__ == "ImageRejected" and isinstance(err.value, png.ImageRejected)
+    assert png.parse(build(8192, 8192, b"")).width == 8192  # at the limits exactly: admitted
+    assert png.parse(build(4000, 1000, b"")).width == 4000
+    small = png.ImageLimits(max_side=100, max_pixels=5000, max_aspect=2)  # configurable
+    assert png.parse(build(100, 50, b""), small).height == 50
+    with pytest.raises(png.ImageRejected, match="101 × 50 pixels exceeds the image limits: side 101 > max_side "
+                                                "100; 5,050 pixels > max_pixels 5,000; aspect ratio 101:50 > "
+                                                "max_aspect 2:1$"):
+        png.parse(build(101, 50, b""), small)
+
+
+def test_empty_and_foreign_files_say_what_they_are():
+    with pytest.raises(ValueError, match=r"^empty file \(0 bytes\)$"):
+        shards.decode(b"")
+    with pytest.raises(ValueError, match=r"^not an image: unrecognised format \(first bytes 00 01 02 03 04 05 06 07 …"):
+        shards.decode(bytes(range(40)))
+    with pytest.raises(ValueError, match=r"^not a PNG file \(first bytes 47 49 46 38\)$"):
+        png.parse(b"GIF8")
+
+
+def test_the_callers_limits_hold_on_every_decoding_path():
+    """cxr.png's path, Pillow's PNG path (16-bit) and Pillow's other formats all check the limits they are given."""
+    for im, fmt in ((Image.new("L", (100, 1)), "PNG"), (Image.new("I;16", (100, 1)), "PNG"),
+                    (Image.new("RGB", (100, 1)), "PNG"), (Image.new("L", (100, 1)), "BMP")):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt)
+        with pytest.raises(ValueError, match="100 × 1 pixels exceeds the image limits: side 100 > max_side 99$"):
+            shards.decode(buf.getvalue(), png.ImageLimits(max_side=99, max_aspect=1000))
+        assert shards.decode(buf.getvalue(), png.ImageLimits(max_aspect=100)).shape == (1, 100)
