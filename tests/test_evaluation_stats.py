@@ -7,9 +7,10 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cxr.evaluation import bootstrap
+from cxr.evaluation import bootstrap, operating
 from cxr.labels import FINDINGS, NUM_FINDINGS
 
 
@@ -229,3 +230,107 @@ def test_paired_resamples_are_shared_and_drops_are_reported():
     assert drop.high < 0
     failures = d.failures(min_gain=-1.0, max_drop=0.05)
     assert len(failures) == 1 and failures[0].startswith("finding 2 drops by")
+
+
+# --- operating points ----------------------------------------------------------------------------------------
+
+# Six images counted by hand: positives score 0.9, 0.8, 0.3; negatives 0.6, 0.7, 0.1.
+Y6 = np.array([1, 1, 1, 0, 0, 0])
+S6 = np.array([0.9, 0.8, 0.3, 0.6, 0.7, 0.1])
+
+
+def test_operating_point_counted_by_hand():
+    p = operating.operating_point(Y6, S6, 0.5)  # called positive: 0.9, 0.8 (TP), 0.6, 0.7 (FP)
+    assert (p.tp, p.fp, p.tn, p.fn) == (2, 2, 1, 1)
+    assert (p.sensitivity, p.specificity, p.ppv, p.npv, p.f1) == pytest.approx((2 / 3, 1 / 3, 1 / 2, 1 / 2, 4 / 7))
+    at = operating.operating_point(Y6, S6, 0.8)  # a score equal to the threshold is called positive
+    assert (at.tp, at.fp, at.specificity, at.ppv) == (2, 0, 1.0, 1.0)
+
+
+def test_thresholds_counted_by_hand():
+    # J by threshold: .9 -> 1/3, .8 -> 2/3, .7 -> 1/3, .6 -> 0, .3 -> 1/3, .1 -> 0
+    assert operating.youden_threshold(Y6, S6) == pytest.approx((0.8, 2 / 3))
+    assert operating.sensitivity_threshold(Y6, S6, 0.9) == 0.3  # needs all 3 positives
+    assert operating.sensitivity_threshold(Y6, S6, 2 / 3) == 0.8
+    assert operating.sensitivity_threshold(Y6, S6, 0.3) == 0.9
+
+
+def test_undefined_rates_are_none_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        none_called = operating.operating_point(Y6, S6, 0.95)
+        assert none_called.ppv is None and none_called.f1 == 0.0 and none_called.npv == 0.5
+        quiet = operating.operating_point(np.zeros(4), [0.1, 0.2, 0.3, 0.4], 0.5)  # no positive, none called
+        assert quiet.sensitivity is None and quiet.ppv is None and quiet.f1 is None and quiet.specificity == 1.0
+        noisy = operating.operating_point(np.zeros(4), [0.1, 0.2, 0.3, 0.4], 0.25)  # no positive, 2 called
+        assert noisy.sensitivity is None and noisy.ppv == 0.0 and noisy.f1 == 0.0 and noisy.specificity == 0.5
+        assert operating.youden_threshold(np.zeros(4), [0.1, 0.2, 0.3, 0.4]) is None
+        assert operating.sensitivity_threshold(np.ones(4), [0.1, 0.2, 0.3, 0.4]) is None
+        th = operating.choose_thresholds(np.column_stack([Y6, np.zeros(6)]), np.column_stack([S6, S6]))
+    assert th[0].youden == pytest.approx(0.8) and th[0].at_sensitivity == 0.3 and th[0].reason is None
+    assert th[1].youden is None and th[1].at_sensitivity is None and "no positive" in th[1].reason
+
+
+def test_thresholds_come_from_validation_and_apply_to_test():
+    rng = np.random.default_rng(0)
+    y_test = rng.random((50, 2)) < 0.4
+    s_test = rng.random((50, 2))
+    y_val = np.column_stack([Y6, Y6])
+    y_val[:, 1] = 0
+    report = operating.evaluate_operating(y_val, np.column_stack([S6, S6]), y_test, s_test, names=("A", "B"))
+    a, b = report
+    assert a.thresholds.youden == pytest.approx(0.8)
+    assert a.at_youden == operating.operating_point(y_test[:, 0], s_test[:, 0], 0.8)
+    assert a.at_sensitivity == operating.operating_point(y_test[:, 0], s_test[:, 0], 0.3)
+    assert a.auprc == pytest.approx(average_precision_score(y_test[:, 0], s_test[:, 0]))
+    assert a.prevalence == pytest.approx(y_test[:, 0].mean())
+    assert b.at_youden is None and b.at_sensitivity is None and "validation has no positive" in b.thresholds.reason
+    assert b.calibration.ece is not None and b.to_dict()["at_youden"] is None
+
+
+def test_auprc_equals_sklearn_and_by_hand():
+    assert operating.auprc([1, 0, 1], [0.9, 0.8, 0.7]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    y, s, _ = synthetic(100, k=NUM_FINDINGS, seed=10)
+    y[:, 5] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = operating.auprc_per_finding(y, s)
+    for k in range(NUM_FINDINGS):
+        if k == 5:
+            assert math.isnan(got[k])
+        else:
+            assert got[k] == pytest.approx(average_precision_score(y[:, k], s[:, k]), abs=1e-12)
+
+
+# --- calibration ---------------------------------------------------------------------------------------------
+
+
+def test_ece_computed_by_hand():
+    # bin [0, .1]: .05 vs 0 (gap .05, 1 image); (.1, .2]: .15 vs 1/2 (gap .35, 2); (.8, .9]: .85 vs 1 (gap .15, 1);
+    # (.9, 1]: .95 vs 1/2 (gap .45, 2). ECE = (.05 + 2 * .35 + .15 + 2 * .45) / 6 = 0.3
+    cal = operating.calibration([0, 0, 1, 1, 1, 0], [0.05, 0.15, 0.15, 0.85, 0.95, 0.95])
+    assert cal.ece == pytest.approx(0.3)
+    assert [b.count for b in cal.bins] == [1, 2, 0, 0, 0, 0, 0, 0, 1, 2]
+    assert cal.bins[1].confidence == pytest.approx(0.15) and cal.bins[1].observed == 0.5
+    assert cal.bins[2].confidence is None and cal.bins[2].observed is None
+    assert (cal.bins[9].lower, cal.bins[9].upper) == pytest.approx((0.9, 1.0))
+    assert operating.calibration([1, 0, 0, 0], [0.25] * 4).ece == pytest.approx(0.0)  # 1 in 4 at 0.25
+    assert operating.calibration([1, 0, 1, 0], [0.3] * 4, bins=1).ece == pytest.approx(0.2)
+
+
+def test_reliability_table_equals_sklearn_calibration_curve_edges_included():
+    rng = np.random.default_rng(0)
+    p = np.concatenate([rng.random(500), np.linspace(0, 1, 11), [0.0, 1.0]])  # bin edges exactly, too
+    y = rng.random(len(p)) < p
+    for bins in (5, 10, 15):
+        cal = operating.calibration(y, p, bins)
+        observed, predicted = calibration_curve(y, p, n_bins=bins, strategy="uniform")
+        full = [b for b in cal.bins if b.count]
+        np.testing.assert_allclose([b.observed for b in full], observed, atol=1e-12)
+        np.testing.assert_allclose([b.confidence for b in full], predicted, atol=1e-12)
+        assert sum(b.count for b in cal.bins) == len(p)
+
+
+def test_calibration_rejects_logits():
+    with pytest.raises(ValueError, match="logits"):
+        operating.calibration([0, 1], [-2.0, 3.0])
