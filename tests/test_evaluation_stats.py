@@ -10,7 +10,7 @@ import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cxr.evaluation import bootstrap, operating
+from cxr.evaluation import bootstrap, figures, operating
 from cxr.labels import FINDINGS, NUM_FINDINGS
 
 
@@ -334,3 +334,29 @@ def test_reliability_table_equals_sklearn_calibration_curve_edges_included():
 def test_calibration_rejects_logits():
     with pytest.raises(ValueError, match="logits"):
         operating.calibration([0, 1], [-2.0, 3.0])
+
+
+# --- figures -------------------------------------------------------------------------------------------------
+
+
+def test_figures_write_pngs_and_say_undefined(tmp_path):
+    y, s, pid = synthetic(80, k=NUM_FINDINGS, seed=11)
+    p = 1 / (1 + np.exp(-s))
+    y[:, 1] = False
+    ci = bootstrap.auroc_ci(y, p, pid, resamples=200)
+    built = {
+        "pr": figures.pr_grid(y, p, "test PR"),
+        "reliability": figures.reliability_grid(y, p, "test calibration"),
+        "roc": figures.roc_grid_ci(y, p, ci, "test ROC"),
+    }
+    for name, fig in built.items():
+        path = tmp_path / f"{name}.png"
+        fig.savefig(path, dpi=50)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        titles = [ax.get_title() for ax in fig.axes]
+        assert titles[0].startswith(FINDINGS[0]) and titles[1].startswith(FINDINGS[1])
+        assert sum(not ax.axison for ax in fig.axes) == 2  # 4 x 4 grid, 14 panels used
+    assert "undefined" in built["pr"].axes[1].get_title() and "undefined" in built["roc"].axes[1].get_title()
+    assert "no positive" in built["reliability"].axes[1].get_title()
+    assert f"{ci.findings[0].low:.3f}" in built["roc"].axes[0].get_title()
+    assert f"AP {average_precision_score(y[:, 0], p[:, 0]):.3f}" in built["pr"].axes[0].get_title()
