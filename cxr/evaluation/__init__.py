@@ -1,0 +1,1 @@
+"""Test-split statistics a radiologist can trust: bootstrap CIs, operating points, calibration, figures."""

@@ -1,0 +1,116 @@
+"""Figures for the test report: precision-recall, reliability and ROC-with-CI grids, one panel per finding.
+
+Built on `matplotlib.figure.Figure` rather than pyplot, so no GUI backend or global figure registry is
+involved (a long evaluation cannot leak open figures); `fig.savefig(path)` renders with Agg. The panel
+layout follows `cxr.report.roc_grid`: a 4-wide grid, 9-point titles, an undefined finding says why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from numpy.typing import ArrayLike
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from cxr.evaluation.bootstrap import AurocCI, finding_names
+from cxr.evaluation.operating import auprc, calibration
+
+COLUMNS = 4
+
+
+def _grid(k: int, title: str) -> tuple[Figure, list[Axes]]:
+    """A figure with one square-ish panel per finding, spare panels switched off."""
+    rows = max(1, math.ceil(k / COLUMNS))
+    fig = Figure(figsize=(13, 13 * rows / COLUMNS))
+    axes = list(fig.subplots(rows, COLUMNS, squeeze=False).flat)
+    for ax in axes[k:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    return fig, axes[:k]
+
+
+def _frame(ax: Axes, xlabel: str, ylabel: str) -> None:
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(xlabel, fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=7)
+    ax.tick_params(labelsize=7)
+
+
+def _arrays(y_true: ArrayLike, y_score: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true) > 0
+    s = np.asarray(y_score, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 2:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} must both be [N, findings]")
+    return y, s
+
+
+def pr_grid(y_true: ArrayLike, y_score: ArrayLike, title: str, names: Sequence[str] | None = None) -> Figure:
+    """Precision-recall curve per finding with its AP; the dashed line is prevalence, a random model's precision."""
+    y, s = _arrays(y_true, y_score)
+    fig, axes = _grid(y.shape[1], title)
+    for k, (ax, name) in enumerate(zip(axes, finding_names(y.shape[1], names), strict=True)):
+        ap = auprc(y[:, k], s[:, k])
+        if ap is None:
+            ax.set_title(f"{name}\nundefined: no positive image", fontsize=9)
+        else:
+            precision, recall, _ = precision_recall_curve(y[:, k], s[:, k])
+            prevalence = float(y[:, k].mean())
+            ax.step(recall, precision, where="post", lw=1.5)
+            ax.axhline(prevalence, color="0.6", lw=1, ls="--")
+            ax.set_title(f"{name}\nAP {ap:.3f}  (prevalence {prevalence:.3f})", fontsize=9)
+        _frame(ax, "recall", "precision")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_grid(
+    y_true: ArrayLike, y_prob: ArrayLike, title: str, bins: int = 10, names: Sequence[str] | None = None
+) -> Figure:
+    """Reliability diagram per finding: observed frequency per probability bin against the diagonal, with ECE."""
+    y, p = _arrays(y_true, y_prob)
+    fig, axes = _grid(y.shape[1], title)
+    for k, (ax, name) in enumerate(zip(axes, finding_names(y.shape[1], names), strict=True)):
+        cal = calibration(y[:, k], p[:, k], bins)
+        ax.plot([0, 1], [0, 1], color="0.8", lw=1)
+        full = [b for b in cal.bins if b.count]
+        if cal.ece is None:
+            ax.set_title(f"{name}\nundefined: no image", fontsize=9)
+        else:
+            ax.bar([b.lower for b in full], [b.observed for b in full], width=[b.upper - b.lower for b in full],
+                   align="edge", color="tab:blue", alpha=0.35, edgecolor="tab:blue")
+            ax.plot([b.confidence for b in full], [b.observed for b in full], marker="o", ms=3, lw=1, color="tab:blue")
+            note = "" if y[:, k].any() else ", no positive image"
+            ax.set_title(f"{name}\nECE {cal.ece:.3f}  (n={len(y)}{note})", fontsize=9)
+        _frame(ax, "mean predicted probability", "fraction positive")
+    fig.tight_layout()
+    return fig
+
+
+def roc_grid_ci(y_true: ArrayLike, y_score: ArrayLike, ci: AurocCI, title: str) -> Figure:
+    """ROC curve per finding with its AUROC and bootstrap CI (from `auroc_ci` on the same predictions)."""
+    y, s = _arrays(y_true, y_score)
+    if len(ci.findings) != y.shape[1]:
+        raise ValueError(f"CI for {len(ci.findings)} findings, predictions for {y.shape[1]}")
+    fig, axes = _grid(y.shape[1], title)
+    level = f"{100 * ci.confidence:g}%"
+    for k, (ax, f) in enumerate(zip(axes, ci.findings, strict=True)):
+        name = f.finding
+        ax.plot([0, 1], [0, 1], color="0.8", lw=1)
+        if f.auroc is None:
+            ax.set_title(f"{name}\nundefined: {f.reason}", fontsize=9)
+        else:
+            fpr, tpr, _ = roc_curve(y[:, k], s[:, k])
+            ax.plot(fpr, tpr, lw=1.5)
+            band = "" if f.low is None else f"  {level} CI {f.low:.3f}–{f.high:.3f}"
+            ax.set_title(f"{name}\nAUROC {f.auroc:.3f}{band}", fontsize=9)
+        _frame(ax, "1 - specificity", "sensitivity")
+    if ci.mean is not None and ci.mean_low is not None:
+        fig.suptitle(f"{title}   mean AUROC {ci.mean:.3f} ({level} CI {ci.mean_low:.3f}–{ci.mean_high:.3f}, "
+                     f"patient bootstrap, {ci.resamples} resamples)")
+    fig.tight_layout()
+    return fig
