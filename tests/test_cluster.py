@@ -9,81 +9,17 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import re
 import secrets
-import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 
 import pytest
 from conftest import ROOT, VENV_BIN, quiet_env
-
-DOCKERFILE = os.path.join(ROOT, "Dockerfile")
-
-
-def dockerfile_instructions(path: str) -> list[tuple[str, str]]:
-    """(KEYWORD, arguments) per instruction: backslash continuations joined, comment lines dropped, as Docker does."""
-    instructions, pending = [], ""
-    with open(path) as fh:
-        for raw in fh:
-            line = raw.rstrip("\n")
-            if line.lstrip().startswith("#"):
-                continue  # a comment, also inside a continued instruction
-            if line.rstrip().endswith("\\"):
-                pending += line.rstrip()[:-1] + " "
-                continue
-            line, pending = pending + line, ""
-            if line.strip():
-                keyword, _, args = line.strip().partition(" ")
-                instructions.append((keyword.upper(), args.strip()))
-    if pending.strip():
-        raise ValueError(f"{path}: the last instruction ends with a line continuation")
-    return instructions
-
-
-def _substitute(value: str, env: dict[str, str]) -> str:
-    """$NAME and ${NAME} from the ENV set so far (Docker's substitution, without the :- and :+ forms)."""
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), ""), value)
-
-
-def dockerfile_env(path: str = DOCKERFILE) -> dict[str, str]:
-    """The environment every ENV instruction of the Dockerfile gives its image: `K=V ...` and legacy `K V` forms."""
-    env: dict[str, str] = {}
-    for keyword, args in dockerfile_instructions(path):
-        if keyword != "ENV":
-            continue
-        first = args.split(None, 1)[0]
-        if "=" not in first:  # legacy form: ENV KEY the rest of the line
-            key, _, value = args.partition(" ")
-            env[key] = _substitute(value.strip(), env)
-            continue
-        for token in shlex.split(args):
-            key, sep, value = token.partition("=")
-            if not sep:
-                raise ValueError(f"{path}: ENV {args!r} mixes KEY=VALUE and legacy forms")
-            env[key] = _substitute(value, env)
-    return env
-
-
-def test_dockerfile_env_parser_reads_every_form(tmp_path) -> None:
-    path = tmp_path / "Dockerfile"
-    path.write_text(textwrap.dedent("""\
-        FROM scratch
-        ENV A=1 B="two words" \\
-        # a comment inside the continuation
-            C=${A}x
-        env LEGACY value with spaces
-        ENV D=$B
-        RUN echo ENV=notenv
-        """))
-    assert dockerfile_env(str(path)) == {"A": "1", "B": "two words", "C": "1x", "LEGACY": "value with spaces",
-                                         "D": "two words"}
-
+from test_k8s import dockerfile_env
 
 # A KubeRay pod runs `ray start --head ...` or `ray start --address=<head>:6379 ...` with the image's environment
 # (ray-operator/controllers/ray/common/pod.go, concatenateContainerCommand). Inside a private network and pid
