@@ -154,6 +154,83 @@ def test_strict_schema_rejects_unknown_fields() -> None:
         jsonschema.validate(bad, crd_schema(bad["kind"]))
 
 
+# ---------------------------------------------------------------------------------------- pods
+
+IMAGE_UID = 1000
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "fsGroup": IMAGE_UID,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def manifest_documents() -> list[tuple[str, dict]]:
+    """Every document of k8s/, and every YAML document a ConfigMap carries (the CronJob's RayJob)."""
+    found = []
+    for name in MANIFESTS:
+        with open(os.path.join(ROOT, "k8s", name)) as fh:
+            for doc in yaml.safe_load_all(fh):
+                found.append((f"{name}:{doc['kind']}", doc))
+                if doc["kind"] == "ConfigMap":
+                    found += [(f"{name}:{key}", yaml.safe_load(text)) for key, text in doc["data"].items()]
+    return found
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """Every PodSpec (a mapping with `containers`) anywhere in the manifests, named by where it sits."""
+    found = []
+
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("containers"), list):
+                found.append((where, node))
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    for where, doc in manifest_documents():
+        walk(doc, where)
+    return found
+
+
+def test_every_pod_of_the_manifests_is_found() -> None:
+    """Head, worker group and submitter of each RayJob (the ConfigMap's too), and the CronJob's pod."""
+    where = [w for w, _ in pod_specs()]
+    rayjobs = [w for w, doc in manifest_documents() if doc.get("kind") == "RayJob"]
+    assert len(rayjobs) == 3, rayjobs
+    for part in ("headGroupSpec.template.spec", "workerGroupSpecs[0].template.spec", "submitterPodTemplate.spec"):
+        assert len([w for w in where if w.endswith(part)]) == 3, (part, where)  # KubeRay's default submitter
+    assert [w for w in where if "CronJob" in w] == ["retrain-cronjob.yaml:CronJob.spec.jobTemplate.spec.template.spec"]
+    assert len(where) == 10, where
+
+
+@pytest.mark.parametrize("where,spec", pod_specs(), ids=[w for w, _ in pod_specs()])
+def test_pod_runs_unprivileged_on_a_read_only_root(where: str, spec: dict) -> None:
+    pod = spec.get("securityContext", {})
+    assert {k: pod.get(k) for k in POD_SECURITY} == POD_SECURITY, f"{where}: pod securityContext {pod}"
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for container in spec["containers"] + spec.get("initContainers", []):
+        name, sc = container["name"], container.get("securityContext", {})
+        assert sc.get("allowPrivilegeEscalation") is False, f"{where} {name}: allowPrivilegeEscalation"
+        assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{where} {name}: capabilities {sc}"
+        assert sc.get("readOnlyRootFilesystem") is True, f"{where} {name}: readOnlyRootFilesystem"
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        # Ray keeps sessions, logs and spilled objects in /tmp/ray; numba, Keras and matplotlib cache under HOME
+        writable = ["/tmp", "/home/ray"] if container["image"].startswith("registry.example.org/cxr") else ["/tmp"]
+        for path in writable:
+            assert "emptyDir" in volumes.get(mounts.get(path), {}), f"{where} {name}: no emptyDir at {path}"
+
+
+def test_image_user_is_the_pods_non_root_uid() -> None:
+    """The image's last USER is created with the uid every pod's runAsUser names, and it is not root."""
+    instructions = dockerfile_instructions(DOCKERFILE)
+    users = [args.split(":")[0] for keyword, args in instructions if keyword == "USER"]
+    assert users and users[-1] not in {"root", "0"}, f"the image runs as {users[-1] if users else 'root'}"
+    created = [args for keyword, args in instructions if keyword == "RUN" and "useradd" in args]
+    assert any(re.search(rf"--uid[ =]{IMAGE_UID}\b.*\b{users[-1]}\s*$", args) for args in created), created
+    run_as = {where: spec.get("securityContext", {}).get("runAsUser") for where, spec in pod_specs()}
+    assert set(run_as.values()) == {IMAGE_UID}, run_as
+
+
 # ---------------------------------------------------------------------------------------- image
 
 
