@@ -45,6 +45,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def _start_local(num_cpus: int | None) -> None:
+    """ray.init on 127.0.0.1 in a private temp dir, with the reaper watching it from before the first process."""
     global _reaper
     loopback = "ray" not in sys.modules or os.environ.get(SINGLE_NODE) == "0"
     if "ray" not in sys.modules:
@@ -137,6 +138,8 @@ def _reap(temp_dir: str, ray_dir: str, patience: float = 10.0) -> None:
     spare = {os.getpid(), os.getppid()}
     while sys.stdin.buffer.read(65536):
         pass
+    if not os.path.isdir("/proc"):
+        return  # not Linux: nothing to read the session's processes from
     executables = (os.path.realpath(sys.executable), os.path.realpath(ray_dir) + os.sep)
     deadline = time.monotonic() + patience
     while (pids := session_processes(temp_dir, executables, spare)) and time.monotonic() < deadline:
