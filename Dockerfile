@@ -1,12 +1,18 @@
 # The image every Ray pod runs (head and workers): the cxr package, its jobs and configs.
 # GPU nodes: build with --build-arg TF_EXTRA=and-cuda to pull TensorFlow's CUDA wheels.
-FROM python:3.11-slim
+# Base pinned by digest (the multi-arch index; a Dockerfile comment cannot share the FROM line):
+# python:3.11-slim as published 2026-08-05, Python 3.11.15 on Debian trixie.
+FROM python:3.11-slim@sha256:90744cff8f32887f075c47d747a173ff333e9e98801667af93c357fa9f5e28ff
 ARG TF_EXTRA=""
-ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 TF_CPP_MIN_LOG_LEVEL=2 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# Never RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 here: it makes Ray single-node, so every worker pod's
+# `ray start --address` would abort; cxr sets it for its own local mode only (cxr/cluster.py).
+ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 TF_CPP_MIN_LOG_LEVEL=2
 WORKDIR /opt/cxr
-COPY pyproject.toml README.md ./
+# Every install is held to requirements.lock: each runtime dependency, transitively, at the tested version.
+COPY pyproject.toml README.md requirements.lock ./
 COPY cxr ./cxr
-RUN pip install . && if [ -n "$TF_EXTRA" ]; then pip install "tensorflow[$TF_EXTRA]==2.21.*"; fi
+RUN pip install --constraint requirements.lock . \
+    && if [ -n "$TF_EXTRA" ]; then pip install --constraint requirements.lock "tensorflow[$TF_EXTRA]==2.21.*"; fi
 COPY jobs ./jobs
 COPY configs ./configs
 RUN useradd --create-home --uid 1000 ray

@@ -1,29 +1,155 @@
-"""Connecting to Ray: the cluster a job was submitted to, or a local one bound to loopback."""
+"""Connecting to Ray: the cluster a job was submitted to, or a local one on loopback that dies with its driver.
+
+Local mode's loopback rests on one Ray setting: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray keeps 127.0.0.1 as
+the node address (otherwise ray.init swaps it for the host's), and every server it starts binds the node address
+(GCS, raylet, core workers, both agents, the metrics exporter). Ray reads the variable once, when it is imported.
+
+A reaper in its own session outlives a driver that is SIGKILLed: it holds the read end of a pipe from the driver,
+and when the pipe closes it kills every process of the driver's Ray session. Ray's own fate sharing takes down the
+GCS and raylet with the driver, but not the agents the raylet started, which linger for a minute or more.
+
+Run as a script (`python cluster.py TEMP_DIR RAY_DIR`), this module is that reaper: standard library only.
+"""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 
 log = logging.getLogger(__name__)
+
+SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_reaper: subprocess.Popen | None = None
 
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the job's cluster when there is one (RAY_ADDRESS, as `ray job submit` sets); else start one here.
 
-    A local cluster listens on 127.0.0.1 only. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray's TF backend
-    from writing the host's interface address into TF_CONFIG.
+    Joining leaves the environment alone: a cluster node's is the pod's. A local Ray listens on 127.0.0.1 only
+    and is torn down at exit, or by the reaper if the driver dies.
     """
+    if os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(log_to_driver=True)
+            log.info("joined Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        return
+    _start_local(num_cpus)
+
+
+def _start_local(num_cpus: int | None) -> None:
+    """ray.init on 127.0.0.1 in a private temp dir, with the reaper watching it from before the first process."""
+    global _reaper
+    loopback = "ray" not in sys.modules or os.environ.get(SINGLE_NODE) == "0"
+    if "ray" not in sys.modules:
+        os.environ[SINGLE_NODE] = "0"  # before the import: Ray reads it there (ray_constants.ENABLE_RAY_CLUSTER)
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        log.info("joined Ray cluster at %s", os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=True, runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                                              "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}})
-        log.info("started a local Ray on 127.0.0.1 with %s CPUs", ray.cluster_resources().get("CPU"))
+    if not loopback:
+        log.warning("ray was imported before cxr started its local Ray, without %s=0 in the environment, so Ray "
+                    "gives this node the host's address and the local Ray listens beyond loopback. Set %s=0 "
+                    "before importing ray, or leave the import to cxr.", SINGLE_NODE, SINGLE_NODE)
+    stop_local()  # the reaper of an earlier local Ray that was shut down by ray.shutdown() alone
+    root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"  # where Ray itself would go
+    temp_dir = tempfile.mkdtemp(prefix="cxr-ray-", dir=root)  # short: Ray's socket paths must stay < 108 bytes
+    _reaper = _spawn_reaper(temp_dir, os.path.dirname(ray.__file__))
+    try:
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 _temp_dir=temp_dir,
+                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}})
+    except BaseException:
+        stop_local()
+        raise
+    log.info("started a local Ray on %s with %s CPUs (its logs: %s)", ray.util.get_node_ip_address(),
+             ray.cluster_resources().get("CPU"), temp_dir)
+
+
+def _spawn_reaper(temp_dir: str, ray_dir: str) -> subprocess.Popen:
+    """This file as a script, in a session of its own (no terminal signal reaches it), reading our pipe.
+
+    -I: only the standard library is needed, and nothing from the environment or the working directory.
+    """
+    with open(os.path.join(temp_dir, "cxr-reaper.log"), "ab") as errors:
+        return subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), temp_dir, ray_dir],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors,
+                                start_new_session=True)
+
+
+def stop_local(timeout: float = 20.0) -> None:
+    """Shut down the local Ray this process started and wait until the reaper has cleared its session."""
+    global _reaper
+    reaper, _reaper = _reaper, None
+    if reaper is None:
+        return
+    import ray
+
+    try:
+        ray.shutdown()
+    finally:
+        reaper.stdin.close()
+        try:
+            reaper.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("the reaper of the local Ray (pid %d) is still clearing its session", reaper.pid)
+
+
+atexit.register(stop_local)  # atexit runs last-registered first: this may come before or after Ray's own hook
+
+
+# ------------------------------------------------------------------------------------------- the reaper
+
+
+def session_processes(temp_dir: str, executables: tuple[str, ...], spare: set[int]) -> list[int]:
+    """Live processes of a Ray session: a Ray binary or our Python, naming the session's directory in the command
+    line or holding a file under it open (workers and agents retitle themselves, but keep their log files)."""
+    mark, found = temp_dir.rstrip("/") + "/", []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in spare:
+            continue
+        proc = f"/proc/{entry}"
+        try:
+            if not os.path.realpath(f"{proc}/exe").startswith(executables):
+                continue
+            with open(f"{proc}/cmdline", "rb") as fh:
+                if mark.encode() in fh.read():
+                    found.append(int(entry))
+                    continue
+            if any(os.readlink(f"{proc}/fd/{fd}").startswith(mark) for fd in os.listdir(f"{proc}/fd")):
+                found.append(int(entry))
+        except OSError:
+            continue  # gone meanwhile, or not ours to inspect
+    return found
+
+
+def _reap(temp_dir: str, ray_dir: str, patience: float = 10.0) -> None:
+    """Wait for EOF on stdin (the driver exited or died), then SIGKILL the session until nothing of it is left.
+
+    The driver is spared: at a normal exit it waits for us, with its own Ray log files still open.
+    """
+    spare = {os.getpid(), os.getppid()}
+    while sys.stdin.buffer.read(65536):
+        pass
+    if not os.path.isdir("/proc"):
+        return  # not Linux: nothing to read the session's processes from
+    executables = (os.path.realpath(sys.executable), os.path.realpath(ray_dir) + os.sep)
+    deadline = time.monotonic() + patience
+    while (pids := session_processes(temp_dir, executables, spare)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    _reap(sys.argv[1], sys.argv[2])
