@@ -1,4 +1,4 @@
-"""`cxr` command line: one sub-command per stage. Argument parsing only; the work lives in the stage modules."""
+"""The `cxr` command: one sub-command per stage; it parses arguments and prints, the stage modules do the work."""
 
 from __future__ import annotations
 
@@ -43,14 +43,14 @@ def _print_inspect(s: dict) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from cxr import metadata
+    from cxr.data import metadata
 
     ds = metadata.load(args.data_root, seed=args.seed, val_fraction=args.val_fraction,
                        test_fraction=args.test_fraction, scan_images=args.scan_images,
                        progress=not args.json)
     s = metadata.summary(ds)
     if args.json:
-        json.dump(s, sys.stdout)
+        json.dump(s, sys.stdout, default=str)
         sys.stdout.write("\n")
     else:
         _print_inspect(s)
@@ -94,21 +94,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cxr import workflow
 
     s = workflow.run(cfg)
-    best = "none" if s["best_epoch"] is None else str(int(s["best_epoch"]) + 1)
+    best = "none" if s["best_epoch"] is None else str(int(s["best_epoch"]))
     early = " (stopped early)" if s["stopped_early"] else ""
     print(f"\nrun {cfg.run.name}: {s['epochs_done']} epoch(s){early}, best epoch {best}; AUROC per finding:")
     print(s["table"])
+    if s["skipped_images"] or s["test_images_skipped"]:
+        shown = ", ".join(redact(u) for u in s["skipped_images"][:5]) + (" …" if len(s["skipped_images"]) > 5 else "")
+        print(f"skipped as unreadable: {len(s['skipped_images'])} training image(s){': ' + shown if shown else ''}; "
+              f"{s['test_images_skipped']} test image(s) (listed in the run's skipped_images.txt)")
     print(f"checkpoints: {redact(s['run_path'])}")
     print(f"MLflow: {redact(s['tracking_uri'])}  experiment {s['experiment']!r}  run {s['mlflow_run_id']}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cxr", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+DESCRIPTION = """cxr trains multi-label chest X-ray classifiers (the 14 NIH ChestX-ray14 findings) on Ray, streaming
+prepared shards from object storage, and records every run in MLflow. A typical session:
 
-    q = sub.add_parser("inspect", help="validate a dataset root and summarise labels, splits and problems")
+  cxr inspect DATA_ROOT                  check a dataset root laid out like the NIH release
+  cxr prepare DATA_ROOT s3://bucket/x    decode every image once into shards + manifest.json
+  cxr train --config CONFIG key=value    train, score the best epoch on test, log it all to MLflow
+
+Paths are local paths or fsspec URLs (s3://…); S3 credentials come from the AWS_* environment."""
+
+
+def _parser(sub: argparse._SubParsersAction, name: str, help: str, verbose: argparse.ArgumentParser,
+            ) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", parents=[verbose],
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cxr import __version__
+
+    verbose = argparse.ArgumentParser(add_help=False)  # so that -v works before and after the sub-command
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logging, and every library's output (TensorFlow's, Ray's) unfiltered")
+    p = argparse.ArgumentParser(prog="cxr", description=DESCRIPTION, parents=[verbose],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"cxr {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = _parser(sub, "inspect", "validate a dataset root and summarise labels, splits and problems", verbose)
     q.add_argument("data_root", help="local path or fsspec URL laid out like the NIH release")
     q.add_argument("--json", action="store_true", help="one JSON object on stdout")
     q.add_argument("--scan-images", action="store_true", help="decode every image (finds truncated/RGBA/16-bit)")
@@ -118,31 +144,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--test-fraction", type=float, default=0.2, help="test patients when no official lists exist")
     q.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("synth", help="write a synthetic NIH-layout dataset of chest-radiograph phantoms")
-    s.add_argument("out_root")
-    s.add_argument("--patients", type=int, default=550)
+    s = _parser(sub, "synth", "write a synthetic NIH-layout dataset of chest-radiograph phantoms", verbose)
+    s.add_argument("out_root", help="local folder to write (images/, Data_Entry CSV, BBox list, split lists)")
+    s.add_argument("--patients", type=int, default=550, help="patients (about 3.5 images each)")
     s.add_argument("--size", type=int, default=256, help="image side in pixels")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--messy", action="store_true", help="add the real release's defects")
-    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--seed", type=int, default=0, help="seed of everything drawn: the same seed, the same bytes")
+    s.add_argument("--messy", action="store_true", help="add one of each of the real release's defects")
+    s.add_argument("--workers", type=int, default=None, help="drawing processes (default: one per CPU)")
     s.set_defaults(func=cmd_synth)
 
-    r = sub.add_parser("prepare", help="convert a dataset root into resized TFRecord shards + manifest.json")
+    r = _parser(sub, "prepare", "convert a dataset root into resized TFRecord shards + manifest.json", verbose)
     r.add_argument("data_root", help="local path or fsspec URL laid out like the NIH release")
     r.add_argument("out_uri", help="where shards and manifest.json go (local path, file://, s3://)")
     r.add_argument("--size", type=int, default=256, help="stored image side in pixels")
     r.add_argument("--codec", choices=["jpeg", "png", "uint8"], default="jpeg",
-                   help="jpeg (q95, 4x cheaper to decode than png), lossless png, or uint8 (the bare pixels: "
-                        "nothing to decode, 3-4x the bytes of jpeg); see docs/data.md")
+                   help="jpeg (q95, cheap to decode), lossless png, or uint8 (the bare pixels: nothing to decode, "
+                        "3-4x the bytes of jpeg); see docs/data.md")
     r.add_argument("--quality", type=int, default=95, help="JPEG quality")
-    r.add_argument("--images-per-shard", type=int, default=1000)
+    r.add_argument("--images-per-shard", type=int, default=1000, help="images per TFRecord shard")
     r.add_argument("--num-workers", type=int, default=None, help="parallel Ray tasks (default: cluster CPUs)")
     r.add_argument("--seed", type=int, default=0, help="seed of the val split and of the shard order")
-    r.add_argument("--val-fraction", type=float, default=0.1)
-    r.add_argument("--test-fraction", type=float, default=0.2)
+    r.add_argument("--val-fraction", type=float, default=0.1, help="fraction of train patients held out for val")
+    r.add_argument("--test-fraction", type=float, default=0.2, help="test patients when no official lists exist")
     r.set_defaults(func=cmd_prepare)
 
-    t = sub.add_parser("train", help="train on Ray, score the best checkpoint on test, record the run in MLflow")
+    t = _parser(sub, "train", "train on Ray, score the best checkpoint on test, record the run in MLflow", verbose)
     t.add_argument("--config", required=True, help="YAML config (configs/demo.yaml, configs/chexnet.yaml, ...)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
     t.set_defaults(func=cmd_train)
@@ -152,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter hides our output
     args = build_parser().parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     install_log_filter()

@@ -14,18 +14,16 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cxr import storage
 from cxr.redact import redact
 
 Precision = Literal["float32", "mixed_bfloat16", "mixed_float16"]
-ModelName = Literal["small_cnn", "mobilenet_v2", "densenet121", "efficientnet_b0"]
 
 GPU_PRECISION: Precision = "mixed_float16"
-# On the 2-core AMX CPU this project runs on, mixed_bfloat16 gains nothing for the BN nets we train
-# (small_cnn 128 px, 1 thread: 57.5 vs 55.6 ms/step; mobilenet_v2: 292 vs 440 ms/step, bf16 slower):
-# the casts around batch norm eat the faster convolutions. float32 is as fast and exact.
+# On CPUs, mixed_bfloat16 is no faster for the batch-norm nets trained here (the casts around batch norm eat
+# the faster convolutions; docs/benchmarks.md), and float32 is exact.
 CPU_PRECISION: Precision = "float32"
 
 
@@ -40,35 +38,70 @@ class Section(BaseModel):
 
 
 class Augment(Section):
-    """Training-time augmentation (cxr.pipeline.Augment); validation is never augmented.
+    """Training-time augmentation (applied by cxr.data.augment); validation is never augmented.
 
     Set a range to 0 to turn that augmentation off, or `enabled: false` for none at all. Flips are off
-    by default: the heart is on the left, and a flipped radiograph is not a plausible one.
+    by default: the heart is on the left, and a flipped radiograph is not a plausible one. The model is
+    frozen (hashable) because the input pipeline captures it in traced functions.
     """
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, frozen=True)
 
     enabled: bool = True
     rotate_deg: float = Field(7.0, ge=0.0, le=45.0)
-    scale: tuple[float, float] = (0.9, 1.1)
+    scale: tuple[float, float] = Field((0.9, 1.1), description="zoom range (a factor of 1 is no zoom)")
     translate: float = Field(0.05, ge=0.0, lt=0.5, description="fraction of the image side")
-    brightness: float = Field(0.1, ge=0.0, le=1.0)
-    contrast: float = Field(0.1, ge=0.0, le=1.0)
+    brightness: float = Field(0.1, ge=0.0, le=1.0, description="additive, fraction of the full range")
+    contrast: float = Field(0.1, ge=0.0, le=1.0, description="gain in [1 - c, 1 + c] around each image's mean")
     hflip: bool = False
+    kernel: Literal["xla", "tf"] = Field("xla", description="xla: fused bilinear gather; tf: the reference op")
 
 
 class Data(Section):
-    manifest_uri: str = Field(description="manifest.json written by `cxr prepare` (or its folder)")
+    """Where images come from: prepared shards (the fast path) or, for small data, a raw dataset root."""
+
+    source: Literal["shards", "raw"] = Field("shards", description="shards: manifest_uri; raw: root")
+    manifest_uri: str | None = Field(None, description="manifest.json written by `cxr prepare` (or its folder)")
+    root: str | None = Field(None, description="raw mode: a dataset root laid out like NIH's (path or fsspec URL)")
     image_size: int = Field(224, ge=32, le=1024)
     train_split: str = "train"
     val_split: str = "val"
     augment: Augment = Field(default_factory=Augment)
     seed: int = 0
-    allow_upsample: bool = Field(False, description="train above the shards' stored size (blurry: refused unless set)")
+    allow_upsample: bool = Field(False, description="train above the stored image size (blurry: refused unless set)")
+    raw_size: int | None = Field(None, ge=32, le=4096, description="raw mode: images are preprocessed to this side "
+                                 "first, as `cxr prepare --size` would (default: image_size)")
+    split_seed: int = Field(0, description="raw mode: the patient split's seed (`cxr inspect --seed`)")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="raw mode: as `cxr inspect --val-fraction`")
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="raw mode, no official lists: test patients")
+
+    @model_validator(mode="after")
+    def _where(self) -> Data:
+        if self.source == "shards" and not self.manifest_uri:
+            raise ValueError("data.source is shards: set data.manifest_uri (or data.source=raw with data.root)")
+        if self.source == "raw" and not self.root:
+            raise ValueError("data.source is raw: set data.root to a dataset root")
+        return self
+
+    @property
+    def location(self) -> str:
+        """The manifest or the root: what identifies the data of a run."""
+        return str(self.manifest_uri if self.source == "shards" else self.root)
 
 
 class Model(Section):
-    name: ModelName = "small_cnn"
+    name: str = Field("small_cnn", description="a name in cxr.models.MODELS")
     weights: str | None = Field(None, description="initial weights file (local path or fsspec URL)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from cxr.models import MODEL_NAMES  # the one registry of model names
+
+        if name not in MODEL_NAMES:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        return name
 
 
 class Optim(Section):
@@ -225,7 +258,8 @@ def with_absolute_paths(config: Config) -> Config:
     return config.model_copy(update={
         "tracking": config.tracking.model_copy(
             update={"tracking_uri": absolute_tracking(config.tracking.tracking_uri)}),
-        "data": config.data.model_copy(update={"manifest_uri": absolute(config.data.manifest_uri)}),
+        "data": config.data.model_copy(update={"manifest_uri": absolute(config.data.manifest_uri),
+                                               "root": absolute(config.data.root)}),
         "model": config.model.model_copy(update={"weights": absolute(config.model.weights)}),
         "run": config.run.model_copy(update={"storage_path": absolute(config.run.storage_path)}),
     })

@@ -1,5 +1,4 @@
-"""The training objective: binary cross-entropy over the 14 findings (optionally Wang-weighted), and the
-epoch-level schedule around it: reduce-on-plateau, early stopping and best-epoch selection.
+"""The training objective: binary cross-entropy over the 14 findings, optionally Wang-weighted.
 
 Positives are rare (Hernia is ~0.2% of NIH images), so unweighted BCE lets a model score well by
 predicting "absent" everywhere. Wang et al. weight each finding's positive terms by
@@ -8,19 +7,11 @@ counted on the training split. The loss is computed in float32 whatever the mixe
 
 The loss returns one value per example (mean over findings) so the distributed train step can scale
 it by the GLOBAL batch size (`tf.nn.compute_average_loss`).
-
-The schedule follows CheXNet: the learning rate is divided by 10 when validation mean AUROC has not
-improved for `patience` epochs, training stops after `stop_patience` epochs without improvement, and
-the best epoch is the one with the highest validation mean AUROC. Its state is plain data so a
-checkpoint can carry it and a resumed run makes exactly the decisions the original would have.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import keras
 import numpy as np
@@ -79,47 +70,3 @@ def mean_loss(loss_fn: LossFn, y_true: np.ndarray, y_prob: np.ndarray) -> float:
     """Mean of `loss_fn` over a whole split held in memory (validation after the gather)."""
     per_example = loss_fn(ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_prob))
     return float(keras.ops.convert_to_numpy(ops.mean(per_example)))
-
-
-@dataclass
-class Schedule:
-    """Reduce-on-plateau + early stopping + best epoch, driven by one score per epoch (higher is better)."""
-
-    lr: float
-    patience: int = 1
-    factor: float = 0.1
-    min_lr: float = 0.0
-    stop_patience: int | None = None
-    best_score: float = -math.inf
-    best_epoch: int = -1
-    epochs_since_best: int = 0
-    epochs_since_lr_change: int = 0
-    stopped: bool = False
-
-    def update(self, epoch: int, score: float) -> bool:
-        """Record epoch `epoch`'s score; adjust lr / stop flag. True if this epoch is the new best.
-
-        An undefined score (NaN: no finding had both classes) never counts as an improvement.
-        """
-        improved = math.isfinite(score) and score > self.best_score
-        if improved:
-            self.best_score, self.best_epoch = score, epoch
-            self.epochs_since_best = self.epochs_since_lr_change = 0
-            return True
-        self.epochs_since_best += 1
-        self.epochs_since_lr_change += 1
-        if self.epochs_since_lr_change >= self.patience and self.lr > self.min_lr:
-            self.lr = max(self.lr * self.factor, self.min_lr)
-            self.epochs_since_lr_change = 0
-        if self.stop_patience is not None and self.epochs_since_best >= self.stop_patience:
-            self.stopped = True
-        return False
-
-    def state(self) -> dict[str, Any]:
-        """What changes during training; the settings (patience, factor, ...) come from the config."""
-        settings = ("patience", "factor", "min_lr", "stop_patience")
-        return {k: v for k, v in asdict(self).items() if k not in settings}
-
-    def restored(self, state: dict[str, Any]) -> Schedule:
-        """This schedule's settings with the progress saved by `state()` (a resumed run)."""
-        return Schedule(**{**asdict(self), **state})

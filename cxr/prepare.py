@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 from tqdm import tqdm
 
-from cxr import metadata, storage
+from cxr import storage
 from cxr.cluster import init_ray
-from cxr.shards import MANIFEST, Params, build_manifest, committed_receipt, plan, write_shard
+from cxr.data import manifest, metadata
+from cxr.shards import Params, committed_receipt, plan, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +56,21 @@ def prepare(data_root: str, out_uri: str, params: Params, num_workers: int | Non
         bar.set_postfix(quarantined=sum(len(r["quarantine"]) for r in receipts))
     bar.close()
 
-    manifest = build_manifest(ds, params, receipts)
-    storage.write_text(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=1))
+    built = manifest.build(ds, params.as_dict(), receipts)
+    url = manifest.write(out_uri, built)
     seconds = time.perf_counter() - t0
     written = receipts[skipped:]
     converted = sum(r["records"] for r in written)
     return {
-        "manifest": storage.join(out_uri, MANIFEST),
-        "images": sum(s["images"] for s in manifest["splits"].values()),
+        "manifest": url,
+        "images": sum(s["images"] for s in built["splits"].values()),
         "converted": converted,
         "shards_written": len(written),
         "shards_kept": skipped,
         "bytes": sum(r["bytes"] for r in receipts),
-        "quarantined": len(manifest["quarantine"]),
-        "excluded_by_metadata": len(manifest["excluded_by_metadata"]),
+        "quarantined": len(built["quarantine"]),
+        "notes": len(built["notes"]),
+        "excluded_by_metadata": len(built["excluded_by_metadata"]),
         "seconds": round(seconds, 2),
         "images_per_second": round(converted / seconds, 1) if seconds else 0.0,
     }

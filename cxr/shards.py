@@ -1,19 +1,10 @@
-"""The shard stage: decode each raw image once, in parallel Ray tasks, into compact TFRecord shards.
+"""The shard writer: each raw image decoded once, in parallel Ray tasks, into compact TFRecord shards.
 
-A 1024² NIH PNG costs ~4.4 ms to decode on one core with libpng (~3 with `cxr.png`), a 256² JPEG 0.13 ms;
-training reads every image every epoch, so images are converted once to
-`OUT_URI/{split}/shard-NNNNN-of-NNNNN.tfrecord` and a `manifest.json` that later stages trust. Each shard
-is committed atomically with a small receipt in `OUT_URI/_parts/`; a re-run skips shards that have both, so
-a crashed job resumes where it stopped.
-
-Image handling (the same for every source): every image's header is checked against `png.ImageLimits`
-before it is decoded (dimensions, pixel count, aspect ratio), so a few hundred bytes cannot claim gigabytes;
-beyond them it is `ImageRejected` (a ValueError). 16-bit images are rescaled linearly from their bit depth
-(the smallest power of two above the maximum value) to 8 bits; RGB(A), LA and palette images become 8-bit
-luma (alpha dropped: NIH's RGBA images are opaque), converted a strip of rows at a time so no full-size
-temporary is made. Images are resized with Lanczos filtering so the long side is `size`, aspect kept, and a
-non-square one is then padded, centred, with black (the radiograph background) to `size`²: anatomy is never
-stretched or cropped, and no full-resolution square canvas is ever allocated.
+Training reads every image every epoch and a 1024² PNG costs milliseconds to decode where a 256² JPEG or
+bare pixels cost a fraction of one, so images are preprocessed once (`cxr.data.images`, the one path) and
+stored as `OUT_URI/{split}/shard-NNNNN-of-NNNNN.tfrecord`. Each shard is committed atomically with a small
+receipt in `OUT_URI/_parts/`; a re-run skips shards that have both, so a crashed job resumes where it
+stopped. The manifest that later stages trust is `cxr.data.manifest`'s.
 """
 
 from __future__ import annotations
@@ -23,27 +14,22 @@ import io
 import json
 import logging
 import os
-import re
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from cxr import labels, metadata, png, storage
-from cxr.png import LIMITS, ImageLimits, ImageRejected
+from cxr import labels, storage
+from cxr.data import images, metadata
+from cxr.data.manifest import CODECS
+from cxr.data.png import LIMITS, ImageLimits
 
 log = logging.getLogger(__name__)
 
-FORMAT = "cxr-shards/1"
-CODECS = ("jpeg", "png", "uint8")  # uint8: the pixels themselves, row-major, no header
 JPEG_QUALITY = 95
-MANIFEST = "manifest.json"
 PARTS = "_parts"
-WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # more than 8 bits per pixel: rescaled, not converted
-STRIP_PIXELS = 1 << 18  # to_gray8 converts this many pixels at a time: its temporaries stay ~1-2 MB
 
 
 @dataclass(frozen=True)
@@ -63,81 +49,9 @@ class Params:
             "size": self.size, "codec": self.codec, "quality": self.quality if self.codec == "jpeg" else None,
             "images_per_shard": self.images_per_shard, "seed": self.seed, "val_fraction": self.val_fraction,
             "test_fraction": self.test_fraction, "grayscale_bits": 8,
-            "aspect": "Lanczos resize of the long side to size, aspect kept; short side padded, centred, black",
+            "aspect": "box-average then bilinear resize of the long side to size, aspect kept; short side padded, "
+                      "centred, black",
         }
-
-
-def _strips(im: Image.Image) -> Iterator[tuple[int, int, Image.Image]]:
-    """(first row, end row, that strip of `im`) covering the image, STRIP_PIXELS at a time."""
-    width, height = im.size
-    step = max(1, STRIP_PIXELS // width)
-    if step >= height:
-        yield 0, height, im
-        return
-    for top in range(0, height, step):
-        yield top, min(top + step, height), im.crop((0, top, width, min(top + step, height)))
-
-
-def _rescale_table(full: float) -> np.ndarray:
-    """uint8 [65536]: `_rescale` of every 16-bit value, so a 16-bit image costs one lookup per pixel."""
-    return _rescale(np.arange(1 << 16, dtype=np.float64), full)
-
-
-def _rescale(values: np.ndarray, full: float) -> np.ndarray:
-    return np.clip(np.rint(values.astype(np.float64) * (255.0 / full)), 0, 255).astype(np.uint8)
-
-
-def _luma(strip: Image.Image) -> np.ndarray:
-    """One strip of an 8-bit-per-channel image → uint8 luma (per-pixel conversions: strips give the whole's)."""
-    if strip.mode == "PA":
-        strip = strip.convert("RGBA")  # then RGBA → L, which is RGB → L: Pillow's luma ignores alpha
-    elif strip.mode == "LA":
-        strip = strip.getchannel("L")
-    return np.asarray(strip if strip.mode == "L" else strip.convert("L"), dtype=np.uint8)
-
-
-def to_gray8(im: Image.Image) -> np.ndarray:
-    """Any PIL image → 8-bit grayscale array, converting modes explicitly (see module docstring).
-
-    A strip at a time: besides Pillow's decoded image and the result, memory stays at a few strips.
-    """
-    if im.mode == "L":
-        return np.asarray(im, dtype=np.uint8)
-    out = np.empty((im.size[1], im.size[0]), np.uint8)
-    if im.mode not in WIDE_MODES:
-        for top, end, strip in _strips(im):
-            out[top:end] = _luma(strip)
-        return out
-    lo, hi = np.inf, -np.inf
-    for _, _, strip in _strips(im):
-        values = np.asarray(strip)
-        lo, hi = min(lo, values.min()), max(hi, values.max())
-    full = 2.0 ** np.ceil(np.log2(max(float(hi), 1.0) + 1.0)) - 1.0
-    table = _rescale_table(full) if im.mode != "F" and 0 <= lo and hi < 1 << 16 else None
-    for top, end, strip in _strips(im):
-        values = np.asarray(strip)
-        out[top:end] = table[values] if table is not None else _rescale(values, full)
-    return out
-
-
-def _lanczos(gray: np.ndarray, width: int, height: int) -> np.ndarray:
-    im = Image.fromarray(gray, mode="L").resize((width, height), Image.Resampling.LANCZOS, reducing_gap=2.0)
-    return np.asarray(im, dtype=np.uint8)
-
-
-def square_resize(gray: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [h, w] → [size, size]: Lanczos to a long side of `size`, aspect kept (the short side rounded, ≥ 1),
-    then padded, centred, with black. A square image is resized as a whole, as it always was."""
-    h, w = gray.shape
-    if h == w:
-        return gray if h == size else _lanczos(gray, size, size)
-    long = max(h, w)
-    rh, rw = (max(1, (side * size + long // 2) // long) for side in (h, w))
-    small = gray if (rh, rw) == (h, w) else _lanczos(gray, rw, rh)
-    out = np.zeros((size, size), np.uint8)
-    top, left = (size - rh) // 2, (size - rw) // 2
-    out[top:top + rh, left:left + rw] = small
-    return out
 
 
 def encode(gray: np.ndarray, codec: str, quality: int = JPEG_QUALITY) -> bytes:
@@ -154,73 +68,9 @@ def encode(gray: np.ndarray, codec: str, quality: int = JPEG_QUALITY) -> bytes:
     return buf.getvalue()
 
 
-def decode(data: bytes, limits: ImageLimits = LIMITS) -> np.ndarray:
-    """Raw image file bytes → 8-bit grayscale array: `cxr.png` for 8-bit grayscale PNGs (NIH's; 2-3× faster
-    than libpng), Pillow and `to_gray8` for anything else. PNGs have every chunk CRC checked either way.
-
-    Any file that cannot be decoded is a ValueError saying why (ImageRejected beyond `limits`, which are
-    checked from the header before any pixel is decoded); the message never depends on the run.
-    """
-    if data.startswith(png.SIGNATURE):
-        return decode_png(png.parse(data, limits), data)
-    return _pillow(data, limits)
-
-
-def decode_png(image: png.Png, data: bytes) -> np.ndarray:
-    """A parsed PNG's pixels as 8-bit grayscale; for Pillow's kinds the image data's size is checked first."""
-    if image.gray8:
-        return image.pixels()
-    image.check_size()
-    return _pillow(data, None)  # `png.parse` checked the header against the caller's limits
-
-
-def _pillow(data: bytes, limits: ImageLimits | None) -> np.ndarray:
-    """Pillow's decode of any format it knows, the header checked against `limits` (None: already checked)
-    and Pillow's own bomb guard applied; every failure a ValueError."""
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    kind = "image"
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # lazy: only the header is read here
-            kind = f"{im.format} image"
-            if limits is not None:
-                limits.check(*im.size)
-            im.load()
-            return to_gray8(im)
-    except (ImageRejected, MemoryError):
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageRejected(f"{kind} refused by Pillow's decompression-bomb guard: {exc}") from None
-    except UnidentifiedImageError:
-        raise ValueError(f"not an image: unrecognised format (first bytes {png.first_bytes(data)})") from None
-    except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types; all mean an undecodable file
-        detail = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))  # no object addresses: reasons must not vary by run
-        raise ValueError(f"undecodable {kind}: {type(exc).__name__}: {detail}") from exc
-
-
-def content_mismatch(name: str, data: bytes) -> str | None:
-    """A note when a decodable file's content is another format than its name's extension says, else None."""
-    ext = os.path.splitext(name)[1].lower()
-    if data.startswith(png.SIGNATURE):
-        if ext == ".png":  # NIH's case, without asking Pillow
-            return None
-        found = "PNG"
-    else:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                found = im.format
-        except Exception:  # noqa: BLE001 - not an image at all: decoding reports that, not this
-            return None
-    said = Image.registered_extensions().get(ext)
-    if found == said:
-        return None
-    return (f"content is {found} (first bytes {png.first_bytes(data, 4)}), but the extension {ext or '(none)'} says "
-            f"{said or 'no image format'}; converted all the same")
-
-
 def convert(data: bytes, size: int, codec: str, quality: int = JPEG_QUALITY, limits: ImageLimits = LIMITS) -> bytes:
-    """Raw image file bytes → encoded `size`² 8-bit grayscale image bytes; ValueError as `decode`."""
-    return encode(square_resize(decode(data, limits), size), codec, quality)
+    """Raw image file bytes → encoded `size`² 8-bit grayscale image bytes; ValueError as `images.decode`."""
+    return encode(images.preprocess(data, size, limits), codec, quality)
 
 
 def example(image: bytes, y: np.ndarray, row: dict) -> bytes:
@@ -299,7 +149,7 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
                 except Exception as exc:  # noqa: BLE001 - any failure quarantines this one image
                     quarantined.append({"image": row["image"], "reason": f"{type(exc).__name__}: {exc}"})
                     continue
-                if (note := content_mismatch(row["path"], data)) is not None:
+                if (note := images.content_mismatch(row["path"], data)) is not None:
                     notes.append({"image": row["image"], "note": note})
                 y = np.array([row[f] for f in labels.FINDINGS], dtype=np.int64)
                 writer.write(example(image, y, row))
@@ -340,45 +190,3 @@ def committed_receipt(out_uri: str, spec: ShardSpec, params: Params) -> dict | N
     if not storage.exists(shard) or storage.size(shard) != receipt["bytes"]:
         return None
     return receipt
-
-
-def source_fingerprint(ds: metadata.Dataset) -> str:
-    """sha256 over the metadata files that define the dataset (CSV, lists, boxes)."""
-    h = hashlib.sha256()
-    for name in (ds.csv_name, metadata.TRAIN_VAL_LIST, metadata.TEST_LIST, metadata.BBOX_NAME):
-        url = storage.join(ds.root, name)
-        if storage.exists(url):
-            h.update(name.encode() + b"\0" + storage.read_bytes(url))
-    return h.hexdigest()
-
-
-def build_manifest(ds: metadata.Dataset, params: Params, receipts: list[dict]) -> dict:
-    """The contract later stages read: vocabulary, preprocessing, source, per split and shard counts."""
-    splits: dict[str, dict] = {}
-    for split in metadata.SPLITS:
-        mine = sorted((r for r in receipts if r["split"] == split), key=lambda r: r["name"])
-        counts = np.sum([r["label_counts"] for r in mine], axis=0) if mine else np.zeros(labels.NUM_FINDINGS)
-        label_counts = {name: int(c) for name, c in zip(labels.FINDINGS, counts, strict=True)}
-        label_counts[labels.NO_FINDING] = sum(r["no_finding"] for r in mine)
-        splits[split] = {
-            "images": sum(r["records"] for r in mine),
-            "patients": len({p for r in mine for p in r["patients"]}),
-            "label_counts": label_counts,
-            "shards": [{k: r[k] for k in ("name", "records", "sha256", "bytes")} for r in mine],
-        }
-    quarantine = sorted((q for r in receipts for q in r["quarantine"]), key=lambda q: q["image"])
-    notes = sorted((n for r in receipts for n in r.get("notes", ())), key=lambda n: n["image"])
-    return {
-        "format": FORMAT,
-        "labels": list(labels.FINDINGS),
-        "preprocessing": params.as_dict(),
-        "source": {
-            "root": storage.redact(ds.root), "csv": ds.csv_name, "fingerprint": source_fingerprint(ds),
-            "rows_read": ds.rows_read, "usable_rows": len(ds.table), "official_split": ds.official_split,
-        },
-        "splits": splits,
-        "quarantine": quarantine,
-        "notes": notes,
-        "excluded_by_metadata": [{"image": p.image, "kind": p.kind, "detail": p.detail}
-                                 for p in ds.problems if p.fatal],
-    }

@@ -28,7 +28,7 @@ from numpy.typing import ArrayLike
 from scipy import sparse
 
 from cxr.labels import FINDINGS
-from cxr.metrics import auroc_per_finding, mean_auroc
+from cxr.evaluation.metrics import auroc_per_finding, mean_auroc
 
 CHUNK_BYTES = 8 * 2**20  # target size of the dense per-chunk intermediates
 

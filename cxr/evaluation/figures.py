@@ -1,8 +1,8 @@
 """Figures for the test report: precision-recall, reliability and ROC-with-CI grids, one panel per finding.
 
 Built on `matplotlib.figure.Figure` rather than pyplot, so no GUI backend or global figure registry is
-involved (a long evaluation cannot leak open figures); `fig.savefig(path)` renders with Agg. The panel
-layout follows `cxr.report.roc_grid`: a 4-wide grid, 9-point titles, an undefined finding says why.
+involved (a long evaluation cannot leak open figures); `fig.savefig(path)` renders with Agg. Panels: a
+4-wide grid, 9-point titles, an undefined finding says why.
 """
 
 from __future__ import annotations
@@ -112,5 +112,43 @@ def roc_grid_ci(y_true: ArrayLike, y_score: ArrayLike, ci: AurocCI, title: str) 
     if ci.mean is not None and ci.mean_low is not None:
         fig.suptitle(f"{title}   mean AUROC {ci.mean:.3f} ({level} CI {ci.mean_low:.3f}–{ci.mean_high:.3f}, "
                      f"patient bootstrap, {ci.resamples} resamples)")
+    fig.tight_layout()
+    return fig
+
+
+def roc_grid(y_true: ArrayLike, y_score: ArrayLike, title: str, names: Sequence[str] | None = None) -> Figure:
+    """One ROC curve per finding with its AUROC (a finding without both classes says so)."""
+    from sklearn.metrics import roc_auc_score
+
+    y, s = _arrays(y_true, y_score)
+    fig, axes = _grid(y.shape[1], title)
+    for k, (ax, name) in enumerate(zip(axes, finding_names(y.shape[1], names), strict=True)):
+        ax.plot([0, 1], [0, 1], color="0.8", lw=1)
+        if 0 < y[:, k].sum() < len(y):
+            fpr, tpr, _ = roc_curve(y[:, k], s[:, k])
+            ax.plot(fpr, tpr, lw=1.5)
+            ax.set_title(f"{name}  AUROC {roc_auc_score(y[:, k], s[:, k]):.3f}", fontsize=9)
+        else:
+            ax.set_title(f"{name}  undefined: one class only", fontsize=9)
+        _frame(ax, "1 - specificity", "sensitivity")
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(history: Sequence[dict[str, float]]) -> Figure:
+    """Train/val loss and val mean AUROC per epoch (the numbers behind early stopping and the LR plateau)."""
+    from cxr.evaluation.metrics import SCORE
+
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(11, 4))
+    a, b = fig.subplots(1, 2)
+    for key in ("train_loss", "val_loss"):
+        a.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=key)
+    a.set_xlabel("epoch")
+    a.set_title("loss")
+    a.legend()
+    b.plot(epochs, [h.get(SCORE, np.nan) for h in history], marker="o", color="tab:green")
+    b.set_xlabel("epoch")
+    b.set_title("validation mean AUROC")
     fig.tight_layout()
     return fig

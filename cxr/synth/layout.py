@@ -7,7 +7,6 @@ are `cxr.metadata`'s, so the reader and the writer cannot drift apart.
 
 from __future__ import annotations
 
-import ctypes
 import io
 import os
 import re
@@ -21,7 +20,8 @@ from multiprocessing import get_context
 import numpy as np
 from PIL import Image
 
-from cxr import labels, metadata
+from cxr import heap, labels
+from cxr.data import metadata
 from cxr.synth.phantom import BOXED, render
 
 BBOX_SPELLING = {canonical: nih for nih, canonical in labels.ALIASES.items()}  # the BBox list says "Infiltrate"
@@ -198,22 +198,6 @@ def _draw(job: _Job) -> tuple[int, dict[str, tuple[float, ...]]]:
     return job.index, boxes
 
 
-def _tune_malloc() -> None:
-    """Worker initializer: keep freed image-sized buffers in the heap rather than unmapping them.
-
-    glibc returns every freed 256 KB array to the kernel and page-faults it back on the next one,
-    which cost ~30% of the drawing time. Best effort, glibc only; never done to the caller's process.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def _draw_all(jobs: list[_Job], workers: int, progress: bool) -> dict[int, dict[str, tuple[float, ...]]]:
     """Draw every image, in worker processes when there is more than one worker."""
     from tqdm import tqdm
@@ -228,7 +212,7 @@ def _draw_all(jobs: list[_Job], workers: int, progress: bool) -> dict[int, dict[
                 bar.update()
             return boxes
         # spawn, not fork: the caller may hold threads (TensorFlow, Ray) that fork would copy mid-lock
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_tune_malloc) as pool:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=heap.for_drawing) as pool:
             chunk = max(1, min(32, len(jobs) // (workers * 8)))
             for index, b in pool.map(_draw, jobs, chunksize=chunk):
                 boxes[index] = b

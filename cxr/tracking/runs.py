@@ -57,13 +57,14 @@ def finite_numbers(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 def epoch_metrics(row: Mapping[str, Any]) -> dict[str, float]:
-    """An epoch's metrics as MLflow takes them: finite numbers only, "val_auroc/Mass" → "val_auroc.Mass"."""
-    return {k.replace("/", "."): v for k, v in finite_numbers(row).items() if k != "epoch"}
+    """An epoch's metrics as MLflow takes them: finite numbers only; "val_auroc/Mass" keeps its "/", by which
+    the MLflow UI groups the per-finding charts into one section per split."""
+    return {k: v for k, v in finite_numbers(row).items() if k != "epoch"}
 
 
 def logged_epochs(client: Any, run_id: str) -> set[int]:
     """Epochs on record: every epoch logs the validation mean AUROC."""
-    from cxr.metrics import SCORE
+    from cxr.evaluation.metrics import SCORE
 
     return {int(m.step) for m in client.get_metric_history(run_id, SCORE)}
 
@@ -106,38 +107,6 @@ def end_run(tracking_uri: str, run_id: str, status: str) -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 
 
-class EpochLog:
-    """Rank 0's live log of epochs into the driver's MLflow run.
-
-    Tracking is not worth a training run: if the server cannot be reached, a warning says which epoch
-    waits, and the driver logs it at the end from the checkpointed history.
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str):
-        from mlflow.tracking import MlflowClient
-
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
-        try:
-            self.done = logged_epochs(self.client, run_id)
-        except Exception as exc:  # noqa: BLE001 - see the class docstring
-            log.warning("MLflow unreachable; epochs are logged when the run ends: %s", redact(str(exc)))
-            self.done = set()
-
-    def log(self, row: Mapping[str, Any]) -> bool:
-        """Log one epoch unless it is on record already; True if it is on record now."""
-        epoch = int(row["epoch"])
-        if epoch in self.done:
-            return True
-        try:
-            log_epoch(self.client, self.run_id, row)
-        except Exception as exc:  # noqa: BLE001 - see the class docstring
-            log.warning("MLflow: epoch %d not logged now (%s); it is logged when the run ends",
-                        epoch + 1, redact(str(exc)))
-            return False
-        self.done.add(epoch)
-        return True
-
-
 @contextmanager
 def resume(tracking_uri: str, run_id: str) -> Iterator[Any]:
     """Make the run `open_run` created the active MLflow run (for the fluent log_* calls); yields it."""
@@ -166,19 +135,6 @@ def log_text(text: str, name: str) -> None:
     import mlflow
 
     mlflow.log_text(text, name)
-
-
-def log_model(model: Any, name: str = "model") -> None:
-    """Log a Keras 3 model with MLflow's Keras flavour (`mlflow.keras`)."""
-    import mlflow
-
-    mlflow.keras.log_model(model, name=name)
-
-
-def log_local_dir(path: str, artifact_path: str) -> None:
-    import mlflow
-
-    mlflow.log_artifacts(path, artifact_path=artifact_path)
 
 
 def default_uri(base: str = ".") -> str:

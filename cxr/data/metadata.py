@@ -334,17 +334,17 @@ def _read_bboxes(root: str, images: set[str], problems: list[Problem]) -> pd.Dat
 def _scan_one(image: str, url: str) -> list[Problem]:
     """Decode an image as the shard writer will (same checks, same limits); report what it will have to convert,
     what it will quarantine, and content that is not what the file's name says."""
-    from cxr import shards  # shards imports this module
+    from cxr.data import images
 
     try:
         data = storage.read_bytes(url)
-        shards.decode(data)
+        images.decode(data)
         with Image.open(io.BytesIO(data)) as im:  # the header only: its mode, for the report
             mode = im.mode
     except Exception as exc:  # noqa: BLE001 - any failure means the shard writer cannot use the file
         return [Problem(image, "unreadable_image", f"{url}: {type(exc).__name__}: {exc}")]
     found = []
-    note = shards.content_mismatch(url, data)
+    note = images.content_mismatch(url, data)
     if note is not None:
         found.append(Problem(image, "extension_mismatch", note))
     if mode in ("RGBA", "LA"):

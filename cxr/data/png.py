@@ -123,7 +123,7 @@ class Png:
 
     def pixels(self) -> np.ndarray:
         """uint8 [height, width]: the image's pixels (exactly libpng's). ValueError as `filtered`."""
-        from cxr import kernels  # numba: imported only where PNGs are decoded
+        from cxr.data import kernels  # numba: imported only where PNGs are decoded
 
         out = np.empty((self.height, self.width), np.uint8)
         kernels.unfilter(self.filtered(), out)

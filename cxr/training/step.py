@@ -1,4 +1,4 @@
-"""The distributed step: one replica per Ray Train worker, models kept identical by tf.distribute.
+"""The distributed training step: one replica per Ray Train worker, models kept identical by tf.distribute.
 
 Why a hand-written step instead of `model.fit`: Keras 3's `fit` cannot run under
 MultiWorkerMirroredStrategy (MWMS) with two or more workers, while `strategy.run` + `strategy.reduce`
@@ -15,10 +15,9 @@ in a `tf.function` on a Keras 3 model can. Each worker is one replica:
   used batches of 16. Keras' moving mean/variance are per-worker variables, so once per epoch,
   before validation, they are averaged across workers (one all-reduce): every worker then
   evaluates and checkpoints the same model. The same holds for `small_cnn`, which uses BN too.
-- Evaluation never runs a collective per batch (workers may hold different numbers of batches):
-  each worker predicts its shard locally into a zero [N, 2*14+1] array at the images' indices
-  (probabilities, labels, a count), then ONE all-reduce SUM gives every worker all N rows; every
-  index must have been counted exactly once.
+- Evaluation never runs a collective per batch (workers may hold different numbers of batches): each
+  worker predicts its part of the split locally and one `all_reduce` gathers the rows
+  (`cxr.evaluation.predict`).
 """
 
 from __future__ import annotations
@@ -29,9 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cxr.labels import FINDINGS, NUM_FINDINGS
-from cxr.losses import LossFn, mean_loss
-from cxr.metrics import SCORE, auroc_per_finding, mean_auroc
+from cxr.losses import LossFn
 
 # ------------------------------------------------------------------ precision, strategy, optimizer
 
@@ -126,40 +123,3 @@ def all_reduce(strategy: tf.distribute.Strategy, array: np.ndarray,
         return strategy.reduce(op, per_replica, axis=None)
 
     return tf.function(reduce)(tf.constant(array)).numpy()
-
-
-def gather_predictions(steps: DistributedSteps, dataset: tf.data.Dataset, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities [n, 14], labels [n, 14]) of the whole split on every worker.
-
-    Rows are accumulated locally at each batch's `index`; row n collects indices outside 0..n-1 so a
-    bad index is reported by every worker after the one all-reduce instead of hanging the others.
-    """
-    k = NUM_FINDINGS
-    rows = np.zeros((n + 1, 2 * k + 1), np.float32)
-    for images, labels, index in dataset:
-        idx = index.numpy().astype(np.int64)
-        idx = np.where((idx >= 0) & (idx < n), idx, n)
-        block = np.concatenate([steps.predict(images).numpy(), labels.numpy(), np.ones((len(idx), 1))], axis=1)
-        np.add.at(rows, idx, block)
-    rows = all_reduce(steps.strategy, rows)
-    _check_counts(rows[:, -1], n)
-    return rows[:n, :k], rows[:n, k:2 * k]
-
-
-def _check_counts(counts: np.ndarray, n: int) -> None:
-    stray, counts = int(counts[n]), counts[:n]
-    missing, repeated = np.flatnonzero(counts == 0), np.flatnonzero(counts > 1)
-    if stray or missing.size or repeated.size:
-        raise RuntimeError(
-            f"evaluation must see each of {n} images exactly once: {missing.size} missing "
-            f"(e.g. {missing[:5].tolist()}), {repeated.size} seen twice or more (e.g. {repeated[:5].tolist()}), "
-            f"{stray} with an index outside 0..{n - 1}")
-
-
-def evaluate(steps: DistributedSteps, dataset: tf.data.Dataset, n: int) -> dict[str, float]:
-    """Validation loss, per-finding AUROC (NaN if undefined) and their mean, the same on every worker."""
-    probs, labels = gather_predictions(steps, dataset, n)
-    aurocs = auroc_per_finding(labels, probs)
-    metrics = {"val_loss": mean_loss(steps.loss_fn, labels, probs), SCORE: mean_auroc(aurocs)}
-    metrics.update({f"val_auroc/{name}": float(a) for name, a in zip(FINDINGS, aurocs, strict=True)})
-    return metrics

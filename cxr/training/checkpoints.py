@@ -36,10 +36,7 @@ def save_checkpoint(directory: str, model: keras.Model, optimizer: keras.optimiz
 
 def restore_checkpoint(directory: str, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> dict:
     """Load what `save_checkpoint` wrote into a built model and optimizer; returns the saved state."""
-    with open(os.path.join(directory, STATE_FILE)) as f:
-        state = json.load(f)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{directory}: not a {CHECKPOINT_FORMAT} checkpoint")
+    state = read_state(directory)
     model.load_weights(os.path.join(directory, MODEL_FILE))
     with np.load(os.path.join(directory, OPTIMIZER_FILE), allow_pickle=False) as saved:
         names = saved["names"].tolist()
@@ -50,3 +47,30 @@ def restore_checkpoint(directory: str, model: keras.Model, optimizer: keras.opti
         for i, v in enumerate(optimizer.variables):
             v.assign(saved[f"v{i}"])
     return state
+
+
+def read_state(directory: str) -> dict:
+    """The training state of a checkpoint directory (epoch, schedule, metrics, history, plan), format-checked."""
+    with open(os.path.join(directory, STATE_FILE)) as f:
+        state = json.load(f)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{directory}: not a {CHECKPOINT_FORMAT} checkpoint")
+    return state
+
+
+def history(checkpoint: Any) -> list[dict[str, Any]]:
+    """Every epoch's metrics, from a Ray checkpoint (or None): the checkpoint carries the whole history across
+    restarts, while Ray's own metrics table starts afresh when a worker group is restarted."""
+    if checkpoint is None:
+        return []
+    with checkpoint.as_directory() as directory:
+        return list(read_state(directory).get("history", []))
+
+
+def load_model(directory: str, model_name: str, image_size: int, dropout: float = 0.0) -> keras.Model:
+    """The checkpoint's model, built under the current dtype policy with its weights loaded."""
+    from cxr.models import build_model
+
+    model = build_model(model_name, image_size, dropout)
+    model.load_weights(os.path.join(directory, MODEL_FILE))
+    return model

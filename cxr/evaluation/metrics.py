@@ -41,8 +41,26 @@ def mean_auroc(aurocs: np.ndarray) -> float:
     return float(defined.mean()) if defined.size else math.nan
 
 
-def auroc_table(aurocs: np.ndarray, names: tuple[str, ...] = FINDINGS) -> dict[str, float | None]:
+def by_finding(aurocs: np.ndarray, names: tuple[str, ...] = FINDINGS) -> dict[str, float | None]:
     """Finding name -> AUROC, None for undefined: the JSON-safe form for summaries and reports."""
     if len(aurocs) != len(names):
         raise ValueError(f"{len(aurocs)} AUROCs for {len(names)} findings")
     return {name: (float(a) if np.isfinite(a) else None) for name, a in zip(names, aurocs, strict=True)}
+
+
+def auroc_summary(y_true: np.ndarray, y_score: np.ndarray) -> dict[str, float | None]:
+    """Per-finding AUROC (None where undefined) and their mean under "mean": what a run reports per split."""
+    aurocs = auroc_per_finding(y_true, y_score)
+    out = by_finding(aurocs)
+    mean = mean_auroc(aurocs)
+    out["mean"] = None if math.isnan(mean) else mean
+    return out
+
+
+def auroc_metrics(y_true: np.ndarray, y_score: np.ndarray, prefix: str) -> dict[str, float]:
+    """`{prefix}_auroc_mean` and `{prefix}_auroc/{finding}` (NaN where undefined): metric names that group
+    per split in the MLflow UI and line up across runs."""
+    aurocs = auroc_per_finding(y_true, y_score)
+    metrics = {f"{prefix}_auroc_mean": mean_auroc(aurocs)}
+    metrics.update({f"{prefix}_auroc/{name}": float(a) for name, a in zip(FINDINGS, aurocs, strict=True)})
+    return metrics

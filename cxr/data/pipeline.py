@@ -1,0 +1,159 @@
+"""The input pipeline: a split's images → shuffled, augmented float32 batches, from shards or a raw root.
+
+Read top to bottom (big_vision's shape), shard mode:
+
+    shard streams ──interleave──> records ──shuffle──> decode ──batch──> augment / resize ──prefetch──>
+
+uint8 shards swap decode and batch (their records are the pixels: a batch becomes a tensor in one op), and
+raw mode replaces the first two steps with reading threads that decode and resize files (`cxr.data.raw`).
+Everything after the records is one shared tail, so both modes give the same batches of the same images.
+
+training=True: (images [B, S, S, 1] float32 in [0, 1], labels [B, 14] float32), shuffled, augmented,
+repeated forever, full batches only. training=False: (images, labels, index [B] int64) in a fixed order,
+not augmented, the last partial batch kept, one pass; index is the image's position in the split.
+Determinism: pass p reads in a (seed, epoch + p) order, the shuffle buffer is seeded by (seed, epoch,
+worker) and batch n is augmented with stateless random numbers seeded by (seed, epoch, worker, n). Errors
+cross tf.data as errors (InvalidArgumentError/UnknownError carrying the message), never as a hang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+
+from cxr import heap, labels
+from cxr.config import Augment
+from cxr.data import augment as aug
+from cxr.data import images, manifest, raw
+from cxr.data.reader import ShardAssignment, Stats, check_on_corrupt, shard_stream
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def make_dataset(manifest_uri: str, split: str, batch_size: int, worker_index: int = 0, num_workers: int = 1,
+                 training: bool = False, seed: int = 0, epoch: int = 0, image_size: int = 224,
+                 augment: Augment | None = None, on_corrupt: str = "raise", readahead: int = 2,
+                 cycle_length: int = 2, shuffle_buffer: int = 4096, stats: Stats | None = None) -> tf.data.Dataset:
+    """Batches of a prepared split, streamed from `manifest_uri` (OUT_URI or its manifest.json; any fsspec URL).
+
+    `cycle_length` shard streams run in parallel, each with `readahead` shards in flight. Counters (incl.
+    shards skipped with on_corrupt="skip") go to `stats`, also reachable as the dataset's `.stats`.
+    """
+    check_on_corrupt(on_corrupt)
+    m = manifest.load(manifest_uri)
+    plan = ShardAssignment(tuple(m.shards(split)), worker_index, num_workers, training, seed, epoch)
+    if training and plan.images() == 0:
+        raise ValueError(f"worker {worker_index}/{num_workers} has no images of split {split!r} to train on")
+    stats = stats if stats is not None else Stats()
+    streams = plan.streams(cycle_length)
+    signature = (tf.TensorSpec([], tf.string), *(tf.TensorSpec([None], tf.int64),) * 3)
+
+    def stream(s: tf.Tensor) -> tf.data.Dataset:
+        gen = tf.data.Dataset.from_generator(lambda i: shard_stream(i, plan, streams, readahead, on_corrupt, stats),
+                                             args=(s,), output_signature=signature)
+        return gen.map(_parse).unbatch()
+
+    records = tf.data.Dataset.range(streams).interleave(
+        stream, cycle_length=streams, block_length=16, num_parallel_calls=streams, deterministic=True)
+    decode, per_batch = _decoder(m.codec, m.size)
+    buffer = min(shuffle_buffer, plan.images())  # more would only mix passes
+    ds = _tail(records, decode, per_batch, batch_size, training, image_size, augment, buffer, seed, epoch,
+               worker_index)
+    ds.stats = stats
+    return ds
+
+
+def make_raw_dataset(data_root: str, split: str, batch_size: int, worker_index: int = 0, num_workers: int = 1,
+                     training: bool = False, seed: int = 0, epoch: int = 0, image_size: int = 224,
+                     augment: Augment | None = None, on_corrupt: str = "raise", readahead: int = 64,
+                     io_threads: int = 8, raw_size: int = 256, split_seed: int = 0, val_fraction: float = 0.1,
+                     test_fraction: float = 0.2, stats: Stats | None = None) -> tf.data.Dataset:
+    """The same batches as `make_dataset`, straight from a dataset root's image files (no prepare step).
+
+    Rows and indices follow `cxr prepare`'s order for the same split_seed/val_fraction/test_fraction, so
+    index k here is index k there. Workers take rows k % num_workers == worker_index. `io_threads` read and
+    preprocess files to `raw_size`² (prepare's --size) with `readahead` images in flight. Training shuffles
+    by permuting the file list.
+    """
+    check_on_corrupt(on_corrupt)
+    if not 0 <= worker_index < num_workers:
+        raise ValueError(f"worker_index {worker_index} not in [0, num_workers={num_workers})")
+    heap.keep_top()
+    images.warm_up()  # compile the kernels here, not in the first reading threads
+    rows = [(url, y, k) for k, (url, y) in enumerate(raw.split_rows(data_root, split, split_seed, val_fraction,
+                                                                   test_fraction))][worker_index::num_workers]
+    if training and not rows:
+        raise ValueError(f"worker {worker_index}/{num_workers} has no images of split {split!r} to train on")
+    stats = stats if stats is not None else Stats()
+    signature = (tf.TensorSpec([None, raw_size, raw_size, 1], tf.uint8),
+                 tf.TensorSpec([None, labels.NUM_FINDINGS], tf.float32), tf.TensorSpec([None], tf.int64))
+    records = tf.data.Dataset.from_generator(
+        lambda: raw.stream(rows, training, seed, epoch, raw_size, io_threads, readahead, on_corrupt, stats),
+        output_signature=signature).unbatch()
+    ds = _tail(records, lambda batch: batch, True, batch_size, training, image_size, augment, 0, seed, epoch,
+               worker_index)  # the reading threads decoded them
+    ds.stats = stats
+    return ds
+
+
+def _tail(records: tf.data.Dataset, decode: Callable[[tf.Tensor], tf.Tensor], per_batch: bool, batch_size: int,
+          training: bool, image_size: int, augment: Augment | None, shuffle_buffer: int, seed: int, epoch: int,
+          worker: int) -> tf.data.Dataset:
+    """Everything after "records as (encoded image, labels, index)": the same for shard and raw modes.
+
+    `decode` maps one encoded image to uint8 [S, S, 1]; with per_batch, a batch of them to [B, S, S, 1].
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    augment = augment or Augment()
+    ds = records
+    if training and shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, seed=aug.seed_of(seed, epoch, worker, 1))
+    if per_batch:
+        ds = ds.batch(batch_size, drop_remainder=training)
+        ds = ds.map(lambda image, y, index: (decode(image), y, index))
+    else:
+        ds = ds.map(lambda image, y, index: (decode(image), y, index), num_parallel_calls=AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=training)  # fused with the map: beats parallel batching
+    if training:
+        key = aug.seed_of(seed, epoch, worker, 2)
+        ds = ds.enumerate().map(lambda step, b: (aug.augment_batch(b[0], step, key, augment, image_size), b[1]),
+                                num_parallel_calls=AUTOTUNE)
+    else:
+        ds = ds.map(lambda x, y, index: (aug.to_unit(x, image_size), y, index), num_parallel_calls=AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.autotune.enabled = True
+    return ds.prefetch(AUTOTUNE).with_options(options)
+
+
+def _parse(blob: tf.Tensor, starts: tf.Tensor, lengths: tf.Tensor,
+           positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    records = tf.strings.substr(blob, starts, lengths)
+    feats = tf.io.parse_example(records, {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "labels": tf.io.FixedLenFeature([labels.NUM_FINDINGS], tf.int64),
+    })
+    return feats["image"], tf.cast(feats["labels"], tf.float32), positions
+
+
+def _decoder(codec: str, size: int) -> tuple[Callable[[tf.Tensor], tf.Tensor], bool]:
+    """(decode, per_batch): one image's decoder for jpeg/png; for uint8 a whole batch's (the bytes are the pixels)."""
+    if codec == "uint8":
+        def decode_batch(encoded: tf.Tensor) -> tf.Tensor:
+            check = tf.debugging.assert_equal(tf.strings.length(encoded), size * size, message=(
+                f"a uint8 shard record is not {size}×{size} bytes: the shards do not match manifest size {size}"))
+            with tf.control_dependencies([check]):
+                return tf.reshape(tf.io.decode_raw(encoded, tf.uint8), [-1, size, size, 1])
+
+        return decode_batch, True
+
+    def decode(image: tf.Tensor) -> tf.Tensor:
+        if codec == "jpeg":  # TF's default IDCT is the fast, inexact one; accurate matches PIL/libjpeg
+            img = tf.io.decode_jpeg(image, channels=1, dct_method="INTEGER_ACCURATE")
+        else:
+            img = tf.io.decode_png(image, channels=1)
+        return tf.ensure_shape(img, [size, size, 1])
+
+    return decode, False

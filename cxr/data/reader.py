@@ -1,0 +1,236 @@
+"""Reading shards: which shards each worker reads, fetching them ahead over fsspec, verifying and framing them.
+
+Only byte fetching is Python, because TF 2.21's tf.io.gfile has no s3:// and every object goes through
+`cxr.storage` (local paths, file://, s3://). Each stream has a small thread pool fetching whole shard objects
+`readahead` shards ahead of the one being consumed; each is checked against the manifest (size, sha256,
+record count) and its TFRecord framing walked (uint64 length, uint32 masked crc, data, uint32 crc; the crcs
+are not rechecked, the sha256 already guards every byte). A stream yields one element per shard: (blob,
+starts, lengths, positions). Nothing is downloaded up front, so memory is bounded by
+streams × (readahead + 2) × shard size, whatever the dataset size.
+
+Sharding across workers: shard i of a pass's shard order goes to worker i % num_workers, so each image is
+read once per pass across workers. With fewer shards than workers every worker streams every shard and keeps
+record k (its position in the split) where k % num_workers == worker_index: num_workers× the I/O, for small
+datasets only. Training pass p reads the shards in a (seed, epoch + p) permutation; eval reads manifest order.
+
+Corruption: a size or sha256 mismatch or broken framing raises CorruptShardError naming the shard; with
+on_corrupt="skip" the shard is skipped instead, logged once and recorded in `Stats.skipped`. A missing object
+is a configuration error, not corruption: it always raises (FileNotFoundError naming it).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import logging
+import struct
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from cxr import heap, storage
+from cxr.data.manifest import Shard
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+ON_CORRUPT = ("raise", "skip")
+
+
+class CorruptDataError(ValueError):
+    """Bytes that cannot be trusted; the message names the object's URL."""
+
+
+class CorruptShardError(CorruptDataError):
+    """A shard whose size or sha256 does not match the manifest, or whose records cannot be framed."""
+
+
+class CorruptImageError(CorruptDataError):
+    """A raw image that cannot be decoded, or is refused by the image limits."""
+
+
+def check_on_corrupt(on_corrupt: str) -> None:
+    if on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+
+
+@dataclass
+class Stats:
+    """Counters of one pipeline, updated by its reader threads; pass one in or read `dataset.stats`."""
+
+    shards_read: int = 0
+    images_read: int = 0
+    bytes_read: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)  # URL → reason, for shards or raw images
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def skipped_count(self) -> int:
+        return len(self.skipped)
+
+    def read(self, shards_: int = 0, images: int = 0, nbytes: int = 0) -> None:
+        with self._lock:
+            self.shards_read += shards_
+            self.images_read += images
+            self.bytes_read += nbytes
+
+    def skip(self, url: str, reason: str) -> None:
+        with self._lock:
+            first = url not in self.skipped
+            self.skipped[url] = reason
+        if first:
+            log.warning("skipping corrupt %s (on_corrupt='skip'): %s", url, reason)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: int) -> Iterator[R]:
+    """fn over items on `threads` threads, in input order, with at most `ahead` results beyond the current.
+
+    Exceptions surface when their result is reached. Closing the generator cancels what has not started.
+    """
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cxr-read")
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class ShardAssignment:
+    """Which shards, and which of their records, one worker reads in each pass."""
+
+    shards: tuple[Shard, ...]
+    worker: int
+    workers: int
+    training: bool = False
+    seed: int = 0
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.worker < self.workers:
+            raise ValueError(f"worker_index {self.worker} not in [0, num_workers={self.workers})")
+
+    @property
+    def by_record(self) -> bool:
+        return len(self.shards) < self.workers
+
+    def streams(self, cycle_length: int) -> int:
+        """Parallel shard streams; each gets ≥ 1 shard every pass. Record sharding uses one (small data)."""
+        if self.by_record:
+            return 1
+        return max(1, min(cycle_length, len(self.shards) // self.workers))
+
+    def passes(self) -> Iterable[int]:
+        return itertools.count() if self.training else (0,)
+
+    def order(self, p: int) -> list[Shard]:
+        """This worker's shards in pass p: manifest order for eval, a (seed, epoch + p) permutation for training."""
+        order = list(self.shards)
+        if self.training:
+            perm = np.random.default_rng([self.seed, self.epoch + p]).permutation(len(order))
+            order = [order[i] for i in perm]
+        return order if self.by_record else order[self.worker::self.workers]
+
+    def images(self) -> int:
+        """Images this worker reads per pass (the same every pass in eval; in training ± one shard)."""
+        if self.by_record:
+            return len(range(self.worker, sum(s.records for s in self.shards), self.workers))
+        return sum(s.records for s in self.shards[self.worker::self.workers])
+
+    def keep(self, positions: np.ndarray) -> np.ndarray:
+        if not self.by_record:
+            return np.ones(len(positions), dtype=bool)
+        return positions % self.workers == self.worker
+
+
+def frame_records(blob: bytes, url: str) -> tuple[np.ndarray, np.ndarray]:
+    """Start offsets and lengths of the records in a TFRecord file's bytes; raises on broken framing."""
+    starts, lengths = [], []
+    off, end = 0, len(blob)
+    while off < end:
+        if off + 12 > end:
+            raise CorruptShardError(f"{url}: truncated record header at byte {off}")
+        (length,) = struct.unpack_from("<Q", blob, off)
+        if off + 12 + length + 4 > end:
+            raise CorruptShardError(f"{url}: record at byte {off} claims {length} bytes, file ends at {end}")
+        starts.append(off + 12)
+        lengths.append(length)
+        off += 12 + length + 4
+    return np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+
+
+@dataclass
+class Loaded:
+    """A fetched, verified shard: its bytes and where each record starts and ends."""
+
+    shard: Shard
+    blob: bytes
+    starts: np.ndarray
+    lengths: np.ndarray
+
+
+def fetch_shard(shard: Shard) -> Loaded:
+    """Read one whole shard object and verify it against the manifest (size, sha256, framing, record count)."""
+    blob = storage.read_bytes(shard.url)
+    if len(blob) != shard.nbytes:
+        raise CorruptShardError(f"{shard.url}: {len(blob)} bytes, manifest says {shard.nbytes} (truncated?)")
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != shard.sha256:
+        raise CorruptShardError(f"{shard.url}: sha256 {digest[:16]}… does not match manifest {shard.sha256[:16]}…")
+    starts, lengths = frame_records(blob, shard.url)
+    if len(starts) != shard.records:
+        raise CorruptShardError(f"{shard.url}: {len(starts)} records, manifest says {shard.records}")
+    return Loaded(shard, blob, starts, lengths)
+
+
+def _fetch_or_skip(item: tuple[int, Shard], on_corrupt: str, stats: Stats) -> tuple[int, Loaded | None]:
+    p, shard = item
+    if shard.url in stats.skipped:  # known bad from an earlier pass: don't fetch it again
+        return p, None
+    if stats.shards_read % heap.TRIM_EVERY_SHARDS == 0:
+        heap.release()
+    try:
+        loaded = fetch_shard(shard)
+    except CorruptShardError as exc:
+        if on_corrupt == "raise":
+            raise
+        stats.skip(shard.url, str(exc))
+        return p, None
+    stats.read(shards_=1, nbytes=len(loaded.blob))
+    return p, loaded
+
+
+def shard_stream(stream: int, plan: ShardAssignment, streams: int, readahead: int, on_corrupt: str,
+                 stats: Stats) -> Iterator[tuple[bytes, np.ndarray, np.ndarray, np.ndarray]]:
+    """One interleave slot: shards order(p)[stream::streams] of every pass, as (blob, starts, lengths, positions)."""
+    items = ((p, s) for p in plan.passes() for s in plan.order(p)[int(stream)::streams])
+    fetched = ordered_map(lambda it: _fetch_or_skip(it, on_corrupt, stats), items, readahead, readahead)
+    current, produced = 0, 0
+    for p, loaded in fetched:
+        if p != current:
+            _check_pass(plan, current, produced, stats)
+            current, produced = p, 0
+        if loaded is None:
+            continue
+        positions = loaded.shard.offset + np.arange(len(loaded.starts), dtype=np.int64)
+        keep = plan.keep(positions)
+        produced += int(keep.sum())
+        stats.read(images=int(keep.sum()))
+        yield loaded.blob, loaded.starts[keep], loaded.lengths[keep], positions[keep]
+
+
+def _check_pass(plan: ShardAssignment, p: int, produced: int, stats: Stats) -> None:
+    """A training pass that produced nothing would spin forever if every shard of this worker is unusable."""
+    if produced == 0 and all(s.records == 0 or s.url in stats.skipped for s in plan.order(p)):
+        raise RuntimeError(f"worker {plan.worker}/{plan.workers}: every shard of the split is empty or skipped "
+                           f"as corrupt ({stats.skipped_count} skipped); nothing to train on")

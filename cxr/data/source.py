@@ -1,0 +1,114 @@
+"""Where a config's batches come from: prepared shards (`data.source: shards`) or a raw root (`raw`).
+
+Training, validation and test scoring ask a `DataSource` for a split's batches, its size and its label
+counts, and never care which kind it is. Tests plug in in-memory sources with the same callables.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cxr import config as cfgmod
+from cxr import labels
+
+# make_dataset(data, split, batch_size, worker_index=, num_workers=, training=, epoch=) -> batches
+DatasetFn = Callable[..., Any]  # a tf.data.Dataset
+SizeFn = Callable[[cfgmod.Data, str], int]
+CountsFn = Callable[[cfgmod.Data, str], tuple[list[int], int]]
+StoredSizeFn = Callable[[cfgmod.Data], int | None]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A split's batches, size and label counts, and the side of the images before the training resize."""
+
+    make_dataset: DatasetFn
+    split_size: SizeFn
+    label_counts: CountsFn
+    stored_size: StoredSizeFn = lambda data: None
+    may_skip: bool = False  # unreadable images are skipped and reported (raw mode), not a failure
+
+
+def for_config(data: cfgmod.Data) -> DataSource:
+    return RAW if data.source == "raw" else SHARDS
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+
+def _shard_dataset(data: cfgmod.Data, split: str, batch_size: int, worker_index: int = 0, num_workers: int = 1,
+                   training: bool = False, epoch: int = 0) -> Any:
+    from cxr.data import pipeline
+
+    return pipeline.make_dataset(data.manifest_uri, split, batch_size, worker_index=worker_index,
+                                 num_workers=num_workers, training=training, seed=data.seed, epoch=epoch,
+                                 image_size=data.image_size, augment=data.augment if training else None)
+
+
+def _shard_size(data: cfgmod.Data, split: str) -> int:
+    from cxr.data import manifest
+
+    return manifest.load(data.manifest_uri).images(split)
+
+
+def _shard_counts(data: cfgmod.Data, split: str) -> tuple[list[int], int]:
+    from cxr.data import manifest
+
+    return manifest.load(data.manifest_uri).label_counts(split)
+
+
+def _shard_stored_size(data: cfgmod.Data) -> int:
+    from cxr.data import manifest
+
+    return manifest.load(data.manifest_uri).size
+
+
+SHARDS = DataSource(_shard_dataset, _shard_size, _shard_counts, _shard_stored_size)
+
+
+# --------------------------------------------------------------------------------------------------- raw
+
+
+@functools.lru_cache(maxsize=8)
+def _rows(root: str, split: str, seed: int, val_fraction: float, test_fraction: float) -> tuple:
+    from cxr.data import raw
+
+    return tuple(raw.split_rows(root, split, seed, val_fraction, test_fraction))
+
+
+def raw_rows(data: cfgmod.Data, split: str) -> tuple:
+    """(url, labels) of a raw root's split, in prepare's order (read once per process)."""
+    return _rows(data.root, split, data.split_seed, data.val_fraction, data.test_fraction)
+
+
+def _raw_dataset(data: cfgmod.Data, split: str, batch_size: int, worker_index: int = 0, num_workers: int = 1,
+                 training: bool = False, epoch: int = 0) -> Any:
+    from cxr.data import pipeline
+
+    return pipeline.make_raw_dataset(
+        data.root, split, batch_size, worker_index=worker_index, num_workers=num_workers, training=training,
+        seed=data.seed, epoch=epoch, image_size=data.image_size, augment=data.augment if training else None,
+        on_corrupt="skip", raw_size=_raw_stored_size(data), split_seed=data.split_seed,
+        val_fraction=data.val_fraction, test_fraction=data.test_fraction)
+
+
+def _raw_size(data: cfgmod.Data, split: str) -> int:
+    return len(raw_rows(data, split))
+
+
+def _raw_counts(data: cfgmod.Data, split: str) -> tuple[list[int], int]:
+    rows = raw_rows(data, split)
+    y = np.stack([r[1] for r in rows]) if rows else np.zeros((0, labels.NUM_FINDINGS))
+    return [int(c) for c in y.sum(axis=0)], len(rows)
+
+
+def _raw_stored_size(data: cfgmod.Data) -> int:
+    return data.raw_size or data.image_size
+
+
+RAW = DataSource(_raw_dataset, _raw_size, _raw_counts, _raw_stored_size, may_skip=True)

@@ -1,0 +1,1 @@
+"""Training: the distributed step, the per-worker loop Ray Train runs, the driver, checkpoints, schedule."""
