@@ -211,6 +211,9 @@ def test_heatmap_boxes_follow_wangs_thresholds() -> None:
     heat[30:45, 20:40] = 0.8  # now both above 180: the larger wins at both thresholds, counted once
     assert heatmap_boxes(heat) == [Box(20, 30, 20, 15)]
     assert heatmap_boxes(heat, thresholds=(250,)) == [Box(5, 5, 5, 5)]
+    assert heatmap_boxes(heat, thresholds=(60,), all_regions=True) == [Box(20, 30, 20, 15), Box(5, 5, 5, 5)]
+    heat[20, 40] = heat[21, 41] = 1.0  # two pixels touching only diagonally: one 8-connected region
+    assert Box(40, 20, 2, 2) in heatmap_boxes(heat, thresholds=(60,), all_regions=True)
     assert heatmap_boxes(np.zeros((S, S))) == [] and heatmap_boxes(np.full((S, S), 0.3)) == []
 
 
