@@ -126,6 +126,14 @@ def test_window_maps_to_0_255(sample: np.ndarray, function: str, center: str, wi
     np.testing.assert_array_equal(dicom_to_gray8(data, "window.dcm"), expected)
 
 
+def test_window_after_a_negative_rescale_slope(sample: np.ndarray) -> None:
+    """value = 4095 - s = q; a window over 0..4095 then shows q (pydicom's "below" output is the larger number)."""
+    q = twelve_bit(sample)
+    data = write_dicom((4095 - q).astype(np.uint16), bits_stored=12, RescaleSlope="-1", RescaleIntercept="4095",
+                       WindowCenter="2047.5", WindowWidth="4095", VOILUTFunction="LINEAR_EXACT")
+    np.testing.assert_array_equal(dicom_to_gray8(data, "negative.dcm"), shards.decode(png_bytes(q)))
+
+
 def test_voi_lut_wins_over_window(sample: np.ndarray) -> None:
     q = twelve_bit(sample)
     item = Dataset()

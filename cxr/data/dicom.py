@@ -262,4 +262,4 @@ def _colour_to_gray8(raw: np.ndarray, ds: Dataset, name: str) -> np.ndarray:
     """8-bit RGB (pydicom has already converted YBR to RGB) → luma via Pillow, exactly like an RGB PNG."""
     if raw.ndim != 3 or raw.shape[-1] != 3:
         raise DicomError(f"{name}: expected RGB pixels [rows, columns, 3], decoded {raw.shape}")
-    return to_gray8(Image.fromarray(np.ascontiguousarray(raw, dtype=np.uint8), mode="RGB"))
+    return to_gray8(Image.fromarray(np.ascontiguousarray(raw, dtype=np.uint8)))  # [H, W, 3] uint8: mode RGB
