@@ -18,7 +18,7 @@ transformations (PS3.4 N.2) before they mean anything on screen. Applied here, i
    - with neither, [lo, hi] is the modality stage applied to the whole stored range of `BitsStored`
      (e.g. 0..4095 for unsigned 12-bit), like the PNG path's "rescale from the bit depth". With no
      Rescale, an 8-bit image is unchanged and 12-bit value s becomes rint(s * 255 / 4095), the same float
-     operations as `cxr.shards.to_gray8`, so the result is bit-identical to that of a 16-bit PNG of the
+     operations as `cxr.data.images.to_gray8`, so the result is bit-identical to that of a 16-bit PNG of the
      same values whose maximum is 2048..4095 (the PNG path infers its depth from the maximum, since a PNG
      has no BitsStored).
 5. MONOCHROME1 (white = low values) is inverted after VOI: `u8 = rint((hi - v) * (255 / (hi - lo)))`.
@@ -45,7 +45,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder, pixel_array
 
-from cxr.shards import to_gray8
+from cxr.data.images import to_gray8
 
 MAX_SIDE = 8192  # the largest radiographs (35x43 cm at 0.1 mm) are ~3500x4300; anything bigger is suspect
 MAGIC_OFFSET = 128

@@ -40,7 +40,7 @@ from PIL import Image
 from scipy import ndimage
 
 from cxr import labels
-from cxr.shards import square_resize
+from cxr.data.images import fit, target_shape
 
 FINDINGS: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
                              "Pneumonia", "Pneumothorax")  # NIH's 8 boxed findings, in Wang et al.'s column order
@@ -150,14 +150,14 @@ def heatmap_boxes(heatmap: np.ndarray, thresholds: Sequence[float] = THRESHOLDS,
 def to_image_frame(box: Box, input_size: int, image_hw: tuple[int, int]) -> Box:
     """A box on the model's input (the image padded to a square, centred, then resized) → the image's own pixels.
 
-    Inverts `cxr.shards.square_resize`, so it holds for non-square (e.g. DICOM) images too; clipped to the image.
+    Inverts `cxr.data.images.fit`, so it holds for non-square (e.g. DICOM) images too; clipped to the image.
     """
     h, w = image_hw
-    side = max(h, w)
-    scale = side / input_size
-    top, left = (side - h) // 2, (side - w) // 2
-    x0, y0 = max(box.x * scale - left, 0.0), max(box.y * scale - top, 0.0)
-    x1, y1 = min((box.x + box.w) * scale - left, float(w)), min((box.y + box.h) * scale - top, float(h))
+    th, tw = target_shape(h, w, input_size)
+    top, left = (input_size - th) // 2, (input_size - tw) // 2
+    sy, sx = h / th, w / tw
+    x0, y0 = max((box.x - left) * sx, 0.0), max((box.y - top) * sy, 0.0)
+    x1, y1 = min((box.x + box.w - left) * sx, float(w)), min((box.y + box.h - top) * sy, float(h))
     return Box(x0, y0, max(x1 - x0, 0.0), max(y1 - y0, 0.0))
 
 
@@ -404,7 +404,7 @@ def score_model_on_phantoms(model_or_fn: Any, phantoms: PhantomSet | None = None
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
             # the training pipeline's resize (Lanczos on 8 bits), so a model sees phantoms as it saw its data
-            x = np.stack([square_resize(phantoms.images[i], size) for i in chunk]).astype(np.float32)[..., None] / 255
+            x = np.stack([fit(phantoms.images[i], size) for i in chunk]).astype(np.float32)[..., None] / 255
             maps = np.asarray(fn(x, labels.INDEX[finding]), dtype=np.float32)
             if maps.shape != (len(chunk), size, size):
                 raise ValueError(f"{name}: heatmaps of shape {maps.shape}, expected {(len(chunk), size, size)}")
