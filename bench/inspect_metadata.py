@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from cxr import labels, metadata
+from cxr import labels
+from cxr.data import metadata
 
 NIH_POSITIVES = [11559, 2776, 13317, 19894, 5782, 6331, 1431, 5302, 4667, 2303, 2516, 1686, 3385, 227]
 
@@ -25,8 +26,7 @@ def write_root(root: str, rows: int = 112_120, patients: int = 30_805, seed: int
     pid.sort()
     p = np.array(NIH_POSITIVES) / 112_120
     y = rng.random((rows, 14)) < p
-    lines = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-             "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"]
+    lines = [metadata.HEADER + ","]  # the 2017 file's header, with its trailing comma
     follow: dict[int, int] = {}
     test, train_val = [], []
     for i in range(rows):

@@ -31,8 +31,6 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SAMPLES = ROOT.parent / "shared" / "samples" / "nih-png"
-HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-          "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
 NIH_POSITIVES = [11559, 2776, 13317, 19894, 5782, 6331, 1431, 5302, 4667, 2303, 2516, 1686, 3385, 227]
 NIH_PREVALENCE = np.array(NIH_POSITIVES) / 112_120
 BATCH, SIZE = 64, 224
@@ -45,6 +43,7 @@ GOAL_IMG_S = 2400
 def build_root(root: Path, n: int, seed: int = 0) -> None:
     """n renamed copies of the real samples, ~3.6 images per patient, labels at NIH prevalence."""
     from cxr import labels
+    from cxr.data import metadata
 
     rng = np.random.default_rng(seed)
     samples = sorted(SAMPLES.glob("*.png"))
@@ -56,13 +55,12 @@ def build_root(root: Path, n: int, seed: int = 0) -> None:
         shutil.copyfile(samples[i % len(samples)], root / "images" / name)
         y = (rng.random(labels.NUM_FINDINGS) < NIH_PREVALENCE).astype(np.uint8)
         rows.append(f"{name},{labels.format_labels(y)},{follow},{patient},50,F,PA,1024,1024,0.143,0.143")
-    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join([HEADER, *rows]) + "\n")
+    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join([metadata.HEADER, *rows]) + "\n")
 
 
 def prepare_shards(root: Path, out: Path, images_per_shard: int, codec: str) -> dict:
     """`cxr prepare` (Ray) with every image in train, so the bench's split is all N images."""
-    import ray
-
+    from cxr.cluster import stop_local
     from cxr.prepare import prepare
     from cxr.shards import Params
 
@@ -70,7 +68,7 @@ def prepare_shards(root: Path, out: Path, images_per_shard: int, codec: str) -> 
     try:
         return prepare(str(root), str(out), params, progress=False)
     finally:
-        ray.shutdown()
+        stop_local()
 
 
 def replicate_shards(src: Path, dst: Path, images: int) -> None:
@@ -129,7 +127,8 @@ def child_keras(args: argparse.Namespace) -> dict:
     import pandas as pd
     from tf_keras.preprocessing.image import ImageDataGenerator
 
-    from cxr import labels, metadata
+    from cxr import labels
+    from cxr.data import metadata
 
     table = metadata.load(args.data, val_fraction=0.0, test_fraction=0.0).table
     gen = ImageDataGenerator(rotation_range=7, zoom_range=0.1, width_shift_range=0.05, height_shift_range=0.05,
@@ -144,7 +143,7 @@ def child_keras(args: argparse.Namespace) -> dict:
 
 def child_raw(args: argparse.Namespace) -> dict:
     """(b) cxr raw-PNG mode."""
-    from cxr import pipeline
+    from cxr.data import pipeline
 
     ds = pipeline.make_raw_dataset(args.data, "train", BATCH, training=True, image_size=SIZE,
                                    val_fraction=0.0, test_fraction=0.0)
@@ -153,7 +152,7 @@ def child_raw(args: argparse.Namespace) -> dict:
 
 def child_shards(args: argparse.Namespace) -> dict:
     """(c)/(d) cxr shard mode from a local path or s3:// (credentials from AWS_* in the environment)."""
-    from cxr import pipeline
+    from cxr.data import pipeline
 
     ds = pipeline.make_dataset(args.data, "train", BATCH, training=True, image_size=SIZE)
     out = _time_batches(iter(ds), args.warmup, args.batches)
@@ -190,9 +189,10 @@ def child_decode(args: argparse.Namespace) -> dict:
     import tensorflow as tf
     from PIL import Image
 
-    from cxr import pipeline, png
+    from cxr import heap
+    from cxr.data import png
 
-    pipeline.keep_heap_top()  # as raw mode does: the decoders' buffers are not re-faulted on every image
+    heap.keep_top()  # as raw mode does: the decoders' buffers are not re-faulted on every image
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     png.warm_up()
@@ -237,7 +237,7 @@ def child_decode(args: argparse.Namespace) -> dict:
 
 def child_rss(args: argparse.Namespace) -> dict:
     """Peak RSS of one process streaming a split: one eval pass, or `--batches` training steps (repeating)."""
-    from cxr import pipeline
+    from cxr.data import pipeline
 
     baseline = _peak_rss_mb()  # TensorFlow alone is most of it
     training = args.rss_mode == "train"

@@ -18,14 +18,14 @@ import tempfile
 import time
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
-HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-          "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
 
 
 def make_root(root: str, n: int) -> None:
+    from cxr.data import metadata
+
     sources = sorted(f for f in os.listdir(SAMPLES) if f.endswith(".png"))
     os.makedirs(os.path.join(root, "images"))
-    rows = [HEADER]
+    rows = [metadata.HEADER]
     for i in range(n):
         name = f"{i + 1:08d}_000.png"
         shutil.copy(os.path.join(SAMPLES, sources[i % len(sources)]), os.path.join(root, "images", name))

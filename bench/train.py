@@ -1,9 +1,9 @@
 """Benchmark training throughput: the real input pipeline vs in-memory tensors, and 1 vs 2 Ray workers.
 
-(1) One process, the real train step (cxr.distributed.DistributedSteps) fed by cxr.pipeline from prepared shards,
+(1) One process, the real train step (cxr.training.step.DistributedSteps) fed by cxr.data.pipeline from shards,
     against the same step fed one cached batch from memory, in alternating windows (goal: ratio >= 0.9, the
-    pipeline is never the bottleneck); for uint8 shards (the demo's) and JPEG shards. (2) `cxr.train.run_trainer`
-    with 1 and 2 Ray Train workers on the demo's shards: img/s in total.
+    pipeline is never the bottleneck); for uint8 shards (the demo's) and JPEG shards.
+(2) `cxr.training.driver.run_trainer` with 1 and 2 Ray Train workers on the demo's shards: img/s in total.
 
     python bench/train.py [--patients 300] [--steps 40] [--rounds 5] [--out bench-out/train.json]
     python bench/train.py --manifest SHARDS/manifest.json --no-ray      # (1) only, on shards you have
@@ -44,9 +44,10 @@ def pipeline_vs_memory(manifest: str, size: int, batch: int, steps: int, rounds:
     import keras
     import tensorflow as tf
 
-    from cxr import distributed, pipeline
+    from cxr.data import pipeline
     from cxr.losses import loss_from_counts
     from cxr.models import build_model
+    from cxr.training import step as distributed
 
     keras.mixed_precision.set_global_policy(precision)
     strategy = tf.distribute.get_strategy()
@@ -71,15 +72,17 @@ def pipeline_vs_memory(manifest: str, size: int, batch: int, steps: int, rounds:
 
 
 def ray_workers(manifest: str, size: int, batch: int, workers: int, precision: str, storage: str) -> dict:
-    from cxr import config, train
+    from cxr import config
     from cxr.cluster import init_ray
+    from cxr.data import source
+    from cxr.training import driver
 
     cfg = config.load(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"), [
         f"data.manifest_uri={manifest}", f"data.image_size={size}", "optim.epochs=2", f"optim.batch_size={batch}",
         f"scaling.num_workers={workers}", f"scaling.precision={precision}", f"run.storage_path={storage}",
         f"run.name=bench-{workers}w"])
     init_ray()
-    s = train.summarize(train.run_trainer(cfg))
+    s = driver.summarize(driver.run_trainer(cfg, source.SHARDS, driver.plan_run(cfg, source.SHARDS)))
     m = s["metrics"]
     return {"workers": workers, "img_per_s_total": round(m["images_per_s_total"], 1),
             "img_per_s_worker": round(m["images_per_s_worker"], 1), "step_time_s": round(m["step_time_s"], 4)}

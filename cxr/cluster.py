@@ -16,7 +16,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +52,7 @@ def _start_local(num_cpus: int | None) -> None:
     loopback = "ray" not in sys.modules or os.environ.get(SINGLE_NODE) == "0"
     if "ray" not in sys.modules:
         os.environ[SINGLE_NODE] = "0"  # before the import: Ray reads it there (ray_constants.ENABLE_RAY_CLUSTER)
+        _local_environment()  # likewise
     import ray
 
     if ray.is_initialized():
@@ -63,14 +66,35 @@ def _start_local(num_cpus: int | None) -> None:
     temp_dir = tempfile.mkdtemp(prefix="cxr-ray-", dir=root)  # short: Ray's socket paths must stay < 108 bytes
     _reaper = _spawn_reaper(temp_dir, os.path.dirname(ray.__file__))
     try:
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 _temp_dir=temp_dir,
-                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}})
+        # The dashboard (on 127.0.0.1) serves Ray's State API, which Ray Train's placement-group cleaner polls.
+        info = ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=True,
+                        dashboard_host="127.0.0.1", dashboard_port=_free_port(), log_to_driver=True,
+                        _temp_dir=temp_dir, logging_level=logging.WARNING)
     except BaseException:
         stop_local()
         raise
-    log.info("started a local Ray on %s with %s CPUs (its logs: %s)", ray.util.get_node_ip_address(),
-             ray.cluster_resources().get("CPU"), temp_dir)
+    log.info("started a local Ray on %s with %s CPUs (dashboard http://%s, logs %s)", ray.util.get_node_ip_address(),
+             ray.cluster_resources().get("CPU"), info.dashboard_url or "none", temp_dir)
+
+
+def _local_environment() -> None:
+    """What every process of the local Ray inherits (they are this process's children).
+
+    Token authentication, with a token made here, even on loopback (other users of the machine); set
+    explicitly, so Ray does not write one to the home directory or warn about choosing. No preemption watcher:
+    one machine is never drained, and its actor only adds an error line at start-up.
+    """
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _spawn_reaper(temp_dir: str, ray_dir: str) -> subprocess.Popen:

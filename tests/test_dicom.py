@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_encoder
 
-from cxr import shards
+from cxr.data import images
 from cxr.data.dicom import dicom_to_gray8, is_dicom
 
 SAMPLES = Path(__file__).resolve().parents[1] / ".." / "shared" / "samples" / "nih-png"
@@ -33,7 +33,7 @@ def sample() -> np.ndarray:
     """A non-square crop of a real NIH image (uint8), small enough for the pure-Python RLE encoder."""
     if not PNGS:
         pytest.skip(f"no NIH sample PNGs at {SAMPLES} (the shared samples folder)")
-    return shards.decode(PNGS[0].read_bytes())[300:556, 200:520].copy()
+    return images.decode(PNGS[0].read_bytes())[300:556, 200:520].copy()
 
 
 def twelve_bit(p: np.ndarray) -> np.ndarray:
@@ -83,7 +83,7 @@ def write_dicom(words: np.ndarray, *, photometric: str = "MONOCHROME2", bits_sto
 @needs_samples
 @pytest.mark.parametrize("path", PNGS, ids=[p.name for p in PNGS])
 def test_8bit_monochrome2_equals_png_path(path: Path) -> None:
-    expected = shards.decode(path.read_bytes())  # today's PNG path, on the real file
+    expected = images.decode(path.read_bytes())  # today's PNG path, on the real file
     data = write_dicom(expected)
     assert is_dicom(data)
     got = dicom_to_gray8(data, "x.dcm")
@@ -95,7 +95,7 @@ def test_8bit_monochrome2_equals_png_path(path: Path) -> None:
 def test_12bit_monochrome1_with_rescale_equals_16bit_png(sample: np.ndarray, high_bit: int) -> None:
     """Stored s = 4095 - q, MONOCHROME1, value = 2 s - 4096: what a viewer shows is q, i.e. the 16-bit PNG of q."""
     q = twelve_bit(sample)
-    expected = shards.decode(png_bytes(q))  # the 16-bit PNG path: rescale from its 12-bit depth
+    expected = images.decode(png_bytes(q))  # the 16-bit PNG path: rescale from its 12-bit depth
     s = 4095 - q
     # Garbage in the bits outside BitsStored (as old overlay planes left them): must be ignored.
     words = (s | 0xA000) if high_bit == 11 else ((s << 4) | 0x0005)
@@ -109,7 +109,7 @@ def test_signed_12bit_maps_its_full_range(sample: np.ndarray) -> None:
     v = q.astype(np.int16) - 2048  # -2048..2047: the signed 12-bit range maps to 0..255
     words = (v.view(np.uint16) & 0x0FFF) | 0x3000  # 12-bit two's complement; the top nibble is junk
     data = write_dicom(words.astype(np.uint16), bits_stored=12, signed=True)
-    np.testing.assert_array_equal(dicom_to_gray8(data, "signed.dcm"), shards.decode(png_bytes(q)))
+    np.testing.assert_array_equal(dicom_to_gray8(data, "signed.dcm"), images.decode(png_bytes(q)))
 
 
 @pytest.mark.parametrize(("function", "center", "width"), [("LINEAR", "2020.5", "2041"),
@@ -131,7 +131,7 @@ def test_window_after_a_negative_rescale_slope(sample: np.ndarray) -> None:
     q = twelve_bit(sample)
     data = write_dicom((4095 - q).astype(np.uint16), bits_stored=12, RescaleSlope="-1", RescaleIntercept="4095",
                        WindowCenter="2047.5", WindowWidth="4095", VOILUTFunction="LINEAR_EXACT")
-    np.testing.assert_array_equal(dicom_to_gray8(data, "negative.dcm"), shards.decode(png_bytes(q)))
+    np.testing.assert_array_equal(dicom_to_gray8(data, "negative.dcm"), images.decode(png_bytes(q)))
 
 
 def test_voi_lut_wins_over_window(sample: np.ndarray) -> None:
@@ -141,7 +141,7 @@ def test_voi_lut_wins_over_window(sample: np.ndarray) -> None:
     item.add_new(0x00283006, "OW", (4095 - np.arange(4096, dtype="<u2")).tobytes())  # LUT Data: inverts
     data = write_dicom((4095 - q).astype(np.uint16), bits_stored=12, VOILUTSequence=[item],
                        WindowCenter="100", WindowWidth="10")  # the window alone would give a white image
-    np.testing.assert_array_equal(dicom_to_gray8(data, "lut.dcm"), shards.decode(png_bytes(q)))
+    np.testing.assert_array_equal(dicom_to_gray8(data, "lut.dcm"), images.decode(png_bytes(q)))
 
 
 def test_rle_lossless(sample: np.ndarray) -> None:
@@ -152,7 +152,7 @@ def test_rle_lossless(sample: np.ndarray) -> None:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     assert pydicom.dcmread(io.BytesIO(buf.getvalue())).file_meta.TransferSyntaxUID == uid.RLELossless
-    np.testing.assert_array_equal(dicom_to_gray8(buf.getvalue(), "rle.dcm"), shards.decode(png_bytes(q)))
+    np.testing.assert_array_equal(dicom_to_gray8(buf.getvalue(), "rle.dcm"), images.decode(png_bytes(q)))
 
 
 def test_jpeg2000_lossless(sample: np.ndarray) -> None:
@@ -164,13 +164,13 @@ def test_jpeg2000_lossless(sample: np.ndarray) -> None:
     ds.compress(uid.JPEG2000Lossless)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    np.testing.assert_array_equal(dicom_to_gray8(buf.getvalue(), "j2k.dcm"), shards.decode(png_bytes(q)))
+    np.testing.assert_array_equal(dicom_to_gray8(buf.getvalue(), "j2k.dcm"), images.decode(png_bytes(q)))
 
 
 def test_rgb_becomes_luma_like_an_rgb_png(sample: np.ndarray) -> None:
     rgb = np.stack([sample, sample[::-1], sample // 2], axis=-1)
     np.testing.assert_array_equal(dicom_to_gray8(write_dicom(rgb, photometric="RGB"), "rgb.dcm"),
-                                  shards.decode(png_bytes(rgb)))
+                                  images.decode(png_bytes(rgb)))
 
 
 def test_files_without_preamble_or_meta(sample: np.ndarray) -> None:

@@ -10,7 +10,9 @@ import time
 import pytest
 from conftest import ROOT, quiet_env, tiny_run
 
-from cxr import config, train
+from cxr import config
+from cxr.data import source
+from cxr.training import driver
 
 
 def _train(tmp_path, *overrides: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
@@ -36,9 +38,9 @@ def test_upsampling_is_refused_unless_allowed(phantom_shards, tmp_path):
     cfg = config.validate(raw)
     with pytest.raises(ValueError, match=r"data.image_size 96 is larger than the 64 px images stored in .*"
                                          r"upsampled.*--size 96.*data.allow_upsample=true"):
-        train.plan_run(cfg, train.data_source())
+        driver.plan_run(cfg, source.SHARDS)
     allowed = config.validate(config.apply_overrides(raw, ["data.allow_upsample=true"]))
-    assert train.plan_run(allowed, train.data_source()).train_size > 0
+    assert driver.plan_run(allowed, source.SHARDS).train_size > 0
 
 
 @pytest.mark.parametrize("bundle, nodes, fit", [
@@ -48,7 +50,7 @@ def test_upsampling_is_refused_unless_allowed(phantom_shards, tmp_path):
     ({"CPU": 1.5}, [{"CPU": 2.0}, {"CPU": 2.0}], 2),  # a worker never spans nodes
 ])
 def test_workers_that_fit(bundle, nodes, fit):
-    assert train.workers_that_fit(bundle, nodes) == fit
+    assert driver.workers_that_fit(bundle, nodes) == fit
 
 
 @pytest.mark.slow

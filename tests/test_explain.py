@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr import shards
+from cxr.data import images
 from cxr.explain.gradcam import (
     PRED_COLOUR,
     TRUE_COLOUR,
@@ -150,7 +150,8 @@ def test_nested_backbone_maps_match_a_hand_built_pass(registry: dict[str, keras.
     model = registry["mobilenet_v2"]
     x = tf.convert_to_tensor(np.random.default_rng(2).random((2, S, S, 1), dtype=np.float32))
     with tf.GradientTape() as tape:
-        feats = model.get_layer("backbone")(model.get_layer("gray_to_imagenet")(x), training=False)
+        rgb = model.get_layer("imagenet_norm")(model.get_layer("gray_to_rgb")([x, x, x]))
+        feats = model.get_layer("backbone")(rgb, training=False)
         tape.watch(feats)
         logit = model.get_layer("logits")(model.get_layer("pool")(feats))[:, 2]
     weights = tf.reduce_mean(tape.gradient(logit, feats), axis=(1, 2))
@@ -178,13 +179,13 @@ def test_overlay_on_a_real_radiograph_and_contact_sheet() -> None:
     pngs = sorted(SAMPLES.glob("*.png"))
     if not pngs:
         pytest.skip(f"no NIH sample PNGs at {SAMPLES} (the shared samples folder)")
-    images = [shards.decode(p.read_bytes()) for p in pngs]
+    grays = [images.decode(p.read_bytes()) for p in pngs]
     heat = np.outer(np.hanning(S), np.hanning(S)).astype(np.float32)
-    box = to_image_frame(heatmap_boxes(heat)[0], S, images[0].shape)
-    with Image.open(io.BytesIO(overlay_png(images[0], heat, box))) as im:
+    box = to_image_frame(heatmap_boxes(heat)[0], S, grays[0].shape)
+    with Image.open(io.BytesIO(overlay_png(grays[0], heat, box))) as im:
         assert im.size == (1024, 1024)
     items = [SheetItem(p.name, img, heat, 0.5 + i / 10, box, (100, 100, 200, 200))
-             for i, (p, img) in enumerate(zip(pngs, images, strict=True))]
+             for i, (p, img) in enumerate(zip(pngs, grays, strict=True))]
     with Image.open(io.BytesIO(contact_sheet(items, "Cardiomegaly", columns=2))) as im:
         im.load()
         assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 300

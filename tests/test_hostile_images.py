@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 from test_png import chunk
 
-from cxr import metadata, png, shards
+from cxr import shards
+from cxr.data import images, manifest, metadata, png
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
 NIH = sorted(n for n in os.listdir(SAMPLES) if n.endswith(".png"))
@@ -102,7 +103,7 @@ def pillow_gray8(data: bytes) -> np.ndarray:
     """The reference: Pillow decodes the whole file, `to_gray8` converts it."""
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        return shards.to_gray8(im)
+        return images.to_gray8(im)
 
 
 def pillow_path_pngs() -> dict[str, bytes]:
@@ -134,16 +135,16 @@ def test_pillow_path_pngs_with_missing_or_extra_rows_are_refused(kind):
     of the inflated data, from the IHDR (bit depth, colour type, width, height, the seven Adam7 passes), catches it."""
     data = pillow_path_pngs()[kind]
     assert not png.parse(data).gray8
-    np.testing.assert_array_equal(shards.decode(data), pillow_gray8(data))  # a whole file passes the size check
+    np.testing.assert_array_equal(images.decode(data), pillow_gray8(data))  # a whole file passes the size check
     raw_size = len(zlib.decompress(b"".join(b for k, b in chunks(data) if k == b"IDAT")))
     short = restream(data, lambda raw: raw[:raw_size * 3 // 5])
     with pytest.raises(ValueError, match=r"inflates to \d+ bytes, not the \d+ .* needs \(rows missing\)"):
-        shards.decode(short)
+        images.decode(short)
     if raw_size > 1:
         with pytest.raises(ValueError, match="rows missing"):
-            shards.decode(restream(data, lambda raw: raw[:-1]))
+            images.decode(restream(data, lambda raw: raw[:-1]))
     with pytest.raises(ValueError, match="inflates to more than the"):
-        shards.decode(restream(data, lambda raw: raw + bytes(7)))
+        images.decode(restream(data, lambda raw: raw + bytes(7)))
 
 
 def test_a_truncated_zlib_stream_on_the_pillow_path_is_refused():
@@ -151,7 +152,7 @@ def test_a_truncated_zlib_stream_on_the_pillow_path_is_refused():
     stream = b"".join(b for k, b in chunks(data) if k == b"IDAT")
     cut = png_file(35, 37, stream[:len(stream) // 2], depth=16)
     with pytest.raises(ValueError, match="zlib stream ends early"):
-        shards.decode(cut)
+        images.decode(cut)
 
 
 # ---------------------------------------------------------------------------------------------- cost
@@ -165,7 +166,9 @@ CHILD = textwrap.dedent("""
         with open("/proc/self/status") as fh:
             return int(next(line for line in fh if line.startswith(key)).split()[1]) * 1024
 
-    shards.convert(open(sys.argv[1], "rb").read(), 256, "jpeg")  # warm: numba kernels and Pillow plugins loaded
+    shards.convert(open(sys.argv[1], "rb").read(), 256, "jpeg")  # warm: numba kernels and Pillow plugins loaded,
+    from cxr.data import images
+    images.fit(__import__("numpy").zeros((300, 200), "uint8"), 256)  # and TF's resize
     room = status("VmSize") + (3 << 29)  # 1.5 GiB more address space: today's costs fail fast, not swap the host
     resource.setrlimit(resource.RLIMIT_AS, (room, room))
     out = {}
@@ -255,47 +258,53 @@ def test_non_png_headers_are_checked_and_pillows_bomb_guard_is_an_image_rejectio
     """Pillow's lazy open gives the dimensions to check; limits set above Pillow's own guard (179 M pixels) still
     stop at it, as an ImageRejected."""
     with pytest.raises(ValueError, match="image of 9000 × 8000 pixels exceeds the image limits: side 9000") as err:
-        shards.decode(_jpeg_claiming(9000, 8000))
+        images.decode(_jpeg_claiming(9000, 8000))
     assert isinstance(err.value, png.ImageRejected)
     with pytest.raises(ValueError, match="decompression-bomb guard: Image size \\(225000000 pixels\\)") as err:
-        shards.decode(_jpeg_claiming(15000, 15000), png.ImageLimits(max_side=20000, max_pixels=1 << 30))
+        images.decode(_jpeg_claiming(15000, 15000), png.ImageLimits(max_side=20000, max_pixels=1 << 30))
     assert isinstance(err.value, png.ImageRejected)
 
 
 # ---------------------------------------------------------------------------------------------- conversions
 
 
-def old_square_resize(gray: np.ndarray, size: int) -> np.ndarray:
-    """The algorithm before: pad to a max(h, w)² canvas, centred, black, then Lanczos the canvas."""
+def reference_fit(gray: np.ndarray, size: int) -> np.ndarray:
+    """The preprocessing rule written plainly: f×f block means (numpy), TF's bilinear resize, rint, centred pad."""
+    import tensorflow as tf
+
     h, w = gray.shape
-    side = max(h, w)
-    canvas = np.zeros((side, side), dtype=np.uint8)
-    canvas[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = gray
-    if side == size:
-        return canvas
-    im = Image.fromarray(canvas, mode="L").resize((size, size), Image.Resampling.LANCZOS, reducing_gap=2.0)
-    return np.asarray(im, dtype=np.uint8)
+    long = max(h, w)
+    th, tw = (max(1, (side * size + long // 2) // long) for side in (h, w))
+    f = max(long // size, 1)
+    mh, mw = max(h // f, 1), max(w // f, 1)
+    mean = gray[:mh * f, :mw * f].astype(np.float32).reshape(mh, f, mw, f).sum(axis=(1, 3)) / np.float32(f * f)
+    if (mh, mw) != (th, tw):
+        mean = tf.image.resize(mean[..., None], [th, tw], method="bilinear").numpy()[..., 0]
+    out = np.zeros((size, size), np.uint8)
+    top, left = (size - th) // 2, (size - tw) // 2
+    out[top:top + th, left:left + tw] = np.rint(mean).astype(np.uint8)
+    return out
 
 
-def test_square_images_resize_as_before_and_others_without_a_square_canvas():
+def test_resize_follows_the_rule_and_needs_no_square_canvas():
     rng = np.random.default_rng(7)
     with Image.open(os.path.join(SAMPLES, NIH[0])) as im:
         nih = np.asarray(im)
-    for side, size in ((1024, 256), (1024, 224), (1000, 256), (300, 512), (256, 256), (97, 64)):
-        gray = nih if side == 1024 else rng.integers(0, 256, (side, side), dtype=np.uint8)
-        np.testing.assert_array_equal(shards.square_resize(gray, size), old_square_resize(gray, size))
+    shapes = ((1024, 1024, 256), (1024, 1024, 224), (1000, 1000, 256), (300, 300, 512), (256, 256, 256),
+              (97, 97, 64), (4000, 1001, 256), (40, 60, 60), (5, 19, 8), (2048, 2500, 224), (700, 300, 128))
+    for h, w, size in shapes:
+        gray = nih if (h, w) == (1024, 1024) else rng.integers(0, 256, (h, w), dtype=np.uint8)
+        np.testing.assert_array_equal(images.fit(gray, size), reference_fit(gray, size), err_msg=f"{h}x{w}→{size}")
     tall = rng.integers(1, 256, (4000, 1001), dtype=np.uint8)  # 4000 × 1001 → 256 × 64, padded left and right
+    images.fit(tall, 256)  # compiled, warm
     tracemalloc.start()
-    out = shards.square_resize(tall, 256)
+    out = images.fit(tall, 256)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak < 1 << 20, peak  # the canvas was 4000² = 16 MB
-    lanczos = np.asarray(Image.fromarray(tall).resize((64, 256), Image.Resampling.LANCZOS, reducing_gap=2.0))
-    np.testing.assert_array_equal(out[:, 96:160], lanczos)
-    assert not out[:, :96].any() and not out[:, 160:].any()
+    assert peak < 1 << 20, peak  # a square canvas would be 4000² = 16 MB
+    assert out[:, 96:160].all() and not out[:, :96].any() and not out[:, 160:].any()
     wide = rng.integers(0, 256, (40, 60), dtype=np.uint8)  # the long side is already `size`: only padded
-    np.testing.assert_array_equal(shards.square_resize(wide, 60)[10:50], wide)
-    assert shards.square_resize(rng.integers(0, 256, (5, 19), dtype=np.uint8), 8).shape == (8, 8)
+    np.testing.assert_array_equal(images.fit(wide, 60)[10:50], wide)
 
 
 def old_to_gray8_wide(im: Image.Image) -> np.ndarray:
@@ -313,14 +322,14 @@ def test_16bit_rescaling_equals_the_float_formula_without_full_size_float_copies
         values[0, 0] = top
         im = Image.fromarray(values)
         assert im.mode == "I;16"
-        np.testing.assert_array_equal(shards.to_gray8(im), old_to_gray8_wide(im))
+        np.testing.assert_array_equal(images.to_gray8(im), old_to_gray8_wide(im))
     wider = rng.integers(-5000, 300000, (21, 13)).astype(np.int32)
     for arr in (wider, rng.normal(900, 400, (21, 13)).astype(np.float32)):
         im = Image.fromarray(arr)  # "I" beyond 16 bits and "F": the formula strip by strip
-        np.testing.assert_array_equal(shards.to_gray8(im), old_to_gray8_wide(im))
+        np.testing.assert_array_equal(images.to_gray8(im), old_to_gray8_wide(im))
     big = Image.fromarray(rng.integers(0, 4096, (1024, 4096), dtype=np.uint16))  # 16 strips
     tracemalloc.start()
-    out = shards.to_gray8(big)
+    out = images.to_gray8(big)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     np.testing.assert_array_equal(out, old_to_gray8_wide(big))
@@ -338,7 +347,7 @@ def test_colour_and_palette_conversions_equal_the_whole_image_ones():
     for im, old in ((rgba, rgba.convert("RGBA").convert("RGB").convert("L")), (palette, palette.convert("L")),
                     (pa, pa.convert("RGBA").convert("RGB").convert("L")), (rgba.convert("LA"), rgba.convert("L")),
                     (rgba.convert("RGB"), rgba.convert("L")), (cmyk, cmyk.convert("L"))):
-        np.testing.assert_array_equal(shards.to_gray8(im), np.asarray(old), err_msg=im.mode)
+        np.testing.assert_array_equal(images.to_gray8(im), np.asarray(old), err_msg=im.mode)
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -399,10 +408,10 @@ def test_prepare_quarantines_with_deterministic_reasons_and_lists_mismatched_con
     receipt = shards.write_shard(spec, str(tmp_path / "out"), params)
     assert {q["image"]: q["reason"] for q in receipt["quarantine"]} == REASONS
     assert receipt["records"] == len(NIH) + len(NOTES)
-    manifest = shards.build_manifest(ds, params, [receipt])
-    assert manifest["notes"] == [{"image": name, "note": note} for name, note in sorted(NOTES.items())]
+    built = manifest.build(ds, params.as_dict(), [receipt])
+    assert built["notes"] == [{"image": name, "note": note} for name, note in sorted(NOTES.items())]
     again = shards.write_shard(spec, str(tmp_path / "again"), params)
-    assert json.dumps(shards.build_manifest(ds, params, [again])) == json.dumps(manifest)
+    assert json.dumps(manifest.build(ds, params.as_dict(), [again])) == json.dumps(built)
 
 
 def test_inspect_scan_reports_what_prepare_will_quarantine_and_mismatched_content(tmp_path):
@@ -421,7 +430,7 @@ def test_inspect_scan_reports_what_prepare_will_quarantine_and_mismatched_conten
 def test_raw_mode_skips_or_names_an_image_beyond_the_limits(tmp_path):
     import tensorflow as tf
 
-    from cxr import pipeline
+    from cxr.data import pipeline, reader
 
     root = _root(tmp_path, {"00000100_000.png": black_png(1 << 20, 1)})
     victim = os.path.join(root, "images", "00000100_000.png")
@@ -429,7 +438,7 @@ def test_raw_mode_skips_or_names_an_image_beyond_the_limits(tmp_path):
     with pytest.raises(tf.errors.OpError, match="1048576 × 1 pixels exceeds the image limits: side 1048576") as err:
         list(pipeline.make_raw_dataset(root, "train", 2, **kw))
     assert victim in str(err.value)
-    stats = pipeline.Stats()
+    stats = reader.Stats()
     batches = list(pipeline.make_raw_dataset(root, "train", 2, on_corrupt="skip", stats=stats, **kw))
     assert sum(int(x.shape[0]) for x, _, _ in batches) == len(NIH)
     assert list(stats.skipped) == [victim] and "max_side 8192" in stats.skipped[victim]

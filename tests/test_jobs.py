@@ -84,13 +84,13 @@ def test_ray_job_submit_with_token(ray_head, phantom_shards, mlflow_server, tmp_
     checkpoints = sorted(p for p in glob.glob(os.path.join(storage, "submitted", "checkpoint_*")) if os.path.isdir(p))
     assert checkpoints, os.listdir(os.path.join(storage, "submitted"))
     state = json.load(open(os.path.join(checkpoints[-1], "state.json")))
-    assert state["epoch"] == 1 and 0.0 <= state["metrics"]["val_auroc_mean"] <= 1.0
+    assert state["epoch"] == 2 and 0.0 <= state["metrics"]["val_auroc_mean"] <= 1.0
 
     client, run = _mlflow_run(mlflow_server, "submitted")
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "small_cnn" and run.data.params["scaling.num_workers"] == "2"
     history = client.get_metric_history(run.info.run_id, "val_auroc_mean")
-    assert [m.step for m in history] == [0, 1]
+    assert [m.step for m in history] == [1, 2]  # epochs count from 1 everywhere
     assert 0.0 <= run.data.metrics["test_auroc_mean"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"auroc.txt", "resolved.yaml", "roc_test.png", "learning_curves.png"} <= artifacts
@@ -132,7 +132,7 @@ def _epochs_checkpointed(run_dir: str) -> int:
     try:
         with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as fh:
             latest = json.load(fh)["latest_checkpoint_result"]
-        return int(latest["metrics"]["epoch"]) + 1 if latest else 0
+        return int(latest["metrics"]["epoch"]) if latest else 0
     except (OSError, ValueError, KeyError, TypeError):
         return 0  # not written yet, or being rewritten right now
 
@@ -194,7 +194,7 @@ def test_killed_worker_resumes_from_checkpoint(phantom_shards, mlflow_server, tm
     client, run = _mlflow_run(mlflow_server, "killed")
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "val_auroc_mean")
-    assert sorted(m.step for m in history) == list(range(epochs))  # each epoch once: continued, not restarted
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # each epoch once: continued, not restarted
 
 
 def test_dead_run_is_on_record_as_failed_with_its_epochs(phantom_shards, mlflow_server, tmp_path):
@@ -207,4 +207,4 @@ def test_dead_run_is_on_record_as_failed_with_its_epochs(phantom_shards, mlflow_
     assert run.data.params["run.max_failures"] == "0"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_auroc_mean"))
     # rank 0 logs an epoch right after its checkpoint, so the last one on disk may have missed MLflow
-    assert steps == list(range(len(steps))) and len(steps) >= done_at_kill - 1 >= 1, (steps, done_at_kill)
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= done_at_kill - 1 >= 1, (steps, done_at_kill)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr import labels, metadata
+from cxr import labels
+from cxr.data import metadata
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
-HEADER_2020 = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-               "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+HEADER_2020 = metadata.HEADER
 SAMPLE_ROWS = [
     "00000001_000.png,Cardiomegaly,0,1,57,M,PA,2682,2749,0.14300000000000002,0.14300000000000002",
     "00000002_000.png,No Finding,0,2,80,M,PA,2500,2048,0.171,0.171",

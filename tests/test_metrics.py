@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxr import metrics
+from cxr.evaluation import metrics
 from cxr.labels import FINDINGS, NUM_FINDINGS
 
 
@@ -19,12 +19,15 @@ def sample(n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return y, np.round(score, 1).astype(np.float32)  # one decimal: many tied scores
 
 
-def test_equals_sklearn_with_ties():
-    y, score = sample()
+def test_hand_computed_aurocs_with_a_tie():
+    """3 negatives, 2 positives: of the 6 (positive, negative) pairs 5 are ordered right and 1 is tied → 5.5/6."""
+    y = np.zeros((5, NUM_FINDINGS), np.float32)
+    y[[1, 4]] = 1.0
+    score = np.tile(np.array([[0.1], [0.4], [0.4], [0.3], [0.8]], np.float32), (1, NUM_FINDINGS))
+    score[:, 1] = [0.9, 0.1, 0.8, 0.7, 0.2]  # finding 1: every positive below every negative → 0
     got = metrics.auroc_per_finding(y, score)
-    expected = [roc_auc_score(y[:, k], score[:, k]) for k in range(NUM_FINDINGS)]
-    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
-    assert metrics.mean_auroc(got) == pytest.approx(np.mean(expected), abs=1e-6)
+    assert got[0] == pytest.approx(5.5 / 6) and got[1] == 0.0
+    assert metrics.mean_auroc(got) == pytest.approx((13 * 5.5 / 6) / 14)
 
 
 def test_finding_without_positives_or_negatives_is_undefined_and_left_out():
@@ -35,7 +38,7 @@ def test_finding_without_positives_or_negatives_is_undefined_and_left_out():
     assert math.isnan(got[3]) and math.isnan(got[13])
     defined = [roc_auc_score(y[:, k], score[:, k]) for k in range(NUM_FINDINGS) if k not in (3, 13)]
     assert metrics.mean_auroc(got) == pytest.approx(np.mean(defined), abs=1e-6)
-    table = metrics.auroc_table(got)
+    table = metrics.by_finding(got)
     assert list(table) == list(FINDINGS)
     assert table[FINDINGS[3]] is None and table[FINDINGS[13]] is None
     assert table[FINDINGS[0]] == pytest.approx(got[0])
@@ -62,4 +65,4 @@ def test_rejects_bad_shapes_and_non_finite_scores():
     with pytest.raises(ValueError, match="NaN"):
         metrics.auroc_per_finding(y, score)
     with pytest.raises(ValueError, match="findings"):
-        metrics.auroc_table(np.zeros(3))
+        metrics.by_finding(np.zeros(3))

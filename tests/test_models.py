@@ -9,6 +9,7 @@ import pytest
 
 from cxr import models
 from cxr.labels import NUM_FINDINGS
+from cxr.models import zoo
 
 SIZES = {"small_cnn": 64, "mobilenet_v2": 32, "densenet121": 32, "efficientnet_b0": 32}
 
@@ -51,11 +52,12 @@ def test_unknown_name_and_tiny_images_are_rejected():
 def test_gray_input_becomes_what_each_imagenet_backbone_expects():
     x = np.linspace(0, 1, 11, dtype=np.float32).reshape(1, 1, 11, 1)
     rgb255 = np.repeat(x, 3, axis=-1) * 255.0
-    mean, std = np.array(models.IMAGENET_MEAN), np.array(models.IMAGENET_STD)
+    mean, std = np.array(zoo.IMAGENET_MEAN), np.array(zoo.IMAGENET_STD)
 
     def mapped(name):
-        scale, offset = models.BACKBONES[name][1]
-        return np.asarray(models.GrayToImageNet(scale, offset)(x))
+        scale, offset = zoo.BACKBONES[name][1]
+        inputs = keras.Input((1, 11, 1))
+        return np.asarray(keras.Model(inputs, zoo.gray_to_imagenet(inputs, scale, offset))(x))
 
     # keras.applications' own preprocessing of 0..255 RGB images
     np.testing.assert_allclose(mapped("mobilenet_v2"),
@@ -87,7 +89,7 @@ def _assert_loads_into_backbone(source, path: str, name: str) -> None:
     """`source`'s weights saved to `path` end up, unchanged, in the backbone of model `name` at 32 px."""
     source.save_weights(path)
     model = models.build_model(name, 32, weights=path)
-    for a, b in zip(source.get_weights(), model.get_layer(models.BACKBONE).get_weights(), strict=True):
+    for a, b in zip(source.get_weights(), model.get_layer(zoo.BACKBONE).get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -18,12 +18,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cxr import labels, metadata, pipeline, png, shards, storage
-from cxr.pipeline import Augment
+from cxr import heap, labels, shards, storage
+from cxr.config import Augment
+from cxr.data import augment, images, manifest, metadata, pipeline, png, raw, reader
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
-HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-          "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
 PX, STORED, PER_SHARD = 40, 32, 7
 PARAMS = shards.Params(size=STORED, images_per_shard=PER_SHARD)
 
@@ -49,7 +48,7 @@ def write_root(root: str, patients: int = 30, per_patient: int = 2, seed: int = 
             rows.append(f"{name},{labels.format_labels(y)},{f},{p},{30 + p},M,PA,{PX},{PX},0.143,0.143")
             Image.fromarray(phantom(rng, PX)).save(os.path.join(root, "images", name))
     with open(os.path.join(root, "Data_Entry_2017_v2020.csv"), "w") as fh:
-        fh.write("\n".join([HEADER, *rows]) + "\n")
+        fh.write("\n".join([metadata.HEADER, *rows]) + "\n")
     return truth
 
 
@@ -57,17 +56,22 @@ def write_shards(root: str, out: str, params: shards.Params = PARAMS) -> dict:
     """What `cxr prepare` does, minus Ray."""
     ds = metadata.load(root, seed=params.seed, val_fraction=params.val_fraction, test_fraction=params.test_fraction)
     receipts = [shards.write_shard(spec, out, params) for spec in shards.plan(ds, params)]
-    manifest = shards.build_manifest(ds, params, receipts)
-    storage.write_text(storage.join(out, shards.MANIFEST), json.dumps(manifest))
-    return manifest
+    built = manifest.build(ds, params.as_dict(), receipts)
+    manifest.write(out, built)
+    return built
 
 
-def shard_records(out: str, manifest: dict, split: str) -> list[dict]:
+def split_size(uri: str, split: str, worker: int = 0, workers: int = 1) -> int:
+    """Images a worker reads per pass of a split (all of them with one worker)."""
+    return reader.ShardAssignment(tuple(manifest.load(uri).shards(split)), worker, workers).images()
+
+
+def shard_records(out: str, built: dict, split: str) -> list[dict]:
     """Every record of a split in position order, parsed straight from the files (the ground truth)."""
     records = []
-    for s in manifest["splits"][split]["shards"]:
-        for raw in tf.data.TFRecordDataset(os.path.join(out, split, s["name"])):
-            ex = tf.train.Example.FromString(raw.numpy()).features.feature
+    for s in built["splits"][split]["shards"]:
+        for record in tf.data.TFRecordDataset(os.path.join(out, split, s["name"])):
+            ex = tf.train.Example.FromString(record.numpy()).features.feature
             records.append({"image": ex["image"].bytes_list.value[0],
                             "name": ex["image_index"].bytes_list.value[0].decode(),
                             "labels": np.array(ex["labels"].int64_list.value)})
@@ -79,8 +83,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("pipeline")
     root, out = str(base / "raw"), str(base / "shards")
     truth = write_root(root)
-    manifest = write_shards(root, out)
-    return {"root": root, "out": out, "truth": truth, "manifest": manifest, "base": base}
+    built = write_shards(root, out)
+    return {"root": root, "out": out, "truth": truth, "manifest": built, "base": base}
 
 
 def eval_pass(ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
@@ -109,13 +113,13 @@ def test_fixture_has_shard_and_record_sharding_cases(data):
 @pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_eval_reads_every_image_exactly_once_across_workers(data, split, workers):
-    n = pipeline.split_size(data["out"], split)
+    n = split_size(data["out"], split)
     assert n == data["manifest"]["splits"][split]["images"]
     seen = []
     for w in range(workers):
         _, _, idx, _ = eval_pass(pipeline.make_dataset(data["out"], split, 8, worker_index=w, num_workers=workers,
                                                        image_size=24))
-        assert len(idx) == pipeline.split_size(data["out"], split, w, workers)
+        assert len(idx) == split_size(data["out"], split, w, workers)
         seen.extend(idx.tolist())
     assert sorted(seen) == list(range(n))
 
@@ -153,7 +157,7 @@ def test_uint8_codec_gives_exactly_the_png_codec_batches(data):
     out = {c: str(data["base"] / f"codec-{c}") for c in ("png", "uint8")}
     for codec, url in out.items():
         write_shards(data["root"], url, shards.Params(size=STORED, images_per_shard=PER_SHARD, codec=codec))
-    lossless, raw = (shard_records(out[c], json.loads(storage.read_text(storage.join(out[c], shards.MANIFEST))),
+    lossless, raw = (shard_records(out[c], json.loads(storage.read_text(storage.join(out[c], manifest.NAME))),
                                    "test") for c in ("png", "uint8"))
     for a, b in zip(lossless, raw, strict=True):
         assert b["image"] == np.asarray(Image.open(io.BytesIO(a["image"]))).tobytes()  # the stored pixels
@@ -173,9 +177,9 @@ def test_uint8_codec_gives_exactly_the_png_codec_batches(data):
 
 def test_uint8_records_of_the_wrong_size_raise_a_clear_error(data, tmp_path):
     out = str(tmp_path / "u8")
-    manifest = write_shards(data["root"], out, shards.Params(size=STORED, images_per_shard=PER_SHARD, codec="uint8"))
-    manifest["preprocessing"]["size"] = STORED // 2  # a manifest that lies about the stored size
-    storage.write_text(storage.join(out, shards.MANIFEST), json.dumps(manifest))
+    built = write_shards(data["root"], out, shards.Params(size=STORED, images_per_shard=PER_SHARD, codec="uint8"))
+    built["preprocessing"]["size"] = STORED // 2  # a manifest that lies about the stored size
+    manifest.write(out, built)
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"not {STORED // 2}×{STORED // 2} bytes"):
         eval_pass(pipeline.make_dataset(out, "test", 8, image_size=24))
 
@@ -184,7 +188,7 @@ def test_training_contract_repeat_and_determinism(data):
     def batches(**kw) -> list[tuple[np.ndarray, np.ndarray]]:
         return take(pipeline.make_dataset(data["out"], "train", 8, training=True, image_size=24, **kw), 12)
 
-    n = pipeline.split_size(data["out"], "train")
+    n = split_size(data["out"], "train")
     first = batches(seed=3, epoch=0)
     assert len(first) * 8 > 2 * n  # repeats past the end of a pass
     assert all(x.shape == (8, 24, 24, 1) and x.dtype == np.float32 and y.shape == (8, 14) for x, y in first)
@@ -202,11 +206,11 @@ def test_training_contract_repeat_and_determinism(data):
 
 def test_heap_is_trimmed_every_few_shards_not_every_shard(data, monkeypatch):
     """Trimming after every shard made the next batches fault their freed pages in again (4-13% on uint8)."""
-    calls, real = [], pipeline.release_free_heap
-    monkeypatch.setattr(pipeline, "release_free_heap", lambda: (calls.append(1), real()))
+    calls, real = [], heap.release
+    monkeypatch.setattr(heap, "release", lambda: (calls.append(1), real()))
     ds = pipeline.make_dataset(data["out"], "train", 8, training=True, image_size=24)
     for _ in ds:
-        if ds.stats.shards_read >= 4 * pipeline.TRIM_EVERY_SHARDS:
+        if ds.stats.shards_read >= 4 * heap.TRIM_EVERY_SHARDS:
             break
     read = ds.stats.shards_read
     # streams fetch concurrently, so a trim point can be seen twice; never once per shard
@@ -222,7 +226,7 @@ def _nearest_distance(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def test_augmentation_is_training_only(data):
     evals, _, _, _ = eval_pass(pipeline.make_dataset(data["out"], "val", 8, image_size=24))
     plain = np.concatenate([x for x, _ in take(pipeline.make_dataset(
-        data["out"], "val", 4, training=True, image_size=24, augment=Augment.off()), 3)])
+        data["out"], "val", 4, training=True, image_size=24, augment=augment.OFF), 3)])
     assert _nearest_distance(plain, evals).max() < 1e-5  # identity augmentation == eval images
     augmented = np.concatenate([x for x, _ in take(pipeline.make_dataset(
         data["out"], "val", 4, training=True, image_size=24), 3)])
@@ -234,17 +238,17 @@ def test_xla_warp_equals_image_projective_transform():
     images = tf.constant(rng.integers(0, 256, (6, 48, 48, 1), dtype=np.uint8))
     strong = Augment(rotate_deg=30, scale=(0.6, 1.4), translate=0.2, hflip=True, brightness=0.0, contrast=0.0)
     u = tf.random.stateless_uniform([6, 7], seed=[1, 2], minval=-1.0, maxval=1.0)
-    transforms = pipeline.affine_transforms(u, strong, 48, 40)
+    transforms = augment.affine_transforms(u, strong, 48, 40)
     ones, zeros = tf.ones([6]), tf.zeros([6])
-    ours = pipeline.warp_bilinear(images, transforms, ones, zeros, 40)
+    ours = augment.warp_bilinear(images, transforms, ones, zeros, 40)
     ref = tf.raw_ops.ImageProjectiveTransformV3(
         images=tf.cast(images, tf.float32) / 255.0, transforms=transforms, output_shape=[40, 40],
         fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
     assert float(tf.reduce_max(tf.abs(ours - ref))) < 1e-4
-    identity = pipeline.affine_transforms(tf.zeros([6, 7]), strong, 48, 40)
-    resized = pipeline.to_unit(images, 40)
-    assert float(tf.reduce_max(tf.abs(pipeline.warp_bilinear(images, identity, ones, zeros, 40) - resized))) < 1e-4
-    both = [pipeline.augment_batch(images, tf.constant(5, tf.int64), 9, Augment(kernel=k), 40) for k in ("xla", "tf")]
+    identity = augment.affine_transforms(tf.zeros([6, 7]), strong, 48, 40)
+    resized = augment.to_unit(images, 40)
+    assert float(tf.reduce_max(tf.abs(augment.warp_bilinear(images, identity, ones, zeros, 40) - resized))) < 1e-4
+    both = [augment.augment_batch(images, tf.constant(5, tf.int64), 9, Augment(kernel=k), 40) for k in ("xla", "tf")]
     assert float(tf.reduce_max(tf.abs(both[0] - both[1]))) < 1e-4
 
 
@@ -276,12 +280,12 @@ def test_skip_counts_and_logs_the_corrupt_shard(data, tmp_path, caplog, damage):
     else:
         del blob[-100:]
     open(victim, "wb").write(bytes(blob))
-    stats = pipeline.Stats()
-    with caplog.at_level(logging.WARNING, logger="cxr.pipeline"):
+    stats = reader.Stats()
+    with caplog.at_level(logging.WARNING, logger="cxr.data.reader"):
         _, _, idx, _ = eval_pass(pipeline.make_dataset(out, "train", 8, image_size=24, on_corrupt="skip",
                                                        stats=stats))
     lost = data["manifest"]["splits"]["train"]["shards"][1]["records"]
-    assert len(idx) == pipeline.split_size(out, "train") - lost and len(set(idx.tolist())) == len(idx)
+    assert len(idx) == split_size(out, "train") - lost and len(set(idx.tolist())) == len(idx)
     assert stats.skipped_count == 1 and victim in stats.skipped
     assert any(victim in r.getMessage() for r in caplog.records)
     ds = pipeline.make_dataset(out, "train", 8, training=True, image_size=24, on_corrupt="skip")
@@ -293,14 +297,14 @@ def test_broken_framing_with_matching_checksum_is_caught(data, tmp_path):
     out, victim = corrupted_copy(data, tmp_path)
     blob = open(victim, "rb").read()[:-10]
     open(victim, "wb").write(blob)
-    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
-    entry = manifest["splits"]["train"]["shards"][1]
+    built = json.loads(open(os.path.join(out, "manifest.json")).read())
+    entry = built["splits"]["train"]["shards"][1]
     entry.update(bytes=len(blob), sha256=__import__("hashlib").sha256(blob).hexdigest())
-    open(os.path.join(out, "manifest.json"), "w").write(json.dumps(manifest))
+    open(os.path.join(out, "manifest.json"), "w").write(json.dumps(built))
     with pytest.raises(tf.errors.OpError, match="claims"):
         eval_pass(pipeline.make_dataset(out, "train", 8, image_size=24))
-    with pytest.raises(pipeline.CorruptShardError, match="truncated record header"):
-        pipeline.frame_records(b"\x05\x00\x00", "mem://x")
+    with pytest.raises(reader.CorruptShardError, match="truncated record header"):
+        reader.frame_records(b"\x05\x00\x00", "mem://x")
 
 
 def test_every_shard_corrupt_in_training_raises_instead_of_spinning(data, tmp_path):
@@ -320,7 +324,7 @@ def test_missing_shard_raises_naming_it_even_when_skipping(data, tmp_path):
 
 
 def test_worker_without_records_cannot_train(data):
-    n = pipeline.split_size(data["out"], "val")
+    n = split_size(data["out"], "val")
     with pytest.raises(ValueError, match="no images"):
         pipeline.make_dataset(data["out"], "val", 4, worker_index=n, num_workers=n + 1, training=True)
     _, _, idx, _ = eval_pass(pipeline.make_dataset(data["out"], "val", 4, worker_index=n, num_workers=n + 1))
@@ -344,6 +348,21 @@ def test_raw_mode_yields_the_same_labels_and_indices_as_shards(data, split):
         assert all(k % 2 == w for k in idx)
         seen.extend(idx.tolist())
     assert sorted(seen) == list(range(len(i_shard)))
+
+
+def test_raw_mode_sees_exactly_the_pixels_prepare_stores(data, real_root, tmp_path):
+    """One preprocessing path: uint8 shards hold the pixels raw mode feeds, bit for bit, for the phantoms and for
+    the real NIH files with their 16-bit and RGBA variants (decoded by Pillow, not cxr.png)."""
+    for root, size in ((data["root"], STORED), (real_root, 96)):
+        out = str(tmp_path / f"u8-{size}")
+        params = shards.Params(size=size, images_per_shard=PER_SHARD, codec="uint8", val_fraction=0.0,
+                               test_fraction=0.0)
+        write_shards(root, out, params)
+        x_shard, _, i_shard, _ = eval_pass(pipeline.make_dataset(out, "train", 8, image_size=size))
+        x_raw, _, i_raw, _ = eval_pass(pipeline.make_raw_dataset(root, "train", 8, image_size=size, raw_size=size,
+                                                                 val_fraction=0.0, test_fraction=0.0))
+        np.testing.assert_array_equal(np.sort(i_raw), np.sort(i_shard))
+        np.testing.assert_array_equal(x_raw[np.argsort(i_raw)], x_shard[np.argsort(i_shard)])
 
 
 def test_raw_mode_training_contract(data):
@@ -371,12 +390,12 @@ def real_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     rows = [f"{n},No Finding,0,{int(n[:8])},50,F,PA,1024,1024,0.143,0.143"
             for n in [*names, "00000100_000.png", "00000101_000.png"]]
     with open(root / "Data_Entry_2017_v2020.csv", "w") as fh:
-        fh.write("\n".join([HEADER, *rows]) + "\n")
+        fh.write("\n".join([metadata.HEADER, *rows]) + "\n")
     return str(root)
 
 
 def _raw_by_name(root: str, size: int, **kw) -> dict[str, np.ndarray]:
-    rows = pipeline.raw_rows(root, "train", val_fraction=0.0, test_fraction=0.0)
+    rows = raw.split_rows(root, "train", val_fraction=0.0, test_fraction=0.0)
     x, _, idx, _ = eval_pass(pipeline.make_raw_dataset(root, "train", 2, image_size=size, raw_size=size,
                                                        val_fraction=0.0, test_fraction=0.0, **kw))
     return {os.path.basename(rows[k][0]): img[..., 0] for k, img in zip(idx, x, strict=True)}
@@ -390,7 +409,7 @@ def test_raw_mode_decodes_real_nih_pngs_like_prepare(real_root):
         assert np.abs(out[name] * 255 - box.mean(axis=(1, 3))).max() <= 0.5 + 1e-3
     for variant in ("00000100_000.png", "00000101_000.png"):  # converted exactly as the shard writer does
         with Image.open(os.path.join(real_root, "images", variant)) as im:
-            expected = shards.square_resize(shards.to_gray8(im), 256).astype(np.float32) / 255.0
+            expected = images.fit(images.to_gray8(im), 256).astype(np.float32) / 255.0
         assert np.abs(out[variant] - expected).max() <= 1 / 255 + 1e-6
     assert np.abs(out["00000100_000.png"] - out[names[0]]).mean() < 2 / 255  # 16-bit ≈ its 8-bit original
 
@@ -404,7 +423,7 @@ def test_raw_mode_corrupt_png_raises_naming_it_or_is_skipped(real_root, tmp_path
     with pytest.raises(tf.errors.OpError, match="truncated PNG") as err:
         _raw_by_name(root, 64)
     assert victim in str(err.value)
-    stats = pipeline.Stats()
+    stats = reader.Stats()
     out = _raw_by_name(root, 64, on_corrupt="skip", stats=stats)
     assert "00000002_000.png" not in out and len(out) == 4 and list(stats.skipped) == [victim]
 
@@ -434,10 +453,10 @@ def test_raw_decode_and_shrink_equal_tf_bit_for_bit(side, size):
         buf = io.BytesIO()
         Image.fromarray(gray, mode="L").save(buf, format="PNG")
         blob = buf.getvalue()
-    decoded = shards.decode(blob)
+    decoded = images.decode(blob)
     np.testing.assert_array_equal(decoded, tf.io.decode_png(blob, channels=1).numpy()[..., 0])
     expected = _tf_shrink(blob, size)
-    out = pipeline.shrink(decoded, size)
+    out = images.fit(decoded, size)
     assert out.shape == (size, size) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, expected)
 
@@ -458,7 +477,7 @@ def test_raw_mode_undecodable_png_with_valid_crcs_raises_naming_it(real_root, tm
     with pytest.raises(tf.errors.OpError, match="undecodable PNG") as err:
         _raw_by_name(root, 64)
     assert victim in str(err.value)
-    stats = pipeline.Stats()
+    stats = reader.Stats()
     out = _raw_by_name(root, 64, on_corrupt="skip", stats=stats)
     assert "00000013_003.png" not in out and list(stats.skipped) == [victim]
 
@@ -471,7 +490,7 @@ def test_streams_from_s3(data, s3):
             path = os.path.join(dirpath, f)
             storage.upload(path, s3.url(f"{prefix}/{os.path.relpath(path, data['out'])}"))
     uri = s3.url(prefix)
-    n = pipeline.split_size(uri, "train")
+    n = split_size(uri, "train")
     _, y, idx, _ = eval_pass(pipeline.make_dataset(uri, "train", 8, image_size=24))
     assert sorted(idx.tolist()) == list(range(n))
     _, y_local, _, _ = eval_pass(pipeline.make_dataset(data["out"], "train", 8, image_size=24))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr import png, shards
+from cxr.data import images, png
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
 
@@ -146,7 +146,7 @@ def test_structure_errors_say_what_is_wrong():
 
 
 def test_other_pngs_are_left_to_pillow():
-    """16-bit, colour and interlaced PNGs are recognised as such and decoded by Pillow (`shards.decode`)."""
+    """16-bit, colour and interlaced PNGs are recognised as such and decoded by Pillow (`images.decode`)."""
     rng = np.random.default_rng(2)
     rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     buf = io.BytesIO()
@@ -155,7 +155,7 @@ def test_other_pngs_are_left_to_pillow():
     assert (image.colour, image.gray8) == (2, False)
     with pytest.raises(ValueError, match="colour type 2"):
         image.pixels()
-    np.testing.assert_array_equal(shards.decode(buf.getvalue()), pillow(buf.getvalue()))
+    np.testing.assert_array_equal(images.decode(buf.getvalue()), pillow(buf.getvalue()))
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 65536, (8, 8), dtype=np.uint16)).save(buf, format="PNG")
     assert (png.parse(buf.getvalue()).depth, png.parse(buf.getvalue()).gray8) == (16, False)
@@ -205,7 +205,7 @@ def test_spec_invalid_headers_and_chunk_orders_are_refused_naming_the_problem(ca
     with pytest.raises(ValueError, match=message):
         png.parse(data)
     with pytest.raises(ValueError, match=message):
-        shards.decode(data)
+        images.decode(data)
 
 
 @pytest.mark.parametrize("width,height,message", [
@@ -236,9 +236,9 @@ def test_dimensions_beyond_the_limits_are_rejected_from_the_header(width, height
 
 def test_empty_and_foreign_files_say_what_they_are():
     with pytest.raises(ValueError, match=r"^empty file \(0 bytes\)$"):
-        shards.decode(b"")
+        images.decode(b"")
     with pytest.raises(ValueError, match=r"^not an image: unrecognised format \(first bytes 00 01 02 03 04 05 06 07 …"):
-        shards.decode(bytes(range(40)))
+        images.decode(bytes(range(40)))
     with pytest.raises(ValueError, match=r"^not a PNG file \(first bytes 47 49 46 38\)$"):
         png.parse(b"GIF8")
 
@@ -250,5 +250,5 @@ def test_the_callers_limits_hold_on_every_decoding_path():
         buf = io.BytesIO()
         im.save(buf, format=fmt)
         with pytest.raises(ValueError, match="100 × 1 pixels exceeds the image limits: side 100 > max_side 99$"):
-            shards.decode(buf.getvalue(), png.ImageLimits(max_side=99, max_aspect=1000))
-        assert shards.decode(buf.getvalue(), png.ImageLimits(max_aspect=100)).shape == (1, 100)
+            images.decode(buf.getvalue(), png.ImageLimits(max_side=99, max_aspect=1000))
+        assert images.decode(buf.getvalue(), png.ImageLimits(max_aspect=100)).shape == (1, 100)

@@ -17,12 +17,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cxr import labels, png, shards, storage
+from cxr import labels, shards, storage
+from cxr.data import images, metadata, png
 from cxr.prepare import prepare
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
-HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-          "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+HEADER = metadata.HEADER
 SAMPLE_ROWS = {
     "00000001_000.png": "Cardiomegaly,0,1,57,M,PA,2682,2749,0.143,0.143",
     "00000002_000.png": "No Finding,0,2,80,M,PA,2500,2048,0.171,0.171",
@@ -90,14 +90,14 @@ def all_records(out: str, manifest: dict) -> dict[str, dict]:
 def test_conversions_are_explicit():
     gray = (np.arange(40 * 60) % 256).astype(np.uint8).reshape(40, 60)
     rgba = Image.fromarray(np.stack([gray] * 3 + [np.full_like(gray, 255)], -1), mode="RGBA")
-    assert np.array_equal(shards.to_gray8(rgba), gray)
+    assert np.array_equal(images.to_gray8(rgba), gray)
     sixteen = Image.fromarray(gray.astype(np.uint16) * 257)
     assert sixteen.mode.startswith("I")
-    assert np.array_equal(shards.to_gray8(sixteen), gray)
+    assert np.array_equal(images.to_gray8(sixteen), gray)
     twelve = Image.fromarray((gray.astype(np.int32) * 16).astype(np.uint16))  # 12-bit data in a 16-bit file
-    assert np.abs(shards.to_gray8(twelve).astype(int) - gray).max() <= 1
-    assert np.array_equal(shards.to_gray8(Image.fromarray(gray).convert("P")), gray)
-    square = shards.square_resize(gray, 60)  # pad 40x60 to 60x60, centred, black
+    assert np.abs(images.to_gray8(twelve).astype(int) - gray).max() <= 1
+    assert np.array_equal(images.to_gray8(Image.fromarray(gray).convert("P")), gray)
+    square = images.fit(gray, 60)  # pad 40x60 to 60x60, centred, black
     assert square.shape == (60, 60) and (square[:10] == 0).all() and (square[50:] == 0).all()
     assert np.array_equal(square[10:50], gray)
 
@@ -120,10 +120,10 @@ def test_real_samples_through_prepare(tmp_path):
         vec, _ = labels.parse(rest.split(",")[0])
         assert recs[name]["labels"] == vec.tolist()
         stored = np.asarray(Image.open(io.BytesIO(recs[name]["image"])))
-        with Image.open(os.path.join(SAMPLES, name)) as im:
-            expected = np.asarray(im.resize((256, 256), Image.Resampling.LANCZOS, reducing_gap=2.0))
+        with Image.open(os.path.join(SAMPLES, name)) as im:  # the documented resize: an exact 4×4 box mean
+            box = np.asarray(im, dtype=np.float32).reshape(256, 4, 256, 4).mean(axis=(1, 3))
         assert stored.shape == (256, 256) and stored.dtype == np.uint8
-        assert np.array_equal(stored, expected)  # lossless codec: exactly the documented resize
+        assert np.array_equal(stored, np.rint(box).astype(np.uint8))  # lossless codec: exactly those pixels
     assert recs["00000013_003.png"]["patient"] == 13 and recs["00000001_000.png"]["age"] == 57
 
 
@@ -133,13 +133,13 @@ def test_gray8_pngs_decode_with_cxr_png_to_pillows_pixels():
         data = open(os.path.join(SAMPLES, name), "rb").read()
         assert png.parse(data).gray8
         with Image.open(io.BytesIO(data)) as im:
-            expected = shards.to_gray8(im)
-        np.testing.assert_array_equal(shards.decode(data), expected)
+            expected = images.to_gray8(im)
+        np.testing.assert_array_equal(images.decode(data), expected)
         lossless = shards.convert(data, 256, "png")
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(lossless))),
-                                      shards.square_resize(expected, 256))
+                                      images.fit(expected, 256))
     with pytest.raises(ValueError, match="truncated PNG"):
-        shards.decode(data[: len(data) // 2])
+        images.decode(data[: len(data) // 2])
 
 
 def test_manifest_adds_up_and_quarantines(tmp_path):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr import labels, metadata, synth
+from cxr import labels, synth
+from cxr.data import metadata
 from cxr.synth import anatomy, findings
 
 SIZE = 64

@@ -8,7 +8,8 @@ import uuid
 from conftest import free_port
 from mlflow.tracking import MlflowClient
 
-from cxr import tracking
+from cxr.tracking import runs
+from cxr.tracking.handlers import EpochLogger
 
 
 def _row(epoch: int, auroc: float) -> dict:
@@ -18,37 +19,37 @@ def _row(epoch: int, auroc: float) -> dict:
 
 def test_open_run_creates_once_and_finds_by_key(mlflow_server):
     key = f"/runs/{uuid.uuid4().hex}"
-    params = tracking.safe_params({"data": {"manifest_uri": "s3://user:hunter2@bucket/m.json"},
+    params = runs.safe_params({"data": {"manifest_uri": "s3://user:hunter2@bucket/m.json"},
                                    "tracking": {"api_token": "t0k3n"}, "optim": {"lr": 0.001}})
-    run_id = tracking.open_run(mlflow_server, "cxr-tracking-tests", "first", key, params)
+    run_id = runs.open_run(mlflow_server, "cxr-tracking-tests", "first", key, params)
     client = MlflowClient(mlflow_server)
     run = client.get_run(run_id)
-    assert run.info.status == "RUNNING" and run.data.tags[tracking.RUN_TAG] == key
+    assert run.info.status == "RUNNING" and run.data.tags[runs.RUN_TAG] == key
     assert run.data.params["optim.lr"] == "0.001"
-    assert "hunter2" not in run.data.params["data.manifest_uri"] and "tracking.api_token" not in run.data.params
+    assert "hunter2" not in run.data.params["data.manifest_uri"] and "runs.api_token" not in run.data.params
 
-    tracking.end_run(mlflow_server, run_id, "FAILED")
+    runs.end_run(mlflow_server, run_id, "FAILED")
     assert client.get_run(run_id).info.status == "FAILED"
-    again = tracking.open_run(mlflow_server, "cxr-tracking-tests", "second", key, params)
+    again = runs.open_run(mlflow_server, "cxr-tracking-tests", "second", key, params)
     assert again == run_id and client.get_run(run_id).info.status == "RUNNING"  # a re-submitted run resumes it
-    other = tracking.open_run(mlflow_server, "cxr-tracking-tests", "first", key + "-b", params)
+    other = runs.open_run(mlflow_server, "cxr-tracking-tests", "first", key + "-b", params)
     assert other != run_id
 
 
 def test_each_epoch_is_logged_once_across_restarts(mlflow_server):
-    run_id = tracking.open_run(mlflow_server, "cxr-tracking-tests", "epochs", f"/runs/{uuid.uuid4().hex}", {})
-    first = tracking.EpochLog(mlflow_server, run_id)
-    assert first.log(_row(0, 0.61)) and first.log(_row(1, 0.72))
-    restarted = tracking.EpochLog(mlflow_server, run_id)  # a new worker group after resuming from epoch 1
-    assert restarted.log(_row(1, 0.99)) and restarted.log(_row(2, 0.80))
+    run_id = runs.open_run(mlflow_server, "cxr-tracking-tests", "epochs", f"/runs/{uuid.uuid4().hex}", {})
+    first = EpochLogger(mlflow_server, run_id)
+    assert first.log(_row(1, 0.61)) and first.log(_row(2, 0.72))
+    restarted = EpochLogger(mlflow_server, run_id)  # a new worker group after resuming from epoch 2
+    assert restarted.log(_row(2, 0.99)) and restarted.log(_row(3, 0.80))
 
     client = MlflowClient(mlflow_server)
     history = client.get_metric_history(run_id, "val_auroc_mean")
-    assert sorted((m.step, m.value) for m in history) == [(0, 0.61), (1, 0.72), (2, 0.80)]
-    assert [m.value for m in client.get_metric_history(run_id, "val_auroc.Mass")] == [0.61, 0.72, 0.80]
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.61), (2, 0.72), (3, 0.80)]
+    assert [m.value for m in client.get_metric_history(run_id, "val_auroc/Mass")] == [0.61, 0.72, 0.80]
     metrics = client.get_run(run_id).data.metrics
-    assert "val_auroc.Hernia" not in metrics and "is_best" not in metrics and "epoch" not in metrics
-    assert tracking.logged_epochs(client, run_id) == {0, 1, 2}
+    assert "val_auroc/Hernia" not in metrics and "is_best" not in metrics and "epoch" not in metrics
+    assert runs.logged_epochs(client, run_id) == {1, 2, 3}
 
 
 def test_unreachable_server_warns_without_credentials_and_never_raises(monkeypatch, caplog):
@@ -56,8 +57,8 @@ def test_unreachable_server_warns_without_credentials_and_never_raises(monkeypat
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     caplog.set_level(logging.WARNING, logger="cxr")
     uri = f"http://trainer:s3cr3t-pw@127.0.0.1:{free_port()}"  # nothing listens there
-    log = tracking.EpochLog(uri, "0" * 32)
-    assert log.log(_row(0, 0.5)) is False  # training goes on; the driver logs the epoch at the end
-    warnings = [r.getMessage() for r in caplog.records if r.name == "cxr.tracking"]
+    log = EpochLogger(uri, "0" * 32)
+    assert log.log(_row(1, 0.5)) is False  # training goes on; the driver logs the epoch at the end
+    warnings = [r.getMessage() for r in caplog.records if r.name == "cxr.tracking.handlers"]
     assert any("epoch 1 not logged now" in w for w in warnings)
     assert "s3cr3t-pw" not in caplog.text

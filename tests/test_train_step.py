@@ -1,7 +1,7 @@
 """The distributed step, evaluation gather, loss, schedule and the Ray Train loop, on real processes.
 
 Two Ray Train workers (MultiWorkerMirroredStrategy over loopback) run the building blocks of
-cxr.train on in-memory data and write what they hold to a temp dir; the test process compares that
+cxr.training on in-memory data and write what they hold to a temp dir; the test process compares that
 with a single-process run of the same code (default strategy = one worker with the global batch).
 """
 
@@ -21,8 +21,16 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from cxr import checkpoints, config, distributed, losses, models, train  # noqa: E402
+from cxr import config, losses  # noqa: E402
+from cxr.data.source import DataSource  # noqa: E402
+from cxr.evaluation.metrics import auroc_per_finding, mean_auroc  # noqa: E402
+from cxr.evaluation.predict import predict_split  # noqa: E402
 from cxr.labels import NUM_FINDINGS  # noqa: E402
+from cxr.models import build_model, zoo  # noqa: E402
+from cxr.models.weights import load_initial_weights  # noqa: E402
+from cxr.training import checkpoints, driver  # noqa: E402
+from cxr.training.schedule import Schedule  # noqa: E402
+from cxr.training.step import DistributedSteps, all_reduce, make_optimizer, make_strategy  # noqa: E402
 
 S = 32  # image size: small_cnn at 32 px keeps every step in milliseconds
 B = 4  # per-worker batch
@@ -49,10 +57,16 @@ def uneven_val_shard(rank: int, batch: int = 8) -> tf.data.Dataset:
 
 def plain_cnn(init: str | None = None) -> keras.Model:
     """small_cnn without batch norm: each example's gradient is independent of its batch."""
-    model = models.small_cnn(S, batch_norm=False)
+    model = zoo.small_cnn(S, batch_norm=False)
     if init:
-        models.load_initial_weights(model, init)
+        load_initial_weights(model, init)
     return model
+
+
+def gather(steps: DistributedSteps, batches: tf.data.Dataset, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The validation gather as the loop runs it: predict locally, one all-reduce across the workers."""
+    preds = predict_split(steps.predict, batches, n, reduce=lambda rows: all_reduce(steps.strategy, rows))
+    return preds.probs, preds.labels
 
 
 def flat_weights(model: keras.Model) -> np.ndarray:
@@ -66,7 +80,7 @@ def mechanics_worker(cfg: dict) -> None:
     """On each Ray worker: one step per precision, BN sync, and the eval gather; results to cfg['out']."""
     import ray.train
 
-    strategy = distributed.make_strategy()
+    strategy = make_strategy()
     rank = ray.train.get_context().get_world_rank()
     x, y = arrays(2 * B, seed=0)
     mine = slice(rank * B, (rank + 1) * B)
@@ -88,9 +102,9 @@ def _float32_step(strategy, init: str, x, y) -> dict:
         model = plain_cnn(init)
         sgd = keras.optimizers.SGD(0.5)  # SGD: the update is lr x gradient, so a wrong scale shows
         sgd.build(model.trainable_variables)
-    steps = distributed.DistributedSteps(strategy, model, sgd, losses.binary_crossentropy(), global_batch=2 * B)
+    steps = DistributedSteps(strategy, model, sgd, losses.binary_crossentropy(), global_batch=2 * B)
     out = steps.train_step(x, y).numpy()
-    probs, labels = distributed.gather_predictions(steps, uneven_val_shard(ray_rank()), N_VAL)
+    probs, labels = gather(steps, uneven_val_shard(ray_rank()), N_VAL)
     return {"weights": flat_weights(model), "step_out": out, "probs": probs, "labels": labels}
 
 
@@ -104,7 +118,7 @@ def _bn_sync(strategy, x, y) -> dict:
         model = keras.Model(inputs, keras.layers.Dense(NUM_FINDINGS, activation="sigmoid")(h))
         opt = keras.optimizers.SGD(0.1)
         opt.build(model.trainable_variables)
-    steps = distributed.DistributedSteps(strategy, model, opt, losses.binary_crossentropy(), global_batch=2 * B)
+    steps = DistributedSteps(strategy, model, opt, losses.binary_crossentropy(), global_batch=2 * B)
     steps.train_step(x, y)
     bn = model.get_layer("bn")
     before = np.concatenate([bn.moving_mean.numpy(), bn.moving_variance.numpy()])
@@ -119,10 +133,10 @@ def _bf16_steps(strategy, x, y) -> dict:
     keras.utils.set_random_seed(100 + ray_rank())  # different local initial values on each worker
     try:
         with strategy.scope():
-            model = models.build_model("small_cnn", S)
-            opt = distributed.make_optimizer(1e-3, "mixed_bfloat16")
+            model = build_model("small_cnn", S)
+            opt = make_optimizer(1e-3, "mixed_bfloat16")
             opt.build(model.trainable_variables)
-        steps = distributed.DistributedSteps(strategy, model, opt, losses.binary_crossentropy(), global_batch=2 * B)
+        steps = DistributedSteps(strategy, model, opt, losses.binary_crossentropy(), global_batch=2 * B)
         outs = np.stack([steps.train_step(x, y).numpy() for _ in range(2)])
         trainable = np.concatenate([np.ravel(v.numpy()) for v in model.trainable_variables])
         return {"weights": trainable, "outs": outs}
@@ -136,9 +150,9 @@ def _fp16_skip(strategy, init: str, x, y_first, y_second) -> dict:
     try:
         with strategy.scope():
             model = plain_cnn(init)
-            opt = distributed.make_optimizer(1e-3, "mixed_float16")
+            opt = make_optimizer(1e-3, "mixed_float16")
             opt.build(model.trainable_variables)
-        steps = distributed.DistributedSteps(strategy, model, opt, losses.binary_crossentropy(), global_batch=2 * B)
+        steps = DistributedSteps(strategy, model, opt, losses.binary_crossentropy(), global_batch=2 * B)
         steps.train_step(x, y_first)
         after_bad = flat_weights(model)
         scale = float(opt.dynamic_scale.numpy())
@@ -157,11 +171,12 @@ def ray_rank() -> int:
 # ----------------------------------------------------------------------------- in-memory pipeline
 
 
-def memory_dataset(marks: str, manifest_uri, split, batch_size, worker_index=0, num_workers=1, training=False,
-                   seed=0, epoch=0, image_size=S, **kwargs) -> tf.data.Dataset:
-    """The cxr.pipeline contract on arrays; leaves a mark per (worker, split, epoch) it was asked for."""
+def memory_dataset(marks: str, data, split, batch_size, worker_index=0, num_workers=1, training=False,
+                   epoch=0) -> tf.data.Dataset:
+    """The DataSource contract on arrays; leaves a mark per (worker, split, epoch) it was asked for."""
     open(os.path.join(marks, f"{split}-w{worker_index}-e{epoch}-{'train' if training else 'eval'}"), "w").close()
-    x, y = arrays(memory_size(manifest_uri, split), seed=0 if split == "train" else 1, size=image_size)
+    x, y = arrays(memory_size(data, split), seed=0 if split == "train" else 1, size=data.image_size)
+    seed = data.seed
     mine = np.arange(len(x))[worker_index::num_workers]
     if training:
         ds = tf.data.Dataset.from_tensor_slices((x[mine], y[mine])).shuffle(len(mine), seed=seed + epoch)
@@ -169,12 +184,12 @@ def memory_dataset(marks: str, manifest_uri, split, batch_size, worker_index=0, 
     return tf.data.Dataset.from_tensor_slices((x[mine], y[mine], mine.astype(np.int64))).batch(batch_size)
 
 
-def memory_size(manifest_uri: str, split: str) -> int:
+def memory_size(data, split: str) -> int:
     return 48 if split == "train" else N_VAL
 
 
-def memory_counts(manifest_uri: str, split: str) -> tuple[list[int], int]:
-    _, y = arrays(memory_size(manifest_uri, split), seed=0)
+def memory_counts(data, split: str) -> tuple[list[int], int]:
+    _, y = arrays(memory_size(data, split), seed=0)
     return [int(c) for c in y.sum(axis=0)], len(y)
 
 
@@ -219,13 +234,13 @@ def two_workers(ray_cluster, init_weights, tmp_path_factory) -> dict[str, list[d
     return {n: [dict(np.load(out / f"{n}-{r}.npz")) for r in (0, 1)] for n in names}
 
 
-def single_process_step(init: str) -> tuple[distributed.DistributedSteps, np.ndarray]:
+def single_process_step(init: str) -> tuple[DistributedSteps, np.ndarray]:
     """The float32 SGD step of one worker holding the whole global batch (default strategy)."""
     keras.mixed_precision.set_global_policy("float32")
-    strategy = distributed.make_strategy()
+    strategy = make_strategy()
     model = plain_cnn(init)
     sgd = keras.optimizers.SGD(0.5)
-    steps = distributed.DistributedSteps(strategy, model, sgd, losses.binary_crossentropy(), global_batch=2 * B)
+    steps = DistributedSteps(strategy, model, sgd, losses.binary_crossentropy(), global_batch=2 * B)
     x, y = arrays(2 * B, seed=0)
     out = steps.train_step(x, y).numpy()
     return steps, out
@@ -305,36 +320,38 @@ def fit_config(storage: str, epochs: int) -> config.Config:
     })
 
 
+def fit(cfg: config.Config, source: DataSource) -> dict:
+    """What `cxr train` does before scoring: plan, run Ray Train, summarise."""
+    return driver.summarize(driver.run_trainer(cfg, source, driver.plan_run(cfg, source)))
+
+
 @pytest.mark.slow
 def test_fit_two_workers_checkpoints_and_resumes(ray_cluster, tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
-    dataset_fn = functools.partial(memory_dataset, str(marks))
-    kwargs = {"dataset_fn": dataset_fn, "size_fn": memory_size, "counts_fn": memory_counts}
+    source = DataSource(functools.partial(memory_dataset, str(marks)), memory_size, memory_counts)
 
-    first = train.fit(fit_config(str(tmp_path / "ray"), epochs=2), **kwargs)
+    first = fit(fit_config(str(tmp_path / "ray"), epochs=2), source)
     assert first["epochs_done"] == 2
     latest = first["latest_checkpoint"]
     assert sorted(os.listdir(latest)) == sorted([checkpoints.MODEL_FILE, checkpoints.OPTIMIZER_FILE,
                                                  checkpoints.STATE_FILE, checkpoints.CONFIG_FILE])
     state = json.loads(open(os.path.join(latest, checkpoints.STATE_FILE)).read())
-    assert state["epoch"] == 1 and state["plan"]["steps_per_epoch"] == 48 // (2 * B)
-    assert state["plan"]["positives"] == memory_counts("", "train")[0]
+    assert state["epoch"] == 2 and state["plan"]["steps_per_epoch"] == 48 // (2 * B)
+    assert state["plan"]["positives"] == memory_counts(None, "train")[0]
 
-    second = train.fit(fit_config(str(tmp_path / "ray"), epochs=3), **kwargs)
+    second = fit(fit_config(str(tmp_path / "ray"), epochs=3), source)
     assert second["epochs_done"] == 3
     trained = sorted(m for m in os.listdir(marks) if m.endswith("-train"))
-    assert trained == [f"train-w{w}-e{e}-train" for w in (0, 1) for e in (0, 1, 2)]  # epoch 2 only once
+    assert trained == [f"train-w{w}-e{e}-train" for w in (0, 1) for e in (1, 2, 3)]  # epoch 3 only once
     with np.load(os.path.join(second["latest_checkpoint"], checkpoints.OPTIMIZER_FILE)) as saved:
         names = saved["names"].tolist()
         assert int(saved[f"v{names.index('adam/iteration')}"]) == 3 * (48 // (2 * B))
 
     # The best checkpoint reproduces its reported validation AUROC in a fresh process-local model.
     best = second["best_checkpoint"]
-    model = models.build_model("small_cnn", S, weights=os.path.join(best, checkpoints.MODEL_FILE))
+    model = build_model("small_cnn", S, weights=os.path.join(best, checkpoints.MODEL_FILE))
     x, y = arrays(N_VAL, seed=1)
-    from cxr.metrics import auroc_per_finding, mean_auroc
-
     score = mean_auroc(auroc_per_finding(y, model(x, training=False).numpy()))
     assert score == pytest.approx(second["best_val_auroc_mean"], abs=1e-6)
     assert second["metrics"]["best_val_auroc_mean"] == pytest.approx(second["best_val_auroc_mean"])
@@ -345,16 +362,16 @@ def test_fit_two_workers_checkpoints_and_resumes(ray_cluster, tmp_path):
 
 def test_gather_rejects_missing_duplicate_and_stray_indices():
     keras.mixed_precision.set_global_policy("float32")
-    strategy = distributed.make_strategy()
-    model = models.build_model("small_cnn", S)
-    steps = distributed.DistributedSteps(strategy, model, keras.optimizers.SGD(), losses.binary_crossentropy(), 1)
+    strategy = make_strategy()
+    model = build_model("small_cnn", S)
+    steps = DistributedSteps(strategy, model, keras.optimizers.SGD(), losses.binary_crossentropy(), 1)
     x, y = arrays(6, seed=2)
     for index in ([0, 1, 2, 3, 4, 4], [0, 1, 2, 3, 4, 9]):
         ds = tf.data.Dataset.from_tensor_slices((x, y, np.array(index, np.int64))).batch(4)
         with pytest.raises(RuntimeError, match="exactly once"):
-            distributed.gather_predictions(steps, ds, 6)
+            gather(steps, ds, 6)
     ds = tf.data.Dataset.from_tensor_slices((x, y, np.arange(6, dtype=np.int64))).batch(4)
-    probs, labels = distributed.gather_predictions(steps, ds, 6)
+    probs, labels = gather(steps, ds, 6)
     np.testing.assert_array_equal(labels, y)
     assert probs.shape == (6, NUM_FINDINGS)
 
@@ -376,12 +393,12 @@ def test_wang_weights_and_weighted_bce():
 
 
 def test_schedule_plateau_early_stop_and_resume():
-    s = losses.Schedule(lr=1e-3, patience=1, factor=0.1, min_lr=2e-6, stop_patience=3)
+    s = Schedule(lr=1e-3, patience=1, factor=0.1, min_lr=2e-6, stop_patience=3)
     assert s.update(0, 0.70) and s.best_epoch == 0
     assert not s.update(1, 0.69) and s.lr == pytest.approx(1e-4)  # one epoch without gain: /10
     assert s.update(2, 0.75) and s.lr == pytest.approx(1e-4)
     assert not s.update(3, math.nan) and s.lr == pytest.approx(1e-5)  # undefined AUROC is no gain
-    resumed = losses.Schedule(lr=1e-3, patience=1, factor=0.1, min_lr=2e-6, stop_patience=3).restored(
+    resumed = Schedule(lr=1e-3, patience=1, factor=0.1, min_lr=2e-6, stop_patience=3).restored(
         json.loads(json.dumps(s.state())))
     assert resumed == s
     assert not resumed.update(4, 0.74) and resumed.lr == pytest.approx(2e-6)  # floored at min_lr
@@ -391,22 +408,10 @@ def test_schedule_plateau_early_stop_and_resume():
 
 def test_plan_checks_sizes_before_any_worker_starts():
     cfg = fit_config("/tmp/unused", epochs=1)
-    source = train.data_source(memory_dataset, memory_size, memory_counts)
-    plan = train.plan_run(cfg, source)
+    source = DataSource(memory_dataset, memory_size, memory_counts)
+    plan = driver.plan_run(cfg, source)
     assert (plan.train_size, plan.val_size, plan.steps_per_epoch) == (48, N_VAL, 48 // (2 * B))
-    assert plan.positives == memory_counts("", "train")[0] and plan.total == 48
-    small = train.data_source(memory_dataset, lambda uri, split: 3, memory_counts)
+    assert plan.positives == memory_counts(None, "train")[0] and plan.total == 48
+    small = DataSource(memory_dataset, lambda data, split: 3, memory_counts)
     with pytest.raises(ValueError, match="fewer than one global batch of 8"):
-        train.plan_run(cfg, small)
-
-
-def test_config_augment_reaches_the_pipeline_as_its_augment(monkeypatch):
-    from cxr import pipeline
-
-    seen = {}
-    monkeypatch.setattr(pipeline, "make_dataset", lambda *args, **kwargs: seen.update(kwargs))
-    augment = config.Augment(rotate_deg=3.0, scale=(0.95, 1.05), hflip=True).model_dump()
-    train.pipeline_dataset("m.json", "train", 8, training=True, augment=augment)
-    assert seen["augment"] == pipeline.Augment(rotate_deg=3.0, scale=(0.95, 1.05), hflip=True)
-    train.pipeline_dataset("m.json", "train", 8, training=True, augment={**augment, "enabled": False})
-    assert seen["augment"] == pipeline.Augment.off()
+        driver.plan_run(cfg, small)

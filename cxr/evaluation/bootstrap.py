@@ -27,8 +27,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import sparse
 
-from cxr.labels import FINDINGS
 from cxr.evaluation.metrics import auroc_per_finding, mean_auroc
+from cxr.labels import FINDINGS
 
 CHUNK_BYTES = 8 * 2**20  # target size of the dense per-chunk intermediates
 
