@@ -175,10 +175,16 @@ def plan(ds: metadata.Dataset, params: Params) -> list[ShardSpec]:
 
 
 def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
-    """Convert one shard's images and commit shard + receipt. Undecodable images are quarantined."""
+    """Convert one shard's images and commit shard + receipt. Undecodable images are quarantined.
+
+    Only what goes wrong with bytes already read is the image's fault. A storage error (after the retries
+    and deadline of `cxr.storage`) or a vanished object fails the whole shard, naming object and shard, so
+    the shard is retried or the run fails: a healthy image is never quarantined for a transport reason.
+    """
     import tensorflow as tf
 
     t0 = time.perf_counter()
+    context = f"shard {spec.key}"
     quarantined: list[dict] = []
     records = 0
     label_counts = np.zeros(labels.NUM_FINDINGS, dtype=np.int64)
@@ -188,9 +194,10 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
         local = os.path.join(tmp, spec.name)
         with tf.io.TFRecordWriter(local) as writer:
             for row in spec.rows:
+                data = storage.read_bytes(row["path"], context=context)  # raises: not the image's fault
                 try:
-                    image = convert(storage.read_bytes(row["path"]), params.size, params.codec, params.quality)
-                except Exception as exc:  # noqa: BLE001 - any failure quarantines this one image
+                    image = convert(data, params.size, params.codec, params.quality)
+                except Exception as exc:  # noqa: BLE001 - the bytes are in memory: any failure is this image's
                     quarantined.append({"image": row["image"], "reason": f"{type(exc).__name__}: {exc}"})
                     continue
                 y = np.array([row[f] for f in labels.FINDINGS], dtype=np.int64)
@@ -202,7 +209,7 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
         with open(local, "rb") as fh:
             digest = hashlib.sha256(fh.read()).hexdigest()
         nbytes = os.path.getsize(local)
-        storage.upload(local, storage.join(out_uri, spec.split, spec.name))
+        storage.upload(local, storage.join(out_uri, spec.split, spec.name), context=context)
     receipt = {
         "split": spec.split, "name": spec.name, "records": records, "sha256": digest, "bytes": nbytes,
         "images": [r["image"] for r in spec.rows if r["image"] not in {q["image"] for q in quarantined}],
@@ -210,7 +217,7 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
         "quarantine": quarantined,
         "params": params.as_dict(), "seconds": round(time.perf_counter() - t0, 3),
     }
-    storage.write_text(_receipt_url(out_uri, spec), json.dumps(receipt))
+    storage.write_text(_receipt_url(out_uri, spec), json.dumps(receipt), context=context)
     return receipt
 
 
