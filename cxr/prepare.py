@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
@@ -16,15 +17,16 @@ from cxr.shards import MANIFEST, Params, ShardSpec, build_manifest, committed_re
 log = logging.getLogger(__name__)
 
 TASK_RETRIES = 3  # Ray re-runs a shard whose worker died or whose storage stayed unavailable past its deadline
+RESUME_THREADS = 8  # committed shards are hashed on the driver, this many at a time (I/O bound)
 
 
 def prepare(data_root: str, out_uri: str, params: Params, num_workers: int | None = None,
             progress: bool = True) -> dict:
     """Convert every usable image of `data_root` into shards under `out_uri`; returns a summary.
 
-    Shards already committed by an earlier run with the same parameters are kept, so a re-run after a
-    crash converts only what is missing and ends with the same manifest. A shard that cannot be read or
-    written fails the run, naming the object and the shard.
+    Shards already committed by an earlier run with the same parameters (and whose bytes still match their
+    receipt's sha256) are kept, so a re-run after a crash converts only what is missing and ends with the
+    same manifest. A shard that cannot be read or written fails the run, naming the object and the shard.
     """
     import ray
 
@@ -39,12 +41,12 @@ def prepare(data_root: str, out_uri: str, params: Params, num_workers: int | Non
         log.info("removed a partial file of an interrupted run: %s", path)
     receipts: list[dict] = []
     todo: list[ShardSpec] = []
-    for spec in specs:
-        done = committed_receipt(out_uri, spec, params)
-        if done:
-            receipts.append(done)
-        else:
-            todo.append(spec)
+    with ThreadPoolExecutor(max_workers=RESUME_THREADS) as pool:
+        for spec, done in zip(specs, pool.map(lambda s: committed_receipt(out_uri, s, params), specs), strict=True):
+            if done:
+                receipts.append(done)
+            else:
+                todo.append(spec)
     skipped = len(receipts)
     log.info("%d shards planned, %d already committed, %d to write", len(specs), skipped, len(todo))
 

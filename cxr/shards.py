@@ -226,7 +226,8 @@ def _receipt_url(out_uri: str, spec: ShardSpec) -> str:
 
 
 def committed_receipt(out_uri: str, spec: ShardSpec, params: Params) -> dict | None:
-    """A shard counts as done only when its receipt and its object both exist and match `params`."""
+    """A shard counts as done only when its receipt exists, matches `params`, and its object's bytes hash to
+    the receipt's sha256: a same-size corruption is caught here, not at training. A mismatch is logged."""
     url = _receipt_url(out_uri, spec)
     if not storage.exists(url):
         return None
@@ -236,9 +237,31 @@ def committed_receipt(out_uri: str, spec: ShardSpec, params: Params) -> dict | N
             f"{out_uri} holds shards prepared with other parameters ({receipt.get('params')}); "
             "prepare into a new OUT_URI or delete it first")
     shard = storage.join(out_uri, spec.split, spec.name)
-    if not storage.exists(shard) or storage.size(shard) != receipt["bytes"]:
+    if not storage.exists(shard):
+        log.warning("%s: receipt without its shard; writing the shard again", storage.redact(shard))
+        return None
+    nbytes = storage.size(shard)
+    if nbytes != receipt["bytes"]:
+        log.warning("%s: %d bytes, its receipt says %d; writing the shard again",
+                    storage.redact(shard), nbytes, receipt["bytes"])
+        return None
+    digest = object_sha256(shard, nbytes)
+    if digest != receipt["sha256"]:
+        log.warning("%s: sha256 %s, its receipt says %s; writing the shard again",
+                    storage.redact(shard), digest, receipt["sha256"])
         return None
     return receipt
+
+
+HASH_CHUNK = 8 << 20  # resume hashes committed shards in ranges of this size: bounded memory per thread
+
+
+def object_sha256(url: str, nbytes: int) -> str:
+    """sha256 of an object's first `nbytes`, read in HASH_CHUNK ranges."""
+    h = hashlib.sha256()
+    for start in range(0, nbytes, HASH_CHUNK):
+        h.update(storage.read_bytes(url, start, min(start + HASH_CHUNK, nbytes)))
+    return h.hexdigest()
 
 
 def source_fingerprint(ds: metadata.Dataset) -> str:

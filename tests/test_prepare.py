@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -241,6 +242,28 @@ def test_prepare_into_s3(tmp_path, s3):
     assert s3.secret_key not in text and s3.access_key not in text
     again = prepare(str(root), out, shards.Params(size=64, images_per_shard=5), progress=False)
     assert again["shards_written"] == 0 and again["shards_kept"] == s["shards_written"]
+
+
+def test_resume_rewrites_a_shard_whose_bytes_no_longer_match_its_receipt(tmp_path, caplog):
+    root = tmp_path / "raw"
+    make_root(root, n_patients=6, per_patient=2, size=64)
+    out = tmp_path / "out"
+    params = shards.Params(size=64, images_per_shard=5)
+    first = prepare(str(root), str(out), params, progress=False)
+    shard = out / "train" / sorted(os.listdir(out / "train"))[0]
+    good = shard.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01  # same size: a size check cannot see it
+    shard.write_bytes(bytes(flipped))
+
+    caplog.set_level(logging.WARNING, logger="cxr")
+    again = prepare(str(root), str(out), params, progress=False)
+    assert again["shards_written"] == 1 and again["shards_kept"] == first["shards_written"] - 1
+    assert any(str(shard) in r.getMessage() and "sha256" in r.getMessage() for r in caplog.records)
+    assert shard.read_bytes() == good  # rewritten, and conversion is deterministic
+    manifest = json.loads((out / "manifest.json").read_text())
+    [entry] = [e for e in manifest["splits"]["train"]["shards"] if e["name"] == shard.name]
+    assert entry["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
 
 
 # --- storage faults during prepare, on the real SeaweedFS server ------------------------------------------
