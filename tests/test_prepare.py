@@ -26,7 +26,7 @@ from conftest import quiet_env
 from PIL import Image
 from s3server import S3Server
 
-from cxr import labels, png, shards, storage, synth
+from cxr import labels, metadata, png, shards, storage, synth
 from cxr.prepare import prepare
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
@@ -264,6 +264,23 @@ def test_resume_rewrites_a_shard_whose_bytes_no_longer_match_its_receipt(tmp_pat
     manifest = json.loads((out / "manifest.json").read_text())
     [entry] = [e for e in manifest["splits"]["train"]["shards"] if e["name"] == shard.name]
     assert entry["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+
+
+def test_an_image_gone_after_listing_fails_its_shard_instead_of_being_quarantined(tmp_path):
+    """Not an image defect: the shard fails naming object and shard, nothing is committed, and a re-run's
+    metadata reports the image as missing."""
+    root = tmp_path / "raw"
+    make_root(root, n_patients=4, per_patient=2, size=64)
+    params = shards.Params(size=64, images_per_shard=3)
+    spec = shards.plan(metadata.load(str(root)), params)[0]
+    gone = spec.rows[1]["path"]
+    os.remove(gone)
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(gone)}: no such object \(shard {spec.key}\)$"):
+        shards.write_shard(spec, str(out), params)
+    assert not (out / spec.split / spec.name).exists()
+    assert shards.committed_receipt(str(out), spec, params) is None
+    assert [p.kind for p in metadata.load(str(root)).problems] == ["missing_image"]
 
 
 # --- storage faults during prepare, on the real SeaweedFS server ------------------------------------------
