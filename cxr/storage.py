@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.exceptions import FSTimeoutError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,6 +33,7 @@ CONNECT_TIMEOUT_S = 5.0  # CXR_STORAGE_CONNECT_TIMEOUT_S: a TCP/TLS connect that
 READ_TIMEOUT_S = 20.0  # CXR_STORAGE_READ_TIMEOUT_S: per socket read, not per transfer, so big objects are fine
 DEADLINE_S = 60.0  # CXR_STORAGE_DEADLINE_S: how long one operation keeps retrying before it fails
 BACKOFF_S = 0.25  # first wait between attempts; doubles up to MAX_BACKOFF_S
+WRITE_RATE_FLOOR = 1 << 20  # bytes/s: a write attempt slower than this on top of the read timeout is cut
 MAX_BACKOFF_S = 4.0
 ENV_CONNECT_TIMEOUT = "CXR_STORAGE_CONNECT_TIMEOUT_S"
 ENV_READ_TIMEOUT = "CXR_STORAGE_READ_TIMEOUT_S"
@@ -151,9 +153,10 @@ def retry(what: str, fn: Callable[[], T], doing: str = "accessing", context: str
                 raise StorageError(f"{what}: {type(exc).__name__}: {exc}{where}") from exc
             elapsed = time.monotonic() - t0
             if elapsed >= deadline:
+                attempts = f"{attempt} attempt{'s' if attempt > 1 else ''}"
                 raise StorageUnavailable(
-                    f"storage did not answer within {deadline:g} s {doing} {what}{where}: {attempt} attempts "
-                    f"in {elapsed:.1f} s, the last: {type(exc).__name__}: {exc} ({ENV_DEADLINE} sets the limit)"
+                    f"storage did not answer within {deadline:g} s {doing} {what}{where}: {attempts} in "
+                    f"{elapsed:.1f} s, the last: {type(exc).__name__}: {exc} ({ENV_DEADLINE} sets the limit)"
                 ) from exc
             # capped so that the last attempt starts at the deadline, not after it
             delay = min(BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S, deadline - elapsed)
@@ -216,7 +219,7 @@ def write_bytes(url: str, data: bytes, context: str = "") -> None:
     if is_local(url):
         _replace_local(path, lambda tmp: _write_file(tmp, data))
         return
-    retry(url, lambda: fs.pipe_file(path, data), "writing", context)
+    retry(url, lambda: _bounded_write(fs, len(data), fs.pipe_file, path, data), "writing", context)
 
 
 def write_text(url: str, text: str, context: str = "") -> None:
@@ -229,7 +232,25 @@ def upload(local_path: str, url: str, context: str = "") -> None:
     if is_local(url):
         _replace_local(path, lambda tmp: fs.put_file(local_path, tmp))
         return
-    retry(url, lambda: fs.put_file(local_path, path), "writing", context)
+    nbytes = os.path.getsize(local_path)
+    retry(url, lambda: _bounded_write(fs, nbytes, fs.put_file, local_path, path), "writing", context)
+
+
+def _bounded_write(fs: fsspec.AbstractFileSystem, nbytes: int, put: Callable[..., Any], *args: Any) -> None:
+    """One write attempt, cut after the read timeout plus 1 s per WRITE_RATE_FLOOR bytes.
+
+    The socket read timeout does not cover writes: aiohttp arms it only once the request body is sent,
+    and a hung server never sends the `100 Continue` botocore asks for before a PUT body, nor drains a
+    full send buffer. fsspec's per-call timeout (async filesystems only) bounds the whole attempt.
+    """
+    if not getattr(fs, "async_impl", False):
+        put(*args)
+        return
+    timeout = limits().read_timeout_s + nbytes / WRITE_RATE_FLOOR
+    try:
+        put(*args, timeout=timeout)
+    except FSTimeoutError as exc:
+        raise TimeoutError(f"writing {nbytes:,} bytes did not finish within {timeout:.1f} s") from exc
 
 
 def _write_file(path: str, data: bytes) -> None:

@@ -355,30 +355,45 @@ def test_sees_objects_written_by_other_processes(s3: S3Server, fresh_clients: No
     assert storage.exists(s3.url(f"{prefix}/DONE"))
 
 
-_FROZEN_READ = textwrap.dedent("""
-    import sys, time
+_FROZEN_OPS = textwrap.dedent("""
+    import os, sys, time
     from cxr import storage
-    t0 = time.monotonic()
-    try:
-        storage.read_bytes(sys.argv[1])
-    except storage.StorageError as exc:
-        print(f"{time.monotonic() - t0:.2f} {exc}")
+    url, local = sys.argv[1], sys.argv[2]
+    for op, call in [("reading", lambda: storage.read_bytes(url)),
+                     ("writing", lambda: storage.write_bytes(url + ".w", b"w" * 2000)),
+                     ("writing", lambda: storage.upload(local, url + ".u"))]:
+        t0 = time.monotonic()
+        try:
+            call()
+            print(f"{op} 0 returned")
+        except storage.StorageError as exc:
+            print(f"{op} {time.monotonic() - t0:.2f} {exc}")
 """)
 
 
-def test_unresponsive_server_fails_bounded(s3: S3Server) -> None:
-    """A hung (not down) server: TCP connects, nothing answers. Run in a subprocess so a hang is killable."""
+def test_unresponsive_server_fails_bounded(s3: S3Server, tmp_path: Path) -> None:
+    """A hung (not down) server: TCP connects, nothing answers. Run in a subprocess so a hang is killable.
+
+    Reads, small PUTs and uploads each fail within the limits: a PUT body waits for a `100 Continue`
+    that never comes, and the socket read timeout does not cover that wait.
+    """
     url = s3.url("frozen/x.bin")
     storage.write_bytes(url, b"x")
+    local = tmp_path / "two-mb.bin"
+    local.write_bytes(os.urandom(2 << 20))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | s3.env
     env |= {storage.ENV_DEADLINE: "2", storage.ENV_READ_TIMEOUT: "1", storage.ENV_CONNECT_TIMEOUT: "1"}
     with s3.frozen():
-        out = subprocess.run([sys.executable, "-c", _FROZEN_READ, url], env=env, capture_output=True,
-                             text=True, timeout=8)
+        out = subprocess.run([sys.executable, "-c", _FROZEN_OPS, url, str(local)], env=env, capture_output=True,
+                             text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    elapsed, _, message = out.stdout.strip().partition(" ")
-    assert float(elapsed) < OUTAGE_BOUND_S  # deadline 2 s + at most one read timeout (1 s) in flight
-    assert message.startswith(f"storage did not answer within 2 s reading {url}: ")
-    assert "ReadTimeoutError" in message
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3, out.stdout
+    for line, target in zip(lines, [url, f"{url}.w", f"{url}.u"], strict=True):
+        doing, elapsed, message = line.split(" ", 2)
+        # the deadline (2 s) plus at most one attempt in flight: 1 s read timeout, or 1 s + 2 s for 2 MiB
+        assert float(elapsed) < OUTAGE_BOUND_S, line
+        assert message.startswith(f"storage did not answer within 2 s {doing} {target}: "), line
+    assert "ReadTimeoutError" in lines[0]
     _assert_no_credentials(s3, out.stdout, out.stderr)
     assert storage.read_bytes(url) == b"x"  # thawed: service resumes
