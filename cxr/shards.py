@@ -238,17 +238,17 @@ def committed_receipt(out_uri: str, spec: ShardSpec, params: Params) -> dict | N
             "prepare into a new OUT_URI or delete it first")
     shard = storage.join(out_uri, spec.split, spec.name)
     if not storage.exists(shard):
-        log.warning("%s: receipt without its shard; writing the shard again", storage.redact(shard))
+        log.warning("%s: receipt without its shard; writing the shard again", shard)
         return None
     nbytes = storage.size(shard)
     if nbytes != receipt["bytes"]:
         log.warning("%s: %d bytes, its receipt says %d; writing the shard again",
-                    storage.redact(shard), nbytes, receipt["bytes"])
+                    shard, nbytes, receipt["bytes"])
         return None
     digest = object_sha256(shard, nbytes)
     if digest != receipt["sha256"]:
         log.warning("%s: sha256 %s, its receipt says %s; writing the shard again",
-                    storage.redact(shard), digest, receipt["sha256"])
+                    shard, digest, receipt["sha256"])
         return None
     return receipt
 

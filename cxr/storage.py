@@ -33,8 +33,8 @@ CONNECT_TIMEOUT_S = 5.0  # CXR_STORAGE_CONNECT_TIMEOUT_S: a TCP/TLS connect that
 READ_TIMEOUT_S = 20.0  # CXR_STORAGE_READ_TIMEOUT_S: per socket read, not per transfer, so big objects are fine
 DEADLINE_S = 60.0  # CXR_STORAGE_DEADLINE_S: how long one operation keeps retrying before it fails
 BACKOFF_S = 0.25  # first wait between attempts; doubles up to MAX_BACKOFF_S
-WRITE_RATE_FLOOR = 1 << 20  # bytes/s: a write attempt slower than this on top of the read timeout is cut
 MAX_BACKOFF_S = 4.0
+WRITE_RATE_FLOOR = 1 << 20  # bytes/s: a write attempt slower than this on top of the read timeout is cut
 ENV_CONNECT_TIMEOUT = "CXR_STORAGE_CONNECT_TIMEOUT_S"
 ENV_READ_TIMEOUT = "CXR_STORAGE_READ_TIMEOUT_S"
 ENV_DEADLINE = "CXR_STORAGE_DEADLINE_S"
@@ -138,7 +138,8 @@ def retry(what: str, fn: Callable[[], T], doing: str = "accessing", context: str
     """Call fn until it succeeds, fails for good, or the deadline passes; then raise naming `what`.
 
     The deadline bounds the retrying, not a transfer: an attempt already running is bounded by the socket
-    timeouts alone, so a large object on a slow link still arrives while a dead or hung server fails.
+    timeouts (and a write by `_bounded_write`), so a large object on a slow link still arrives while a
+    dead or hung server fails.
     """
     deadline = limits().deadline_s
     where = f" ({context})" if context else ""
