@@ -129,10 +129,16 @@ def plan(ds: metadata.Dataset, params: Params) -> list[ShardSpec]:
 
 
 def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
-    """Convert one shard's images and commit shard + receipt. Undecodable images are quarantined."""
+    """Convert one shard's images and commit shard + receipt. Undecodable images are quarantined.
+
+    Only what goes wrong with bytes already read is the image's fault. A storage error (after the retries
+    and deadline of `cxr.storage`) or a vanished object fails the whole shard, naming object and shard, so
+    the shard is retried or the run fails: a healthy image is never quarantined for a transport reason.
+    """
     import tensorflow as tf
 
     t0 = time.perf_counter()
+    context = f"shard {spec.key}"
     quarantined: list[dict] = []
     notes: list[dict] = []  # converted, but worth a look (a JPEG named .png)
     records = 0
@@ -143,10 +149,10 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
         local = os.path.join(tmp, spec.name)
         with tf.io.TFRecordWriter(local) as writer:
             for row in spec.rows:
+                data = storage.read_bytes(row["path"], context=context)  # raises: not the image's fault
                 try:
-                    data = storage.read_bytes(row["path"])
                     image = convert(data, params.size, params.codec, params.quality)
-                except Exception as exc:  # noqa: BLE001 - any failure quarantines this one image
+                except Exception as exc:  # noqa: BLE001 - the bytes are in memory: any failure is this image's
                     quarantined.append({"image": row["image"], "reason": f"{type(exc).__name__}: {exc}"})
                     continue
                 if (note := images.content_mismatch(row["path"], data)) is not None:
@@ -160,7 +166,7 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
         with open(local, "rb") as fh:
             digest = hashlib.sha256(fh.read()).hexdigest()
         nbytes = os.path.getsize(local)
-        storage.upload(local, storage.join(out_uri, spec.split, spec.name))
+        storage.upload(local, storage.join(out_uri, spec.split, spec.name), context=context)
     receipt = {
         "split": spec.split, "name": spec.name, "records": records, "sha256": digest, "bytes": nbytes,
         "images": [r["image"] for r in spec.rows if r["image"] not in {q["image"] for q in quarantined}],
@@ -168,7 +174,7 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
         "quarantine": quarantined, "notes": notes,
         "params": params.as_dict(), "seconds": round(time.perf_counter() - t0, 3),
     }
-    storage.write_text(_receipt_url(out_uri, spec), json.dumps(receipt))
+    storage.write_text(_receipt_url(out_uri, spec), json.dumps(receipt), context=context)
     return receipt
 
 
@@ -177,7 +183,8 @@ def _receipt_url(out_uri: str, spec: ShardSpec) -> str:
 
 
 def committed_receipt(out_uri: str, spec: ShardSpec, params: Params) -> dict | None:
-    """A shard counts as done only when its receipt and its object both exist and match `params`."""
+    """A shard counts as done only when its receipt exists, matches `params`, and its object's bytes hash to
+    the receipt's sha256: a same-size corruption is caught here, not at training. A mismatch is logged."""
     url = _receipt_url(out_uri, spec)
     if not storage.exists(url):
         return None
@@ -187,6 +194,28 @@ def committed_receipt(out_uri: str, spec: ShardSpec, params: Params) -> dict | N
             f"{out_uri} holds shards prepared with other parameters ({receipt.get('params')}); "
             "prepare into a new OUT_URI or delete it first")
     shard = storage.join(out_uri, spec.split, spec.name)
-    if not storage.exists(shard) or storage.size(shard) != receipt["bytes"]:
+    if not storage.exists(shard):
+        log.warning("%s: receipt without its shard; writing the shard again", shard)
+        return None
+    nbytes = storage.size(shard)
+    if nbytes != receipt["bytes"]:
+        log.warning("%s: %d bytes, its receipt says %d; writing the shard again",
+                    shard, nbytes, receipt["bytes"])
+        return None
+    digest = object_sha256(shard, nbytes)
+    if digest != receipt["sha256"]:
+        log.warning("%s: sha256 %s, its receipt says %s; writing the shard again",
+                    shard, digest, receipt["sha256"])
         return None
     return receipt
+
+
+HASH_CHUNK = 8 << 20  # resume hashes committed shards in ranges of this size: bounded memory per thread
+
+
+def object_sha256(url: str, nbytes: int) -> str:
+    """sha256 of an object's first `nbytes`, read in HASH_CHUNK ranges."""
+    h = hashlib.sha256()
+    for start in range(0, nbytes, HASH_CHUNK):
+        h.update(storage.read_bytes(url, start, min(start + HASH_CHUNK, nbytes)))
+    return h.hexdigest()

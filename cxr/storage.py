@@ -2,31 +2,43 @@
 
 TF 2.21's tf.io.gfile has no s3://, so all object-storage I/O goes through here. S3 endpoint and
 credentials come only from the standard AWS environment variables; they are never part of a URL we
-log or record. Transient errors are retried with bounded backoff, then raised naming the object.
+log or record. Transient errors (refused, reset, timed out) are retried with capped exponential backoff
+until a deadline per operation, then raised as StorageUnavailable naming the object; the timeouts and the
+deadline are set by CXR_STORAGE_* environment variables (see `limits`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import logging
 import os
 import posixpath
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.exceptions import FSTimeoutError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRIES = 4
-BACKOFF_S = 0.25
-CONNECT_TIMEOUT_S = 5
-READ_TIMEOUT_S = 30  # per socket read, not per transfer: a hung server fails instead of hanging
+# Defaults of the limits below; each can be set per process with its environment variable (seconds).
+CONNECT_TIMEOUT_S = 5.0  # CXR_STORAGE_CONNECT_TIMEOUT_S: a TCP/TLS connect that takes longer is a failed attempt
+READ_TIMEOUT_S = 20.0  # CXR_STORAGE_READ_TIMEOUT_S: per socket read, not per transfer, so big objects are fine
+DEADLINE_S = 60.0  # CXR_STORAGE_DEADLINE_S: how long one operation keeps retrying before it fails
+BACKOFF_S = 0.25  # first wait between attempts; doubles up to MAX_BACKOFF_S
+MAX_BACKOFF_S = 4.0
+WRITE_RATE_FLOOR = 1 << 20  # bytes/s: a write attempt slower than this on top of the read timeout is cut
+ENV_CONNECT_TIMEOUT = "CXR_STORAGE_CONNECT_TIMEOUT_S"
+ENV_READ_TIMEOUT = "CXR_STORAGE_READ_TIMEOUT_S"
+ENV_DEADLINE = "CXR_STORAGE_DEADLINE_S"
+ENV_VARS = (ENV_CONNECT_TIMEOUT, ENV_READ_TIMEOUT, ENV_DEADLINE)
 
 try:  # the S3 client's own error types for a refused, reset or garbled connection
     from aiohttp import ClientConnectionError, ClientPayloadError
@@ -44,14 +56,47 @@ class StorageError(OSError):
     """An object could not be read or written after retries; the message names it."""
 
 
+class StorageUnavailable(StorageError):
+    """Storage kept failing transiently (refused, reset, timed out) until the deadline: worth retrying later."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long storage may take: per connect, per socket read, and per operation over all its attempts."""
+
+    connect_timeout_s: float
+    read_timeout_s: float
+    deadline_s: float
+
+
+def _seconds(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return float(default)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name}={text!r} must be a positive, finite number of seconds")
+    return value
+
+
+def limits() -> Limits:
+    """The limits in force, read from the environment on every call so child processes and tests can set them."""
+    return Limits(_seconds(ENV_CONNECT_TIMEOUT, CONNECT_TIMEOUT_S), _seconds(ENV_READ_TIMEOUT, READ_TIMEOUT_S),
+                  _seconds(ENV_DEADLINE, DEADLINE_S))
+
+
 def _storage_options(url: str) -> dict[str, Any]:
     if not url.startswith(("s3://", "s3a://")):
         return {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    lim = limits()
     # One retry loop (ours, below), bounded timeouts, and no listing cache: other writers must be seen.
     opts: dict[str, Any] = {
         "use_listings_cache": False,
-        "config_kwargs": {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S,
+        "config_kwargs": {"connect_timeout": lim.connect_timeout_s, "read_timeout": lim.read_timeout_s,
                           "retries": {"mode": "standard", "total_max_attempts": 1}},
     }
     if endpoint:
@@ -89,27 +134,43 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, TimeoutError, ConnectionError, http.client.HTTPException, *_S3_TRANSIENT))
 
 
-def retry(what: str, fn: Callable[[], T], retries: int | None = None) -> T:
-    """Call fn, retrying transient I/O errors with exponential backoff; then fail naming `what`."""
-    retries = RETRIES if retries is None else retries
-    for attempt in range(retries + 1):
+def retry(what: str, fn: Callable[[], T], doing: str = "accessing", context: str = "") -> T:
+    """Call fn until it succeeds, fails for good, or the deadline passes; then raise naming `what`.
+
+    The deadline bounds the retrying, not a transfer: an attempt already running is bounded by the socket
+    timeouts (and a write by `_bounded_write`), so a large object on a slow link still arrives while a
+    dead or hung server fails.
+    """
+    deadline = limits().deadline_s
+    where = f" ({context})" if context else ""
+    t0 = time.monotonic()
+    for attempt in itertools.count(1):
         try:
             return fn()
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{what}: no such object") from exc
+            raise FileNotFoundError(f"{what}: no such object{where}") from exc
         except Exception as exc:  # noqa: BLE001 - classified below
-            if not _transient(exc) or attempt == retries:
-                raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
-            delay = BACKOFF_S * 2**attempt
-            log.warning("transient error on %s (attempt %d/%d), retrying in %.2fs: %s",
-                        what, attempt + 1, retries + 1, delay, exc)
+            if not _transient(exc):
+                raise StorageError(f"{what}: {type(exc).__name__}: {exc}{where}") from exc
+            elapsed = time.monotonic() - t0
+            if elapsed >= deadline:
+                attempts = f"{attempt} attempt{'s' if attempt > 1 else ''}"
+                raise StorageUnavailable(
+                    f"storage did not answer within {deadline:g} s {doing} {what}{where}: {attempts} in "
+                    f"{elapsed:.1f} s, the last: {type(exc).__name__}: {exc} ({ENV_DEADLINE} sets the limit)"
+                ) from exc
+            # capped so that the last attempt starts at the deadline, not after it
+            delay = min(BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S, deadline - elapsed)
+            log.warning("transient error %s %s%s (attempt %d, %.1f s of %g), retrying in %.2fs: %s",
+                        doing, what, where, attempt, elapsed, deadline, delay, exc)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
 
-def read_bytes(url: str) -> bytes:
+def read_bytes(url: str, start: int | None = None, end: int | None = None, context: str = "") -> bytes:
+    """The object's bytes, or bytes [start, end) of it; `context` (e.g. the shard being written) goes into errors."""
     fs, path = filesystem(url)
-    return retry(url, lambda: fs.cat_file(path))
+    return retry(url, lambda: fs.cat_file(path, start=start, end=end), "reading", context)
 
 
 def read_text(url: str) -> str:
@@ -126,19 +187,19 @@ def exists(url: str) -> bool:
             return False
         return True
 
-    return retry(url, probe)
+    return retry(url, probe, "probing")
 
 
 def isdir(url: str) -> bool:
     fs, path = filesystem(url)
-    return retry(url, lambda: fs.isdir(path))
+    return retry(url, lambda: fs.isdir(path), "probing")
 
 
 def listdir(url: str) -> list[str]:
     """Base names of the entries directly under `url` ([] if it does not exist)."""
     fs, path = filesystem(url)
     try:
-        entries = retry(url, lambda: fs.ls(path, detail=False, refresh=True))
+        entries = retry(url, lambda: fs.ls(path, detail=False, refresh=True), "listing")
     except FileNotFoundError:
         return []
     return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
@@ -146,10 +207,10 @@ def listdir(url: str) -> list[str]:
 
 def size(url: str) -> int:
     fs, path = filesystem(url)
-    return int(retry(url, lambda: fs.size(path)))
+    return int(retry(url, lambda: fs.size(path), "probing"))
 
 
-def write_bytes(url: str, data: bytes) -> None:
+def write_bytes(url: str, data: bytes, context: str = "") -> None:
     """Write an object so that readers see all of it or none of it.
 
     Local files go to a temporary sibling and are renamed into place; object stores publish a PUT
@@ -159,20 +220,38 @@ def write_bytes(url: str, data: bytes) -> None:
     if is_local(url):
         _replace_local(path, lambda tmp: _write_file(tmp, data))
         return
-    retry(url, lambda: fs.pipe_file(path, data))
+    retry(url, lambda: _bounded_write(fs, len(data), fs.pipe_file, path, data), "writing", context)
 
 
-def write_text(url: str, text: str) -> None:
-    write_bytes(url, text.encode("utf-8"))
+def write_text(url: str, text: str, context: str = "") -> None:
+    write_bytes(url, text.encode("utf-8"), context)
 
 
-def upload(local_path: str, url: str) -> None:
+def upload(local_path: str, url: str, context: str = "") -> None:
     """Copy a finished local file to `url`, atomically as in `write_bytes`."""
     fs, path = filesystem(url)
     if is_local(url):
         _replace_local(path, lambda tmp: fs.put_file(local_path, tmp))
         return
-    retry(url, lambda: fs.put_file(local_path, path))
+    nbytes = os.path.getsize(local_path)
+    retry(url, lambda: _bounded_write(fs, nbytes, fs.put_file, local_path, path), "writing", context)
+
+
+def _bounded_write(fs: fsspec.AbstractFileSystem, nbytes: int, put: Callable[..., Any], *args: Any) -> None:
+    """One write attempt, cut after the read timeout plus 1 s per WRITE_RATE_FLOOR bytes.
+
+    The socket read timeout does not cover writes: aiohttp arms it only once the request body is sent,
+    and a hung server never sends the `100 Continue` botocore asks for before a PUT body, nor drains a
+    full send buffer. fsspec's per-call timeout (async filesystems only) bounds the whole attempt.
+    """
+    if not getattr(fs, "async_impl", False):
+        put(*args)
+        return
+    timeout = limits().read_timeout_s + nbytes / WRITE_RATE_FLOOR
+    try:
+        put(*args, timeout=timeout)
+    except FSTimeoutError as exc:
+        raise TimeoutError(f"writing {nbytes:,} bytes did not finish within {timeout:.1f} s") from exc
 
 
 def _write_file(path: str, data: bytes) -> None:

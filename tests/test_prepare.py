@@ -5,19 +5,28 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import quiet_env
 from PIL import Image
+from s3server import S3Server
 
-from cxr import labels, shards, storage
+from cxr import labels, shards, storage, synth
 from cxr.data import images, metadata, png
 from cxr.prepare import prepare
 
@@ -233,3 +242,156 @@ def test_prepare_into_s3(tmp_path, s3):
     assert s3.secret_key not in text and s3.access_key not in text
     again = prepare(str(root), out, shards.Params(size=64, images_per_shard=5), progress=False)
     assert again["shards_written"] == 0 and again["shards_kept"] == s["shards_written"]
+
+
+def test_resume_rewrites_a_shard_whose_bytes_no_longer_match_its_receipt(tmp_path, caplog):
+    root = tmp_path / "raw"
+    make_root(root, n_patients=6, per_patient=2, size=64)
+    out = tmp_path / "out"
+    params = shards.Params(size=64, images_per_shard=5)
+    first = prepare(str(root), str(out), params, progress=False)
+    shard = out / "train" / sorted(os.listdir(out / "train"))[0]
+    good = shard.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01  # same size: a size check cannot see it
+    shard.write_bytes(bytes(flipped))
+
+    caplog.set_level(logging.WARNING, logger="cxr")
+    again = prepare(str(root), str(out), params, progress=False)
+    assert again["shards_written"] == 1 and again["shards_kept"] == first["shards_written"] - 1
+    assert any(str(shard) in r.getMessage() and "sha256" in r.getMessage() for r in caplog.records)
+    assert shard.read_bytes() == good  # rewritten, and conversion is deterministic
+    manifest = json.loads((out / "manifest.json").read_text())
+    [entry] = [e for e in manifest["splits"]["train"]["shards"] if e["name"] == shard.name]
+    assert entry["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+
+
+def test_an_image_gone_after_listing_fails_its_shard_instead_of_being_quarantined(tmp_path):
+    """Not an image defect: the shard fails naming object and shard, nothing is committed, and a re-run's
+    metadata reports the image as missing."""
+    root = tmp_path / "raw"
+    make_root(root, n_patients=4, per_patient=2, size=64)
+    params = shards.Params(size=64, images_per_shard=3)
+    spec = shards.plan(metadata.load(str(root)), params)[0]
+    gone = spec.rows[1]["path"]
+    os.remove(gone)
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(gone)}: no such object \(shard {spec.key}\)$"):
+        shards.write_shard(spec, str(out), params)
+    assert not (out / spec.split / spec.name).exists()
+    assert shards.committed_receipt(str(out), spec, params) is None
+    assert [p.kind for p in metadata.load(str(root)).problems] == ["missing_image"]
+
+
+# --- storage faults during prepare, on the real SeaweedFS server ------------------------------------------
+
+OUTAGE_S = 6.0
+FROZEN_LIMITS = {"CXR_STORAGE_DEADLINE_S": "3", "CXR_STORAGE_READ_TIMEOUT_S": "1", "CXR_STORAGE_CONNECT_TIMEOUT_S": "1"}
+FROZEN_BOUND_S = 45.0  # 4 runs of the shard task x (3 s deadline + 1 s read in flight) + Ray's re-scheduling
+
+
+@pytest.fixture(scope="module")
+def s3_raw_root(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
+    """175 phantoms of 41 patients (NIH layout, 64²) uploaded to the bucket: the root's URL and image names."""
+    local = tmp_path_factory.mktemp("synth") / "raw"
+    synth.synthesize(str(local), patients=41, size=64, seed=0, workers=1, progress=False)
+    url = s3.url(f"prepare-raw-{uuid.uuid4().hex[:8]}")
+    files = [os.path.relpath(os.path.join(d, f), local) for d, _, names in os.walk(local) for f in names]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda rel: storage.upload(str(local / rel), storage.join(url, rel)), files))
+    return url, sorted(os.listdir(local / "images"))
+
+
+def _receipt_counter(s3: S3Server, out: str) -> Callable[[], int]:
+    """How many shards under `out` are committed, by a listing with a client of its own (made once: ~0.1 s)."""
+    client, prefix = s3.client(), f"{out.removeprefix(f's3://{s3.bucket}/')}/{shards.PARTS}/"
+    return lambda: client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("KeyCount", 0)
+
+
+def _prepare_cmd(root: str, out: str) -> list[str]:
+    return [sys.executable, "-m", "cxr.cli", "prepare", root, out, "--size", "64", "--images-per-shard", "4",
+            "--num-workers", "1"]
+
+
+@pytest.mark.slow
+def test_storage_outage_mid_prepare_loses_no_image(s3: S3Server, s3_raw_root: tuple[str, list[str]]) -> None:
+    """The server is stopped for ~6 s and restarted while prepare reads: every image still ends up in a shard."""
+    import ray
+
+    ray.shutdown()  # the local Ray of an earlier test may lack the S3 credentials
+    root, names = s3_raw_root
+    out = s3.url(f"prepare-outage-{uuid.uuid4().hex[:8]}")
+    seen: dict[str, float] = {}
+    finished = threading.Event()
+    receipts = _receipt_counter(s3, out)
+
+    def outage_after_first_commit() -> None:
+        while not finished.is_set() and not receipts():
+            time.sleep(0.02)
+        if finished.is_set():
+            return
+        seen["committed"] = receipts()
+        s3.stop()
+        try:
+            time.sleep(OUTAGE_S)
+        finally:
+            s3.start()
+            seen["restarted"] = time.monotonic()
+
+    fault = threading.Thread(target=outage_after_first_commit)
+    fault.start()
+    try:
+        summary = prepare(root, out, shards.Params(size=64, images_per_shard=4), num_workers=1, progress=False)
+        ended = time.monotonic()
+    finally:
+        finished.set()
+        fault.join()
+    assert "restarted" in seen and seen["restarted"] < ended, "the outage did not overlap the run"
+    assert seen["committed"] < summary["shards_written"] / 2
+    manifest = json.loads(storage.read_text(summary["manifest"]))
+    assert manifest["quarantine"] == []
+    assert summary["images"] == len(names) == 175
+    assert sorted(all_records(out, manifest)) == names
+
+
+@pytest.mark.slow
+def test_frozen_storage_fails_prepare_in_bounded_time_naming_object_and_shard(
+        s3: S3Server, s3_raw_root: tuple[str, list[str]], tmp_path: Path) -> None:
+    """SIGSTOPped server (connects, never answers): a clear failure within the limits; after SIGCONT, a re-run
+    completes with every image."""
+    import ray
+
+    root, names = s3_raw_root
+    out = s3.url(f"prepare-frozen-{uuid.uuid4().hex[:8]}")
+    log_path = tmp_path / "prepare.log"
+    receipts = _receipt_counter(s3, out)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(_prepare_cmd(root, out), env=quiet_env(**FROZEN_LIMITS), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while not receipts():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.02)
+        with s3.frozen():
+            t0 = time.monotonic()
+            while proc.poll() is None and time.monotonic() - t0 < FROZEN_BOUND_S:
+                time.sleep(0.1)
+            elapsed, hung = time.monotonic() - t0, proc.poll() is None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log_path.read_text(errors="replace")
+    assert not hung, f"prepare still running {elapsed:.0f} s after the freeze\n{text[-3000:]}"
+    assert proc.returncode != 0
+    failure = re.search(r"StorageUnavailable: storage did not answer within 3 s (reading|writing) "
+                        rf"{re.escape(s3.url(''))}\S+ \(shard (train|val|test)/shard-\d{{5}}-of-\d{{5}}\.tfrecord\)",
+                        text)
+    assert failure, text[-3000:]
+    assert s3.secret_key not in text and s3.access_key not in text
+    assert not storage.exists(storage.join(out, shards.MANIFEST))
+
+    ray.shutdown()
+    summary = prepare(root, out, shards.Params(size=64, images_per_shard=4), num_workers=1, progress=False)
+    assert summary["shards_kept"] >= 1 and summary["quarantined"] == 0
+    assert sorted(all_records(out, json.loads(storage.read_text(summary["manifest"])))) == names

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import traceback
 import urllib.error
@@ -26,7 +27,7 @@ from s3fs import S3FileSystem
 from s3server import S3Server
 
 from cxr import storage
-from cxr.storage import StorageError
+from cxr.storage import StorageError, StorageUnavailable
 
 OUTAGE_BOUND_S = 5.0
 
@@ -55,13 +56,12 @@ def fresh_clients() -> Iterator[None]:
 
 @pytest.fixture
 def fast_failure(monkeypatch: pytest.MonkeyPatch, fresh_clients: None) -> None:
-    """Bound an outage to a few seconds: short cxr backoff, and no hidden retry loop inside botocore.
+    """Give up on an outage after 1 s, as a user would with CXR_STORAGE_DEADLINE_S, with short backoff.
 
-    botocore's default (legacy mode, 5 attempts, random exponential backoff) alone spends 5-15 s on a
-    refused connection, per call; cxr.storage should configure this itself (see the report). RETRIES is
-    patched too, though `retry(retries=RETRIES)` binds the default at import time (see the report).
+    AWS_MAX_ATTEMPTS=1 as well: cxr.storage already turns botocore's own retry loop off, and this keeps it off
+    even where botocore would read the variable.
     """
-    monkeypatch.setattr(storage, "RETRIES", 2)
+    monkeypatch.setenv(storage.ENV_DEADLINE, "1")
     monkeypatch.setattr(storage, "BACKOFF_S", 0.05)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
 
@@ -139,6 +139,7 @@ def test_round_trip(base: str, tmp_path: Path) -> None:
     storage.write_bytes(a, payload)
     storage.write_text(b, "héllo, ✓")
     assert storage.read_bytes(a) == payload
+    assert storage.read_bytes(a, 10, 300) == payload[10:300]  # ranges: resume hashes shards in pieces
     assert storage.read_text(b) == "héllo, ✓"
     assert storage.exists(a) and storage.exists(d)
     assert not storage.exists(storage.join(d, "nope.bin"))
@@ -270,7 +271,8 @@ def test_outage_fails_bounded_names_object_hides_credentials_and_recovers(
             storage.write_bytes(s3.url("outage/y.bin"), b"during")
 
     assert elapsed < OUTAGE_BOUND_S
-    assert str(ei.value).startswith(f"{url}: ")
+    assert isinstance(ei.value, StorageUnavailable)
+    assert str(ei.value).startswith(f"storage did not answer within 1 s reading {url}: ")
     _assert_no_credentials(s3, _full_text(ei.value), caplog.text,
                            *(r.getMessage() for r in caplog.records))
     assert storage.read_bytes(url) == b"before"  # the same client recovers after the restart
@@ -289,6 +291,48 @@ def test_refused_connection_is_retried_and_logged_without_credentials(
     retries = [r for r in caplog.records if r.name == "cxr.storage" and "transient error" in r.getMessage()]
     assert retries
     assert all(url in r.getMessage() for r in retries)
+
+
+RIDDEN_OUT_S = 4.0  # longer than the old fixed retry budget (4 retries, 3.75 s of backoff), well inside the deadline
+
+
+def test_read_rides_out_an_outage_shorter_than_the_deadline(
+        s3: S3Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A read issued while the server is down returns the object once it is back, within the deadline."""
+    monkeypatch.delenv(storage.ENV_DEADLINE, raising=False)  # the default deadline
+    url = s3.url("outage/ridden-out.bin")
+    storage.write_bytes(url, b"kept")
+    caplog.set_level(logging.WARNING, logger="cxr")
+    s3.stop()
+    restart = threading.Thread(target=lambda: (time.sleep(RIDDEN_OUT_S), s3.start()))
+    restart.start()
+    try:
+        t0 = time.monotonic()
+        data = storage.read_bytes(url)
+        elapsed = time.monotonic() - t0
+    finally:
+        restart.join()
+        s3.start()  # a no-op unless the thread failed: later tests need the server
+    assert data == b"kept"
+    assert elapsed >= RIDDEN_OUT_S
+    assert any("transient error reading" in r.getMessage() and url in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "inf", "nan"])
+def test_malformed_limit_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(storage.ENV_DEADLINE, value)
+    with pytest.raises(ValueError, match=f"{storage.ENV_DEADLINE}='{value}'"):
+        storage.limits()
+
+
+def test_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in storage.ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert storage.limits() == storage.Limits(storage.CONNECT_TIMEOUT_S, storage.READ_TIMEOUT_S, storage.DEADLINE_S)
+    monkeypatch.setenv(storage.ENV_READ_TIMEOUT, "1.5")
+    assert storage.limits().read_timeout_s == 1.5
+    opts = storage._storage_options("s3://bucket/x")["config_kwargs"]
+    assert (opts["connect_timeout"], opts["read_timeout"]) == (storage.CONNECT_TIMEOUT_S, 1.5)
 
 
 def test_listdir_of_bucket_root_during_outage_raises(s3: S3Server, fast_failure: None) -> None:
@@ -311,30 +355,45 @@ def test_sees_objects_written_by_other_processes(s3: S3Server, fresh_clients: No
     assert storage.exists(s3.url(f"{prefix}/DONE"))
 
 
-_FROZEN_READ = textwrap.dedent("""
-    import sys, time
+_FROZEN_OPS = textwrap.dedent("""
+    import os, sys, time
     from cxr import storage
-    storage.RETRIES, storage.BACKOFF_S = 1, 0.05
-    storage.CONNECT_TIMEOUT_S, storage.READ_TIMEOUT_S = 1, 1  # the knobs proposed in the report
-    t0 = time.monotonic()
-    try:
-        storage.read_bytes(sys.argv[1])
-    except storage.StorageError as exc:
-        print(f"{time.monotonic() - t0:.2f} {exc}")
+    url, local = sys.argv[1], sys.argv[2]
+    for op, call in [("reading", lambda: storage.read_bytes(url)),
+                     ("writing", lambda: storage.write_bytes(url + ".w", b"w" * 2000)),
+                     ("writing", lambda: storage.upload(local, url + ".u"))]:
+        t0 = time.monotonic()
+        try:
+            call()
+            print(f"{op} 0 returned")
+        except storage.StorageError as exc:
+            print(f"{op} {time.monotonic() - t0:.2f} {exc}")
 """)
 
 
-def test_unresponsive_server_fails_bounded(s3: S3Server) -> None:
-    """A hung (not down) server: TCP connects, nothing answers. Run in a subprocess so a hang is killable."""
+def test_unresponsive_server_fails_bounded(s3: S3Server, tmp_path: Path) -> None:
+    """A hung (not down) server: TCP connects, nothing answers. Run in a subprocess so a hang is killable.
+
+    Reads, small PUTs and uploads each fail within the limits: a PUT body waits for a `100 Continue`
+    that never comes, and the socket read timeout does not cover that wait.
+    """
     url = s3.url("frozen/x.bin")
     storage.write_bytes(url, b"x")
+    local = tmp_path / "two-mb.bin"
+    local.write_bytes(os.urandom(2 << 20))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | s3.env
+    env |= {storage.ENV_DEADLINE: "2", storage.ENV_READ_TIMEOUT: "1", storage.ENV_CONNECT_TIMEOUT: "1"}
     with s3.frozen():
-        out = subprocess.run([sys.executable, "-c", _FROZEN_READ, url], env=env, capture_output=True,
-                             text=True, timeout=8)
+        out = subprocess.run([sys.executable, "-c", _FROZEN_OPS, url, str(local)], env=env, capture_output=True,
+                             text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    elapsed, _, message = out.stdout.strip().partition(" ")
-    assert float(elapsed) < OUTAGE_BOUND_S
-    assert message.startswith(f"{url}: ")
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3, out.stdout
+    for line, target in zip(lines, [url, f"{url}.w", f"{url}.u"], strict=True):
+        doing, elapsed, message = line.split(" ", 2)
+        # the deadline (2 s) plus at most one attempt in flight: 1 s read timeout, or 1 s + 2 s for 2 MiB
+        assert float(elapsed) < OUTAGE_BOUND_S, line
+        assert message.startswith(f"storage did not answer within 2 s {doing} {target}: "), line
+    assert "ReadTimeoutError" in lines[0]
     _assert_no_credentials(s3, out.stdout, out.stderr)
     assert storage.read_bytes(url) == b"x"  # thawed: service resumes
