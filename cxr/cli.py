@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from cxr import labels, quiet
 from cxr.redact import install_log_filter, redact
+from cxr.storage import StorageError
 
 
 def _print_inspect(s: dict) -> None:
@@ -193,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:  # includes config.ConfigError
         print(f"cxr {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except StorageError as exc:  # after its retries and deadline: the message names the object
+        print(f"cxr {args.command}: error: {redact(str(exc))}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.exceptions import FSTimeoutError
 
+from cxr.redact import redact
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -142,6 +144,7 @@ def retry(what: str, fn: Callable[[], T], doing: str = "accessing", context: str
     dead or hung server fails.
     """
     deadline = limits().deadline_s
+    what = redact(what)  # a presigned URL's signature must not reach a log or an error message
     where = f" ({context})" if context else ""
     t0 = time.monotonic()
     for attempt in itertools.count(1):
@@ -151,18 +154,18 @@ def retry(what: str, fn: Callable[[], T], doing: str = "accessing", context: str
             raise FileNotFoundError(f"{what}: no such object{where}") from exc
         except Exception as exc:  # noqa: BLE001 - classified below
             if not _transient(exc):
-                raise StorageError(f"{what}: {type(exc).__name__}: {exc}{where}") from exc
+                raise StorageError(redact(f"{what}: {type(exc).__name__}: {exc}{where}")) from exc
             elapsed = time.monotonic() - t0
             if elapsed >= deadline:
                 attempts = f"{attempt} attempt{'s' if attempt > 1 else ''}"
-                raise StorageUnavailable(
+                raise StorageUnavailable(redact(
                     f"storage did not answer within {deadline:g} s {doing} {what}{where}: {attempts} in "
                     f"{elapsed:.1f} s, the last: {type(exc).__name__}: {exc} ({ENV_DEADLINE} sets the limit)"
-                ) from exc
+                )) from exc
             # capped so that the last attempt starts at the deadline, not after it
             delay = min(BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S, deadline - elapsed)
             log.warning("transient error %s %s%s (attempt %d, %.1f s of %g), retrying in %.2fs: %s",
-                        doing, what, where, attempt, elapsed, deadline, delay, exc)
+                        doing, what, where, attempt, elapsed, deadline, delay, redact(str(exc)))
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -188,11 +191,6 @@ def exists(url: str) -> bool:
         return True
 
     return retry(url, probe, "probing")
-
-
-def isdir(url: str) -> bool:
-    fs, path = filesystem(url)
-    return retry(url, lambda: fs.isdir(path), "probing")
 
 
 def listdir(url: str) -> list[str]:
@@ -292,17 +290,3 @@ def remove_partial_writes(url: str) -> list[str]:
                 os.remove(os.path.join(folder, name))
                 removed.append(os.path.join(folder, name))
     return removed
-
-
-def makedirs(url: str) -> None:
-    fs, path = filesystem(url)
-    if is_local(url):
-        os.makedirs(path, exist_ok=True)
-
-
-def redact(url: str) -> str:
-    """Drop any user:password@ part of a URL before it is logged or recorded."""
-    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://{rest.split('@', 1)[1]}"
-    return url

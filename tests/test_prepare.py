@@ -27,7 +27,7 @@ from PIL import Image
 from s3server import S3Server
 
 from cxr import labels, shards, storage, synth
-from cxr.data import images, metadata, png
+from cxr.data import images, manifest, metadata, png
 from cxr.prepare import prepare
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
@@ -67,7 +67,7 @@ def make_root(root, n_patients: int = 12, per_patient: int = 3, size: int = 96, 
 
 
 def read_records(url: str) -> list[dict]:
-    """Parse a committed shard with TF's own reader, independent of cxr.pipeline."""
+    """Parse a committed shard with TF's own reader, independent of cxr.data.pipeline."""
     data = storage.read_bytes(url)
     local = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"cxr-test-{os.getpid()}.tfrecord")
     with open(local, "wb") as fh:
@@ -389,7 +389,7 @@ def test_frozen_storage_fails_prepare_in_bounded_time_naming_object_and_shard(
                         text)
     assert failure, text[-3000:]
     assert s3.secret_key not in text and s3.access_key not in text
-    assert not storage.exists(storage.join(out, shards.MANIFEST))
+    assert not storage.exists(storage.join(out, manifest.NAME))
 
     ray.shutdown()
     summary = prepare(root, out, shards.Params(size=64, images_per_shard=4), num_workers=1, progress=False)

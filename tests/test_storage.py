@@ -144,7 +144,6 @@ def test_round_trip(base: str, tmp_path: Path) -> None:
     assert storage.exists(a) and storage.exists(d)
     assert not storage.exists(storage.join(d, "nope.bin"))
     assert storage.size(a) == len(payload)
-    assert storage.isdir(d) and not storage.isdir(a)
 
     src = tmp_path / "upload-src.bin"
     src.write_bytes(os.urandom(100_000))
@@ -169,13 +168,6 @@ def test_read_missing_raises_file_not_found_naming_url(base: str) -> None:
     assert url in str(ei.value)
     with pytest.raises(FileNotFoundError, match="no such object"):
         storage.size(url)
-
-
-def test_makedirs_then_write(base: str) -> None:
-    d = storage.join(base, "made")
-    storage.makedirs(d)
-    storage.write_bytes(storage.join(d, "x"), b"x")
-    assert storage.listdir(d) == ["x"]
 
 
 # --- local atomicity ---------------------------------------------------------------------------------------
