@@ -61,8 +61,8 @@ def build_root(root: Path, n: int, seed: int = 0) -> None:
 def prepare_shards(root: Path, out: Path, images_per_shard: int, codec: str) -> dict:
     """`cxr prepare` (Ray) with every image in train, so the bench's split is all N images."""
     from cxr.cluster import stop_local
-    from cxr.prepare import prepare
-    from cxr.shards import Params
+    from cxr.data.prepare import prepare
+    from cxr.data.shards import Params
 
     params = Params(size=256, codec=codec, images_per_shard=images_per_shard, val_fraction=0.0, test_fraction=0.0)
     try:

@@ -40,7 +40,7 @@ def single_core_bound(root: str, size: int, codec: str, n: int = 60, repeats: in
     Warm (the first call pays for library loading) and pinned (so the scheduler cannot spread one
     conversion over two cores); the best of `repeats` passes because the machine may be shared.
     """
-    from cxr import shards
+    from cxr.data import shards
 
     names = sorted(os.listdir(os.path.join(root, "images")))[:n]
     affinity = os.sched_getaffinity(0)
@@ -71,8 +71,8 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     from cxr.cluster import init_ray
-    from cxr.prepare import prepare
-    from cxr.shards import Params
+    from cxr.data.prepare import prepare
+    from cxr.data.shards import Params
 
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "raw")

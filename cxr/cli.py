@@ -74,8 +74,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from cxr.prepare import prepare
-    from cxr.shards import Params
+    from cxr.data.prepare import prepare
+    from cxr.data.shards import Params
 
     params = Params(size=args.size, codec=args.codec, quality=args.quality, images_per_shard=args.images_per_shard,
                     seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction)

@@ -23,8 +23,7 @@ import pytest
 from PIL import Image
 from test_png import chunk
 
-from cxr import shards
-from cxr.data import images, manifest, metadata, png
+from cxr.data import images, manifest, metadata, png, shards
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
 NIH = sorted(n for n in os.listdir(SAMPLES) if n.endswith(".png"))
@@ -160,7 +159,7 @@ def test_a_truncated_zlib_stream_on_the_pillow_path_is_refused():
 
 CHILD = textwrap.dedent("""
     import ctypes, gc, json, os, resource, sys, time
-    from cxr import shards
+    from cxr.data import shards
 
     def status(key):
         with open("/proc/self/status") as fh:

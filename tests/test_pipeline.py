@@ -1,6 +1,6 @@
 """The input pipeline on real files: shards written by the shard stage, raw PNGs, the real NIH samples, S3.
 
-Shards are written in-process with `cxr.shards` (no Ray); images are small so the whole module runs in
+Shards are written in-process with `cxr.data.shards` (no Ray); images are small so the whole module runs in
 well under a minute on two cores.
 """
 
@@ -18,9 +18,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cxr import heap, labels, shards, storage
+from cxr import heap, labels, storage
 from cxr.config import Augment
-from cxr.data import augment, images, manifest, metadata, pipeline, png, raw, reader
+from cxr.data import augment, images, manifest, metadata, pipeline, png, raw, reader, shards
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
 PX, STORED, PER_SHARD = 40, 32, 7

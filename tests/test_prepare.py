@@ -26,9 +26,9 @@ from conftest import quiet_env
 from PIL import Image
 from s3server import S3Server
 
-from cxr import labels, shards, storage, synth
-from cxr.data import images, manifest, metadata, png
-from cxr.prepare import prepare
+from cxr import labels, storage, synth
+from cxr.data import images, manifest, metadata, png, shards
+from cxr.data.prepare import prepare
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
 HEADER = metadata.HEADER

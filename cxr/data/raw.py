@@ -27,7 +27,7 @@ Row = tuple[str, np.ndarray, int]  # url, labels, position in the split
 def split_rows(data_root: str, split: str, split_seed: int = 0, val_fraction: float = 0.1,
                test_fraction: float = 0.2) -> list[tuple[str, np.ndarray]]:
     """(url, labels) of a split in position order: the order `cxr prepare` with the same seed writes shards in."""
-    from cxr import shards
+    from cxr.data import shards
 
     if split not in metadata.SPLITS:
         raise ValueError(f"split must be one of {metadata.SPLITS}, got {split!r}")

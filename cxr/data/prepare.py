@@ -12,7 +12,7 @@ from tqdm import tqdm
 from cxr import storage
 from cxr.cluster import init_ray
 from cxr.data import manifest, metadata
-from cxr.shards import Params, ShardSpec, committed_receipt, plan, write_shard
+from cxr.data.shards import Params, ShardSpec, committed_receipt, plan, write_shard
 
 log = logging.getLogger(__name__)
 
