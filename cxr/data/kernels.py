@@ -2,7 +2,7 @@
 
 Reading threads run them on every core at once. Compiled on first use and cached on disk (`cache=True`:
 beside this file, or in the user's cache directory), so only the first process on a machine pays the
-~3 s of compiling. Imported lazily, by PNG decoding and raw mode only: numba itself takes ~0.4 s to import.
+seconds of compiling. Imported lazily, where images are decoded or resized: numba itself is slow to import.
 """
 
 from __future__ import annotations

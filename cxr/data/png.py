@@ -1,16 +1,15 @@
-"""8-bit grayscale PNGs (NIH's kind) checked and decoded at 2.5-3.5× the speed of libpng, ~2× Wuffs'.
+"""8-bit grayscale PNGs (NIH's kind) checked and decoded about twice as fast as the fastest library decoder.
 
 Why: raw mode and `cxr prepare` spend most of their CPU decoding 1024² PNGs. An NIH PNG is ~175 KB of zlib
-data that inflates to 1024 filtered rows (a filter-type byte, then 1024 bytes). Measured on one core here,
-ms per NIH image: full decoders libpng 6.8, spng 8.3, Wuffs 5.1-6.2; inflating alone zlib 4.5, zlib-ng 2.3,
-ISA-L 1.6, libdeflate 1.4-1.6. So libdeflate (the `deflate` package) inflates, and a numba kernel undoes the
-row filters; both release the GIL, so reading threads decode on every core.
+data that inflates to 1024 filtered rows (a filter-type byte, then 1024 bytes). Inflating is most of a full
+decoder's time, and libdeflate (the `deflate` package) is the fastest inflater measured, so it inflates, and
+a numba kernel undoes the row filters; both release the GIL, so reading threads decode on every core. The
+figures are in docs/benchmarks.md.
 
 The filters. NIH's encoder alternates Up rows (each byte adds the byte above: vectorised) and Paeth rows.
 With one byte per pixel, Paeth is a serial chain along the row: each byte needs its left neighbour after a
 ~8-cycle predictor. So where a Paeth row, an Up row and a Paeth row follow each other the kernel walks the
-three side by side, two independent chains in flight: 1.8-2.0 ms for an NIH image's filters, against
-2.7-2.8 ms row by row. Other sequences go row by row.
+three side by side, two independent chains in flight; other sequences go row by row.
 
 Checks: every chunk's CRC (Wuffs ignores them); IHDR first, once, with valid fields (compression and filter
 method 0, a bit depth its colour type allows); IDAT chunks consecutive; IEND reached; the dimensions within
