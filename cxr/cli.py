@@ -94,7 +94,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config.with_absolute_paths(config.load(args.config, args.overrides))
     from cxr import workflow
 
-    s = workflow.run(cfg)
+    s = workflow.run(cfg, promote=args.promote)
+    if s.get("already_finished"):
+        print(f"run {cfg.run.name} already finished ({s['epochs_done']} epochs, best epoch {s['best_epoch']}, "
+              f"registered as {s['model_name']} version {s['model_version']}); nothing to train. Use another "
+              "run.name for a new run, or raise optim.epochs to continue this one.")
+        return 0
     best = "none" if s["best_epoch"] is None else str(int(s["best_epoch"]))
     early = " (stopped early)" if s["stopped_early"] else ""
     print(f"\nrun {cfg.run.name}: {s['epochs_done']} epoch(s){early}, best epoch {best}; AUROC per finding:")
@@ -105,6 +110,48 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{s['test_images_skipped']} test image(s) (listed in the run's skipped_images.txt)")
     print(f"checkpoints: {redact(s['run_path'])}")
     print(f"MLflow: {redact(s['tracking_uri'])}  experiment {s['experiment']!r}  run {s['mlflow_run_id']}")
+    if s["model_version"]:
+        print(f"model: {s['model_name']} version {s['model_version']} (models:/{s['model_name']}/{s['model_version']})")
+    if s.get("decision"):
+        print(s["decision"])
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cxr.evaluation.evaluate import evaluate
+
+    ev = evaluate(args.model, args.data, split=args.split, val_split=args.val_split, out=args.out,
+                  resamples=args.resamples, confidence=args.confidence, seed=args.seed, batch_size=args.batch_size,
+                  tracking_uri=args.tracking_uri, record=not args.no_record)
+    rep = ev.report
+    mean = rep["auroc"]["mean"]
+    print(f"{rep['model']['uri']} on {rep['data']['split']} of {rep['data']['uri']}: {rep['data']['images']:,} images "
+          f"of {rep['data']['patients']:,} patients")
+    print(f"{'finding':<20}{'AUROC':>8}  {int(100 * args.confidence)}% CI (patients)   {'AUPRC':>6}  {'ECE':>6}")
+    for name, a in rep["auroc"]["findings"].items():
+        f = rep["findings"][name]
+        if a["auroc"] is None:
+            print(f"{name:<20}{'undefined':>8}  {a['reason']}")
+            continue
+        auprc = "–" if f["auprc"] is None else f"{f['auprc']:.3f}"
+        ece = "–" if f["calibration"]["ece"] is None else f"{f['calibration']['ece']:.3f}"
+        print(f"{name:<20}{a['auroc']:>8.4f}  [{a['low']:.4f}, {a['high']:.4f}]   {auprc:>6}  {ece:>6}")
+    if mean["auroc"] is not None:
+        print(f"{'mean':<20}{mean['auroc']:>8.4f}  [{mean['low']:.4f}, {mean['high']:.4f}]")
+    if args.out:
+        print(f"report: {redact(args.out)}/report.md (and report.json, roc.png, pr.png, reliability.png)")
+    if rep["model"]["run_id"] and not args.no_record:
+        print(f"logged to MLflow run {rep['model']['run_id']} under evaluation/{rep['data']['split']}/")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from cxr.tracking.promotion import promote
+
+    decision = promote(args.model_name, args.candidate, tracking_uri=args.tracking_uri, data_uri=args.data,
+                       min_gain=args.min_gain, max_drop=args.max_drop, confidence=args.confidence,
+                       resamples=args.resamples, seed=args.seed, batch_size=args.batch_size, dry_run=args.dry_run)
+    print(decision.explain())
     return 0
 
 
@@ -114,6 +161,8 @@ prepared shards from object storage, and records every run in MLflow. A typical 
   cxr inspect DATA_ROOT                  check a dataset root laid out like the NIH release
   cxr prepare DATA_ROOT s3://bucket/x    decode every image once into shards + manifest.json
   cxr train --config CONFIG key=value    train, score the best epoch on test, log it all to MLflow
+  cxr evaluate --model models:/NAME@champion --out DIR    the test report, with confidence intervals
+  cxr promote --model-name NAME --candidate N             champion/challenger by a paired bootstrap
 
 Paths are local paths or fsspec URLs (s3://…); S3 credentials come from the AWS_* environment."""
 
@@ -172,8 +221,43 @@ def build_parser() -> argparse.ArgumentParser:
     t = _parser(sub, "train", "train on Ray, score the best checkpoint on test, record the run in MLflow", verbose)
     t.add_argument("--config", required=True, help="YAML config (configs/demo.yaml, configs/chexnet.yaml, ...)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
+    t.add_argument("--promote", action="store_true", help="evaluate the new model version and promote it over "
+                   "@champion if it is better by `cxr promote`'s rules (what scheduled retraining runs)")
     t.set_defaults(func=cmd_train)
+
+    e = _parser(sub, "evaluate", "score a model on a split: per-finding AUROC with patient-level CIs, operating "
+                "points, calibration, figures", verbose)
+    e.add_argument("--model", required=True, help="a checkpoint folder, runs:/RUN/NAME, models:/NAME/VERSION or "
+                   "models:/NAME@ALIAS")
+    e.add_argument("--data", default=None, help="manifest (or its folder) or dataset root (default: the data the "
+                   "model was trained on)")
+    e.add_argument("--split", default="test", help="the split to score")
+    e.add_argument("--val-split", default="val", help="the split the operating thresholds are chosen on")
+    e.add_argument("--out", default=None, help="folder (local or URL) for report.json, report.md and the figures")
+    _scoring_arguments(e)
+    e.add_argument("--no-record", action="store_true", help="do not log the evaluation to the model's MLflow run")
+    e.set_defaults(func=cmd_evaluate)
+
+    m = _parser(sub, "promote", "compare a registered version with @champion on the same test patients and move the "
+                "alias only if it is better with confidence", verbose)
+    m.add_argument("--model-name", required=True, help="the registered model")
+    m.add_argument("--candidate", required=True, help="its version number, or the run id that registered it")
+    m.add_argument("--data", default=None, help="the data both are scored on (default: the candidate's)")
+    m.add_argument("--min-gain", type=float, default=0.0, help="the mean-AUROC gain's CI lower bound must exceed this")
+    m.add_argument("--max-drop", type=float, default=0.02, help="no finding's AUROC may drop by more than this")
+    _scoring_arguments(m)
+    m.add_argument("--dry-run", action="store_true", help="decide and explain, but tag and move nothing")
+    m.set_defaults(func=cmd_promote)
     return p
+
+
+def _scoring_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (of patients)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--batch-size", type=int, default=64, help="images per prediction batch")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,6 +281,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as exc:  # after its retries and deadline: the message names the object
         print(f"cxr {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if not _tracking_error(exc):
+            raise
+        uri = getattr(args, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI") or "the tracking URI"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"cxr {args.command}: error: MLflow at {redact(uri)} failed: {redact(first)[:500]}", file=sys.stderr)
+        return 1
+
+
+def _tracking_error(exc: BaseException) -> bool:
+    """An MLflow server that is down or refuses: worth one clear line, not a traceback."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    return isinstance(exc, MlflowException | RequestException)
 
 
 if __name__ == "__main__":

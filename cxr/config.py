@@ -134,9 +134,19 @@ class Scaling(Section):
 
 
 class Tracking(Section):
-    tracking_uri: str | None = None
+    tracking_uri: str | None = Field(None, description="MLflow: a server URL, or sqlite:///path (default "
+                                     "sqlite:///mlflow.db in the working directory)")
     experiment: str = "cxr"
-    run_name: str | None = None
+    run_name: str | None = Field(None, description="the MLflow run's name (default: run.name)")
+    registered_model: str | None = Field(None, description="registry name of the trained model (default: the "
+                                         "experiment's name)")
+    artifact_location: str | None = Field(None, description="new experiments' artifact root (default: mlartifacts/ "
+                                          "beside a SQLite store; a server's own)")
+    system_metrics: bool = Field(True, description="log the driver host's CPU, memory, disk, network while training")
+
+    @property
+    def model_name(self) -> str:
+        return self.registered_model or self.experiment
 
 
 class Run(Section):

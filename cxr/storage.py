@@ -225,6 +225,13 @@ def write_text(url: str, text: str, context: str = "") -> None:
     write_bytes(url, text.encode("utf-8"), context)
 
 
+def download(url: str, local_path: str, context: str = "") -> None:
+    """Copy an object to a local file (read whole: weight files and checkpoints, not datasets)."""
+    data = read_bytes(url, context=context)
+    with open(local_path, "wb") as fh:
+        fh.write(data)
+
+
 def upload(local_path: str, url: str, context: str = "") -> None:
     """Copy a finished local file to `url`, atomically as in `write_bytes`."""
     fs, path = filesystem(url)

@@ -1,21 +1,25 @@
-"""`cxr train` end to end: check → train on Ray → score the best checkpoint on test → record in MLflow.
+"""`cxr train` end to end: check → train on Ray → score the best checkpoint on test → record → register.
 
 Everything that can be checked without Ray or MLflow is checked first (data, sizes), then the cluster's
-resources. The driver opens the MLflow run before training and rank 0 logs epochs into it live (an epoch
-callback); after Ray Train returns, the driver scores the checkpoint Ray kept as best by validation mean
-AUROC on the test split and adds what the run lacks (epochs not logged live come from the checkpointed
-history). A re-submitted run (same `run.storage_path` + `run.name`) resumes training and logs into the same
-MLflow run.
+resources. The driver opens the MLflow run before training (params, tags naming the data, code and cluster,
+the dataset inputs) and rank 0 logs epochs into it live (an epoch callback); after Ray Train returns, the
+driver scores the checkpoint Ray kept as best by validation mean AUROC on the test split, adds what the run
+lacks (epochs not logged live come from the checkpointed history) and logs the model at the best epoch's
+step, registered under `tracking.registered_model`. With `promote`, the new version is then evaluated and
+promoted by `cxr.tracking.promotion`'s rules. A re-submitted run (same `run.storage_path` + `run.name`)
+resumes training and logs into the same MLflow run; a finished one says so and does nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from typing import Any
 
 from cxr import config as cfgmod
+from cxr import storage
 from cxr.cluster import init_ray
 from cxr.data import source as sources
 from cxr.evaluation import figures, report
@@ -29,30 +33,59 @@ from cxr.tracking.models import log_model
 from cxr.training import checkpoints, driver
 
 log = logging.getLogger(__name__)
+FINISHED = "cxr-finished.json"  # written beside the checkpoints when a run is complete
 
 
-def run(cfg: cfgmod.Config, test_split: str = "test") -> dict[str, Any]:
-    """Train, evaluate and track; returns the summary printed by `cxr train`.
+def run(cfg: cfgmod.Config, test_split: str = "test", promote: bool = False) -> dict[str, Any]:
+    """Train, evaluate, track and register; returns the summary printed by `cxr train`.
 
     The MLflow run exists from the start: rank 0 fills in epochs as they end, and a run that dies is
     marked FAILED with the epochs it finished.
     """
+    finished = _finished(cfg)
+    if finished is not None:
+        return finished
     source = sources.for_config(cfg.data)
     plan = driver.plan_run(cfg, source)  # data, splits, sizes: wrong ones fail before Ray and MLflow start
+    fingerprint = sources.fingerprint(cfg.data)
     local = not os.environ.get("RAY_ADDRESS")
     init_ray()
     driver.require_resources(cfg, local)
     uri = cfg.tracking.tracking_uri or runs.default_uri(".")
+    tags = {**runs.run_tags(cfg, fingerprint), **runs.cluster_tags()}
     run_id = runs.open_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name,
-                           redact(driver.run_path(cfg)), runs.safe_params(cfg.model_dump(mode="json")))
+                           redact(driver.run_path(cfg)), runs.safe_params(cfg.model_dump(mode="json")),
+                           runs.artifact_location(uri, cfg.tracking.artifact_location), tags)
     log.info("MLflow run %s at %s", run_id, redact(uri))
-    try:
+    from mlflow.tracking import MlflowClient
+
+    sizes = {s: source.split_size(cfg.data, s) for s in (cfg.data.train_split, cfg.data.val_split, test_split)}
+    runs.log_datasets(MlflowClient(uri), run_id, cfg, fingerprint, sizes)
+    with runs.resume(uri, run_id, system_metrics=cfg.tracking.system_metrics):
         result = driver.run_trainer(cfg, source, plan, callbacks=[EpochLogger(uri, run_id)])
-        out = _score_and_record(cfg, source, result, test_split, uri, run_id)
-    except BaseException as exc:
-        runs.end_run(uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
+        out = _score_and_record(cfg, source, result, test_split, uri, run_id, fingerprint)
+    if promote and out.get("model_version"):
+        from cxr.tracking.promotion import promote as decide
+
+        decision = decide(cfg.tracking.model_name, out["model_version"], tracking_uri=uri)
+        out["decision"] = decision.explain()
+    storage.write_text(storage.join(driver.run_path(cfg), FINISHED), json.dumps(
+        {k: out[k] for k in ("epochs_done", "stopped_early", "best_epoch", "best_val_auroc_mean", "test",
+                             "mlflow_run_id", "model_name", "model_version", "experiment", "tracking_uri")},
+        default=str))
     return out
+
+
+def _finished(cfg: cfgmod.Config) -> dict[str, Any] | None:
+    """The record of a run that already completed (same storage path and name), unless more epochs are asked."""
+    url = storage.join(driver.run_path(cfg), FINISHED)
+    if not storage.exists(url):
+        return None
+    done = json.loads(storage.read_text(url))
+    if int(done["epochs_done"]) < cfg.optim.epochs and not done.get("stopped_early"):
+        return None
+    log.warning("run %s already finished (%s epochs); nothing to train", cfg.run.name, done["epochs_done"])
+    return {**done, "already_finished": True, "run_path": redact(driver.run_path(cfg))}
 
 
 def _val_column(metrics: dict[str, Any]) -> dict[str, float | None]:
@@ -65,8 +98,8 @@ def _val_column(metrics: dict[str, Any]) -> dict[str, float | None]:
 
 
 def _score_and_record(cfg: cfgmod.Config, source: sources.DataSource, result: Any, test_split: str, uri: str,
-                      run_id: str) -> dict[str, Any]:
-    """The best checkpoint on the test split, then everything the MLflow run lacks; ends it FINISHED."""
+                      run_id: str, fingerprint: str) -> dict[str, Any]:
+    """The best checkpoint on the test split, then everything the MLflow run lacks (it is the active run)."""
     import keras
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -93,24 +126,31 @@ def _score_and_record(cfg: cfgmod.Config, source: sources.DataSource, result: An
     for row in history:  # epochs rank 0 could not log live (server away, or a run from before)
         if int(row["epoch"]) not in on_record:
             runs.log_epoch(client, run_id, row)
-    with runs.resume(uri, run_id):
-        mlflow.log_metrics({f"{test_split}_auroc/{k}": v for k, v in test.items() if v is not None and k != "mean"},
-                           step=best_epoch)
-        mlflow.log_metrics({f"{test_split}_auroc_mean": test["mean"] if test["mean"] is not None else math.nan,
-                            "best_epoch": float(best_epoch), "best_val_auroc_mean": float(best_metrics[SCORE])},
-                           step=best_epoch)
-        runs.log_text(cfgmod.to_yaml(cfg), "resolved.yaml")
-        runs.log_text(table + "\n", "auroc.txt")
-        if skipped or preds.missing:
-            runs.log_text(_skipped_text(skipped, preds.missing, test_split), "skipped_images.txt")
-        runs.log_figure(figures.roc_grid(labels, probs, f"{cfg.run.name}: {test_split} ROC (best epoch "
-                                         f"{best_epoch})"), f"roc_{test_split}.png")
-        if history:
-            runs.log_figure(figures.learning_curves(history), "learning_curves.png")
-        log_model(model, name=f"{cfg.run.name}-epoch{best_epoch}", step=best_epoch)
-    return {**summary, "val": val, "test": test, "table": table, "tracking_uri": uri, "mlflow_run_id": run_id,
-            "experiment": cfg.tracking.experiment, "history": history, "skipped_images": skipped,
-            "test_images_skipped": preds.missing}
+    mlflow.log_metrics({f"{test_split}_auroc/{k}": v for k, v in test.items() if v is not None and k != "mean"},
+                       step=best_epoch)
+    mlflow.log_metrics({f"{test_split}_auroc_mean": test["mean"] if test["mean"] is not None else math.nan,
+                        "best_epoch": float(best_epoch), "best_val_auroc_mean": float(best_metrics[SCORE])},
+                       step=best_epoch)
+    runs.log_text(cfgmod.to_yaml(cfg), "resolved.yaml")
+    runs.log_text(table + "\n", "auroc.txt")
+    if skipped or preds.missing:
+        runs.log_text(_skipped_text(skipped, preds.missing, test_split), "skipped_images.txt")
+    runs.log_figure(figures.roc_grid(labels, probs, f"{cfg.run.name}: {test_split} ROC (best epoch {best_epoch})"),
+                    f"roc_{test_split}.png")
+    if history:
+        runs.log_figure(figures.learning_curves(history), "learning_curves.png")
+    info = log_model(model, name=f"{cfg.run.name}-epoch{best_epoch}", step=best_epoch,
+                     registered_model=cfg.tracking.model_name,
+                     tags={"cxr.data.fingerprint": fingerprint, "best_epoch": str(best_epoch),
+                           "val_auroc_mean": f"{best_metrics[SCORE]:.4f}",
+                           f"{test_split}_auroc_mean": f"{test['mean']:.4f}" if test["mean"] is not None else "",
+                           f"{test_split}_fingerprint": fingerprint})
+    version = str(info.registered_model_version) if info.registered_model_version is not None else None
+    return {**summary, "val": val, "test": test, "table": table, "tracking_uri": redact(uri),
+            "mlflow_run_id": run_id, "experiment": cfg.tracking.experiment, "history": history,
+            "skipped_images": skipped, "test_images_skipped": preds.missing, "model_uri": info.model_uri,
+            "model_name": cfg.tracking.model_name, "model_version": version,
+            "stopped_early": summary["stopped_early"]}
 
 
 def _skipped_text(skipped: list[str], test_missing: int, test_split: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -96,36 +97,49 @@ def phantom_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out / "manifest.json")
 
 
+class MlflowServer:
+    """A real `mlflow server` on loopback with a SQLite store and proxied artifacts, which a test may stop and
+    start again on the same port and store (an outage)."""
+
+    def __init__(self, base) -> None:
+        self.base, self.port = base, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        cmd = [os.path.join(VENV_BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", f"sqlite:///{self.base}/mlflow.db", "--artifacts-destination",
+               str(self.base / "artifacts"), "--workers", "1"]
+        log = open(self.base / "server.log", "a")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=quiet_env(),
+                                     start_new_session=True)
+        log.close()
+        deadline = time.time() + 90
+        while time.time() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        pytest.fail(f"mlflow server did not start: {(self.base / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc = None
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` on loopback with a SQLite store and served artifacts; yields its URL."""
-    base = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    cmd = [os.path.join(VENV_BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{base}/mlflow.db", "--artifacts-destination", str(base / "artifacts"),
-           "--workers", "1"]
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=quiet_env(), start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            break
-    else:
-        proc.kill()
-        pytest.fail(f"mlflow server did not start: {(base / 'server.log').read_text()[-2000:]}")
-    if proc.poll() is not None:
-        pytest.fail(f"mlflow server exited: {(base / 'server.log').read_text()[-2000:]}")
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    """A real `mlflow server` for the session; yields its URL."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server.url
+    server.stop()

@@ -24,9 +24,9 @@ CHUNK = 32  # images per generator element
 Row = tuple[str, np.ndarray, int]  # url, labels, position in the split
 
 
-def split_rows(data_root: str, split: str, split_seed: int = 0, val_fraction: float = 0.1,
-               test_fraction: float = 0.2) -> list[tuple[str, np.ndarray]]:
-    """(url, labels) of a split in position order: the order `cxr prepare` with the same seed writes shards in."""
+def _split_records(data_root: str, split: str, split_seed: int, val_fraction: float,
+                   test_fraction: float) -> tuple[dict, ...]:
+    """The metadata rows of a split in position order: the order `cxr prepare` with the same seed writes."""
     from cxr.data import shards
 
     if split not in metadata.SPLITS:
@@ -35,8 +35,21 @@ def split_rows(data_root: str, split: str, split_seed: int = 0, val_fraction: fl
     if not ds.images_present:
         raise FileNotFoundError(f"{data_root}: no images/ or images_0NN/images/ folder")
     params = shards.Params(seed=split_seed, images_per_shard=max(1, len(ds.table)))
-    rows = next((spec.rows for spec in shards.plan(ds, params) if spec.split == split), ())
+    return next((spec.rows for spec in shards.plan(ds, params) if spec.split == split), ())
+
+
+def split_rows(data_root: str, split: str, split_seed: int = 0, val_fraction: float = 0.1,
+               test_fraction: float = 0.2) -> list[tuple[str, np.ndarray]]:
+    """(url, labels) of a split in position order: the order `cxr prepare` with the same seed writes shards in."""
+    rows = _split_records(data_root, split, split_seed, val_fraction, test_fraction)
     return [(r["path"], np.array([r[f] for f in labels.FINDINGS], dtype=np.float32)) for r in rows]
+
+
+def split_patients(data_root: str, split: str, split_seed: int = 0, val_fraction: float = 0.1,
+                   test_fraction: float = 0.2) -> np.ndarray:
+    """Each image's patient id, by position in the split: the unit a bootstrap resamples."""
+    rows = _split_records(data_root, split, split_seed, val_fraction, test_fraction)
+    return np.array([int(r["patient"]) for r in rows], dtype=np.int64)
 
 
 def read_image(url: str, size: int, limits: ImageLimits = LIMITS) -> tuple[np.ndarray, int]:

@@ -21,6 +21,7 @@ DatasetFn = Callable[..., Any]  # a tf.data.Dataset
 SizeFn = Callable[[cfgmod.Data, str], int]
 CountsFn = Callable[[cfgmod.Data, str], tuple[list[int], int]]
 StoredSizeFn = Callable[[cfgmod.Data], int | None]
+PatientsFn = Callable[[cfgmod.Data, str], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class DataSource:
     label_counts: CountsFn
     stored_size: StoredSizeFn = lambda data: None
     may_skip: bool = False  # unreadable images are skipped and reported (raw mode), not a failure
+    patients: PatientsFn | None = None  # each image's patient id by split position (for patient-level CIs)
 
 
 def for_config(data: cfgmod.Data) -> DataSource:
@@ -68,7 +70,13 @@ def _shard_stored_size(data: cfgmod.Data) -> int:
     return manifest.load(data.manifest_uri).size
 
 
-SHARDS = DataSource(_shard_dataset, _shard_size, _shard_counts, _shard_stored_size)
+def _shard_patients(data: cfgmod.Data, split: str) -> np.ndarray:
+    from cxr.data import manifest, reader
+
+    return reader.split_patients(manifest.load(data.manifest_uri).shards(split))
+
+
+SHARDS = DataSource(_shard_dataset, _shard_size, _shard_counts, _shard_stored_size, patients=_shard_patients)
 
 
 # --------------------------------------------------------------------------------------------------- raw
@@ -111,4 +119,41 @@ def _raw_stored_size(data: cfgmod.Data) -> int:
     return data.raw_size or data.image_size
 
 
-RAW = DataSource(_raw_dataset, _raw_size, _raw_counts, _raw_stored_size, may_skip=True)
+def _raw_patients(data: cfgmod.Data, split: str) -> np.ndarray:
+    from cxr.data import raw
+
+    return raw.split_patients(data.root, split, data.split_seed, data.val_fraction, data.test_fraction)
+
+
+RAW = DataSource(_raw_dataset, _raw_size, _raw_counts, _raw_stored_size, may_skip=True, patients=_raw_patients)
+
+
+# ------------------------------------------------------------------------------------- data by its URI
+
+
+def data_config(uri: str, image_size: int, tags: dict[str, str] | None = None) -> cfgmod.Data:
+    """The data section for scoring a model on `uri`: a manifest (or its folder), or else a dataset root.
+
+    A raw root is split as the model's training run split it, when its tags say how (`cxr.split.*`).
+    """
+    from cxr import storage
+    from cxr.data import manifest
+
+    if storage.exists(manifest.url_of(uri)):
+        return cfgmod.Data(source="shards", manifest_uri=uri, image_size=image_size, allow_upsample=True)
+    tags = tags or {}
+    return cfgmod.Data(source="raw", root=uri, image_size=image_size, allow_upsample=True,
+                       split_seed=int(tags.get("cxr.split.seed", 0)),
+                       val_fraction=float(tags.get("cxr.split.val_fraction", 0.1)),
+                       test_fraction=float(tags.get("cxr.split.test_fraction", 0.2)))
+
+
+def fingerprint(data: cfgmod.Data) -> str:
+    """What identifies the data a model saw: the manifest's shard checksums, or a raw root's metadata files."""
+    from cxr.data import manifest, metadata
+
+    if data.source == "shards":
+        return manifest.load(data.manifest_uri).fingerprint
+    ds = metadata.load(data.root, seed=data.split_seed, val_fraction=data.val_fraction,
+                       test_fraction=data.test_fraction)
+    return manifest.source_fingerprint(ds)

@@ -77,6 +77,5 @@ def _local_copy(url: str) -> Iterator[str]:
         # Keras picks the loader from the suffix (.weights.h5, legacy .h5), so keep the name (not a presigned
         # URL's query string).
         path = os.path.join(tmp, posixpath.basename(urllib.parse.urlsplit(url).path.rstrip("/")))
-        with open(path, "wb") as f:
-            f.write(storage.read_bytes(url))
+        storage.download(url, path)
         yield path

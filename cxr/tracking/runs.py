@@ -56,10 +56,79 @@ def finite_numbers(row: Mapping[str, Any]) -> dict[str, float]:
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
+SUMMARY_KEYS = ("epoch", "best_epoch", "best_val_auroc_mean")  # running values: logged once, at the best epoch
+
+
 def epoch_metrics(row: Mapping[str, Any]) -> dict[str, float]:
     """An epoch's metrics as MLflow takes them: finite numbers only; "val_auroc/Mass" keeps its "/", by which
     the MLflow UI groups the per-finding charts into one section per split."""
-    return {k: v for k, v in finite_numbers(row).items() if k != "epoch"}
+    return {k: v for k, v in finite_numbers(row).items() if k not in SUMMARY_KEYS}
+
+
+def run_tags(cfg: Any, fingerprint: str) -> dict[str, str]:
+    """What a run was made of, so runs can be compared and a model traced back: data, code, libraries, cluster."""
+    import importlib.metadata as md
+
+    data = cfg.data
+    tags = {"cxr.data": redact(data.location), "cxr.data.source": data.source, "cxr.data.fingerprint": fingerprint,
+            "cxr.splits": f"train={data.train_split},val={data.val_split},test=test", "cxr.git_commit": git_commit()}
+    if data.source == "raw":
+        tags.update({"cxr.split.seed": str(data.split_seed), "cxr.split.val_fraction": str(data.val_fraction),
+                     "cxr.split.test_fraction": str(data.test_fraction)})
+    for package in ("cxr", "tensorflow", "keras", "ray", "mlflow"):
+        try:
+            tags[f"cxr.version.{package}"] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return tags
+
+
+def git_commit() -> str:
+    """The code's commit: $CXR_GIT_COMMIT (set where the image is built), else the checkout's, else unknown."""
+    import subprocess
+
+    if os.environ.get("CXR_GIT_COMMIT"):
+        return os.environ["CXR_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def cluster_tags() -> dict[str, str]:
+    """The Ray cluster the run trained on: nodes, CPUs, GPUs and accelerator types."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    accelerators = sorted({k.split(":", 1)[1] for n in nodes for k in n["Resources"]
+                           if k.startswith("accelerator_type:")})
+    return {"cxr.cluster.nodes": str(len(nodes)),
+            "cxr.cluster.cpus": f"{sum(n['Resources'].get('CPU', 0) for n in nodes):g}",
+            "cxr.cluster.gpus": f"{sum(n['Resources'].get('GPU', 0) for n in nodes):g}",
+            "cxr.cluster.accelerators": ",".join(accelerators) or "none"}
+
+
+def log_datasets(client: Any, run_id: str, cfg: Any, fingerprint: str, sizes: Mapping[str, int]) -> None:
+    """The run's data as MLflow inputs, one per split with its context, so the UI shows which data trained it."""
+    import warnings
+
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for context, split in (("training", cfg.data.train_split), ("validation", cfg.data.val_split), ("test", "test")):
+        frame = pd.DataFrame({"split": [split], "images": [float(sizes.get(split, 0))]})
+        with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways": all mean the file
+            warnings.simplefilter("ignore", UserWarning)
+            ds = mlflow.data.from_pandas(frame, source=redact(cfg.data.location), name=f"{split}",
+                                         digest=fingerprint[:36]).to_dict()
+        inputs.append(DatasetInput(Dataset(ds["name"], ds["digest"], ds["source_type"], ds["source"],
+                                           ds.get("schema"), ds.get("profile")),
+                                   tags=[InputTag("mlflow.data.context", context)]))
+    client.log_inputs(run_id, datasets=inputs)
 
 
 def logged_epochs(client: Any, run_id: str) -> set[int]:
@@ -77,14 +146,38 @@ def log_epoch(client: Any, run_id: str, row: Mapping[str, Any]) -> None:
     client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in epoch_metrics(row).items()])
 
 
-def open_run(tracking_uri: str, experiment: str, run_name: str, key: str, params: Mapping[str, str]) -> str:
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # model training, not GenAI traces
+
+
+def artifact_location(tracking_uri: str, configured: str | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts: as configured, else beside a SQLite store (`mlartifacts/`
+    next to the .db: MLflow's own default is ./mlruns of whatever folder a command ran in), else the server's
+    (which proxies them)."""
+    if configured:
+        return configured if "://" in configured else os.path.abspath(configured)
+    if tracking_uri.startswith("sqlite:///"):
+        return os.path.join(os.path.dirname(os.path.abspath(tracking_uri[len("sqlite:///"):])), "mlartifacts")
+    return None
+
+
+def experiment_id(client: Any, experiment: str, location: str | None = None) -> str:
+    """The experiment's id, creating it (marked as model training, artifacts at `location`) if it is new."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return client.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+    if exp.tags.get("mlflow.experimentKind") is None:
+        client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    return exp.experiment_id
+
+
+def open_run(tracking_uri: str, experiment: str, run_name: str, key: str, params: Mapping[str, str],
+             location: str | None = None, tags: Mapping[str, str] | None = None) -> str:
     """The MLflow run tagged `key` (status set back to RUNNING), or a new one with `params`; its id."""
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    exp_id = experiment_id(client, experiment, location)
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{key}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
@@ -93,8 +186,10 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, key: str, params
             log.warning("resuming MLflow run %s, whose params differ from this config in %s; the run keeps "
                         "its first values", run_id, ", ".join(changed[:10]) + (" …" if len(changed) > 10 else ""))
         client.update_run(run_id, status="RUNNING")
+        for k, v in (tags or {}).items():
+            client.set_tag(run_id, k, v)
         return run_id
-    run_id = client.create_run(exp_id, run_name=run_name, tags={RUN_TAG: key}).info.run_id
+    run_id = client.create_run(exp_id, run_name=run_name, tags={RUN_TAG: key, **(tags or {})}).info.run_id
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=items[i:i + 100])
@@ -108,16 +203,18 @@ def end_run(tracking_uri: str, run_id: str, status: str) -> None:
 
 
 @contextmanager
-def resume(tracking_uri: str, run_id: str) -> Iterator[Any]:
-    """Make the run `open_run` created the active MLflow run (for the fluent log_* calls); yields it."""
+def resume(tracking_uri: str, run_id: str, system_metrics: bool = False) -> Iterator[Any]:
+    """Make the run `open_run` created the active MLflow run (for the fluent log_* calls); yields it. Ends it
+    FINISHED, or FAILED (KILLED on Ctrl-C) if the block raises. `system_metrics`: the driver's host's CPU,
+    memory, disk and network every 10 s while the block runs."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    active = mlflow.start_run(run_id=run_id)
+    active = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
     try:
         yield active
-    except BaseException:
-        mlflow.end_run(status="FAILED")
+    except BaseException as exc:
+        mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     else:
         mlflow.end_run()

@@ -1,0 +1,148 @@
+"""`cxr evaluate`: one model on one split, reported as a radiologist would want to read it.
+
+Per finding: AUROC with a 95% confidence interval from a bootstrap that resamples patients (an NIH patient has
+up to ~180 images; resampling images would pretend they are independent), AUPRC, the thresholds chosen on the
+validation split (Youden's J, and the one reaching sensitivity 0.9) with sensitivity, specificity, PPV, NPV
+and F1 at them on the test split, and calibration (ECE and a reliability diagram); the mean AUROC with its
+CI; findings that cannot be scored say why. Published anchors sit beside the table with the split they were
+measured on, because a random split flatters a model (patients leak between train and test).
+
+Writes `report.json`, `report.md`, `roc.png`, `pr.png`, `reliability.png` and `predictions.npz` (what a
+promotion compares) to `--out`; a model from MLflow also gets all of it logged to its run, the metrics
+linked to its LoggedModel, and the summary tagged on its registered version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cxr import storage
+from cxr.evaluation import figures, report
+from cxr.evaluation.bootstrap import AurocCI, auroc_ci
+from cxr.evaluation.operating import evaluate_operating
+from cxr.evaluation.predict import Predictions, predict_model
+from cxr.labels import FINDINGS
+from cxr.redact import redact
+
+log = logging.getLogger(__name__)
+
+ANCHORS = (  # mean AUROC over the 14 findings as published, with the split each was measured on
+    {"model": "Wang et al. 2017 (ResNet-50)", "split": "official NIH split", "mean_auroc": 0.745},
+    {"model": "DenseNet-121, ImageNet initialisation", "split": "official NIH split", "mean_auroc": 0.81},
+    {"model": "best published", "split": "official NIH split", "mean_auroc": 0.835},
+    {"model": "CheXNet (Rajpurkar et al. 2017)", "split": "random patient split (not comparable)",
+     "mean_auroc": 0.841},
+)
+PREDICTIONS = "predictions.npz"
+
+
+@dataclass
+class Evaluation:
+    """The report (JSON-safe) and the per-image predictions behind it."""
+
+    report: dict[str, Any]
+    predictions: Predictions
+    patients: np.ndarray  # patient id of each predicted image, in the order of `predictions.present()`
+    ci: AurocCI
+    out: str | None
+
+
+def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", val_split: str = "val",
+             out: str | None = None, resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
+             batch_size: int = 64, tracking_uri: str | None = None, record: bool = True) -> Evaluation:
+    """Evaluate the model at `model_uri` on `split` of `data_uri` (default: the data it was trained on)."""
+    from cxr.data import source as sources
+    from cxr.tracking import models
+
+    loaded = models.load(model_uri, tracking_uri)
+    data_uri = data_uri or loaded.tags.get("cxr.data")
+    if not data_uri:
+        raise ValueError(f"{redact(model_uri)}: no --data given and the model's run does not name its data")
+    data = sources.data_config(data_uri, loaded.image_size, loaded.tags)
+    source = sources.for_config(data)
+    log.info("evaluating %s on %s of %s", redact(model_uri), split, redact(data_uri))
+    test = predict_model(loaded.model, data, split, batch_size, source)
+    val = predict_model(loaded.model, data, val_split, batch_size, source)
+    patients = source.patients(data, split)[test.seen]
+    probs, labels = test.present()
+    ci = auroc_ci(labels, probs, patients, resamples=resamples, confidence=confidence, seed=seed, names=FINDINGS)
+    val_probs, val_labels = val.present()
+    ops = evaluate_operating(val_labels, val_probs, labels, probs, names=FINDINGS)
+    summary = {
+        "model": {"uri": redact(model_uri), "run_id": loaded.run_id,
+                  "registered": None if loaded.registered is None else
+                  {"name": loaded.registered[0], "version": loaded.registered[1]}},
+        "data": {"uri": redact(data_uri), "fingerprint": sources.fingerprint(data), "split": split,
+                 "threshold_split": val_split, "images": int(test.seen.sum()), "patients": int(len(set(patients))),
+                 "unreadable_images": test.missing},
+        "auroc": ci.to_dict(),
+        "findings": {f.finding: f.to_dict() for f in ops},
+        "anchors": list(ANCHORS),
+    }
+    evaluation = Evaluation(summary, test, patients, ci, out)
+    if out:
+        write(evaluation, out)
+    if record and loaded.run_id:
+        _record(evaluation, loaded, tracking_uri)
+    return evaluation
+
+
+def write(evaluation: Evaluation, out: str) -> None:
+    """report.json, report.md, the figures and the predictions, into a local folder or any fsspec URL."""
+    rep = evaluation.report
+    probs, labels = evaluation.predictions.present()
+    split = rep["data"]["split"]
+    with tempfile.TemporaryDirectory(prefix="cxr-eval-") as local:
+        with open(os.path.join(local, "report.json"), "w") as fh:
+            json.dump(rep, fh, indent=1)
+        with open(os.path.join(local, "report.md"), "w") as fh:
+            fh.write(report.markdown(rep))
+        title = f"{rep['model']['uri']} on {split}"
+        figures.roc_grid_ci(labels, probs, evaluation.ci, f"{title}: ROC").savefig(os.path.join(local, "roc.png"))
+        figures.pr_grid(labels, probs, f"{title}: precision-recall").savefig(os.path.join(local, "pr.png"))
+        figures.reliability_grid(labels, probs, f"{title}: calibration").savefig(
+            os.path.join(local, "reliability.png"))
+        np.savez(os.path.join(local, PREDICTIONS), probs=probs, labels=labels, patients=evaluation.patients,
+                 index=np.flatnonzero(evaluation.predictions.seen), fingerprint=rep["data"]["fingerprint"])
+        for name in sorted(os.listdir(local)):
+            storage.upload(os.path.join(local, name), storage.join(out, name))
+
+
+def _record(evaluation: Evaluation, loaded: Any, tracking_uri: str | None) -> None:
+    """Everything into the model's MLflow run under evaluation/<split>/, metrics linked to its LoggedModel."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    rep = evaluation.report
+    split = rep["data"]["split"]
+    client = MlflowClient(tracking_uri)
+    model_id = loaded.uri[len("models:/"):] if loaded.uri.startswith("models:/m-") else None
+    if loaded.registered is not None:
+        model_id = client.get_model_version(*loaded.registered).source.removeprefix("models:/")
+    now = int(time.time() * 1000)
+    metrics = {f"eval_{split}_auroc/{name}": v["auroc"] for name, v in rep["auroc"]["findings"].items()}
+    metrics.update({f"eval_{split}_auroc_mean": rep["auroc"]["mean"]["auroc"],
+                    f"eval_{split}_auroc_mean_ci_low": rep["auroc"]["mean"]["low"],
+                    f"eval_{split}_auroc_mean_ci_high": rep["auroc"]["mean"]["high"]})
+    client.log_batch(loaded.run_id, metrics=[Metric(k, float(v), now, 0, model_id=model_id)
+                                             for k, v in metrics.items() if v is not None])
+    client.set_tag(loaded.run_id, f"cxr.evaluation.{split}.fingerprint", rep["data"]["fingerprint"])
+    with tempfile.TemporaryDirectory(prefix="cxr-eval-") as local:
+        write(evaluation, local)
+        client.log_artifacts(loaded.run_id, local, artifact_path=f"evaluation/{split}")
+    if loaded.registered is not None:
+        name, version = loaded.registered
+        mean = rep["auroc"]["mean"]
+        tags = {f"{split}_auroc_mean": mean["auroc"], f"{split}_auroc_ci": f"{mean['low']}..{mean['high']}",
+                f"{split}_fingerprint": rep["data"]["fingerprint"]}
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, str(value))
