@@ -226,6 +226,22 @@ def test_killed_prepare_resumes_to_the_same_manifest(tmp_path):
     assert total_shards >= done_before
 
 
+def test_new_data_rewrites_exactly_the_shards_whose_images_changed(tmp_path):
+    """Prepare, add patients to the root, prepare into the same folder: the result is what a fresh prepare of the
+    grown root gives (every image once), not old shards kept under their names."""
+    root, out, clean = tmp_path / "raw", str(tmp_path / "out"), str(tmp_path / "clean")
+    params = shards.Params(size=32, images_per_shard=4)
+    make_root(root, n_patients=10, per_patient=2, size=48)
+    first = prepare(str(root), out, params, progress=False)
+    names = make_root(root, n_patients=14, per_patient=2, size=48)  # the same first 10 patients, and 4 more
+    grown = prepare(str(root), out, params, progress=False)
+    fresh = prepare(str(root), clean, params, progress=False)
+    built = json.loads(storage.read_text(grown["manifest"]))
+    assert sorted(all_records(out, built)) == sorted(names) and grown["images"] == len(names) > first["images"]
+    assert storage.read_text(grown["manifest"]) == storage.read_text(fresh["manifest"])
+    assert grown["shards_written"] + grown["shards_kept"] == fresh["shards_written"]
+
+
 def test_prepare_into_s3(tmp_path, s3):
     import ray
 

@@ -183,8 +183,9 @@ def _receipt_url(out_uri: str, spec: ShardSpec) -> str:
 
 
 def committed_receipt(out_uri: str, spec: ShardSpec, params: Params) -> dict | None:
-    """A shard counts as done only when its receipt exists, matches `params`, and its object's bytes hash to
-    the receipt's sha256: a same-size corruption is caught here, not at training. A mismatch is logged."""
+    """A shard counts as done only when its receipt exists, matches `params`, holds the images now planned for
+    it (new data changes the plan), and its object's bytes hash to the receipt's sha256: a same-size
+    corruption is caught here, not at training. A mismatch is logged and the shard written again."""
     url = _receipt_url(out_uri, spec)
     if not storage.exists(url):
         return None
@@ -194,6 +195,10 @@ def committed_receipt(out_uri: str, spec: ShardSpec, params: Params) -> dict | N
             f"{out_uri} holds shards prepared with other parameters ({receipt.get('params')}); "
             "prepare into a new OUT_URI or delete it first")
     shard = storage.join(out_uri, spec.split, spec.name)
+    quarantined = {q["image"] for q in receipt.get("quarantine", ())}
+    if receipt.get("images") != [r["image"] for r in spec.rows if r["image"] not in quarantined]:
+        log.info("%s: the dataset changed since it was written (other images planned); writing it again", shard)
+        return None
     if not storage.exists(shard):
         log.warning("%s: receipt without its shard; writing the shard again", shard)
         return None
