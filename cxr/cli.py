@@ -117,6 +117,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from cxr import config
+    from cxr.retrain import retrain
+
+    cfg = config.with_absolute_paths(config.load(args.config, args.overrides))
+    params = {"size": args.size, "codec": args.codec, "images_per_shard": args.images_per_shard}
+    outcome = retrain(cfg, slot=args.slot, prepare=tuple(args.prepare) if args.prepare else None,
+                      prepare_params=params)
+    if outcome.details:
+        print(outcome.details)
+    print(outcome.line)
+    return outcome.exit_code
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cxr.evaluation.evaluate import evaluate
 
@@ -145,6 +159,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cxr.inference import predict
+
+    s = predict(args.model, args.images, args.out, num_workers=args.num_workers, batch_size=args.batch_size,
+                tracking_uri=args.tracking_uri)
+    print(f"predicted {s.predicted:,} of {s.inputs:,} images into {redact(s.out)} in {s.seconds:.1f} s "
+          f"({s.images_per_second:,.1f} img/s)"
+          + (f"; {s.errors:,} could not be read, listed with why in {redact(s.errors_out)}" if s.errors else ""))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from cxr.explain.explain import explain
+
+    findings = [f.strip() for f in args.findings.split(",") if f.strip()] if args.findings else None
+    ex = explain(args.model, args.out, data=args.data, images=args.images, findings=findings,
+                 split=None if args.split == "all" else args.split, max_overlays=args.max_overlays,
+                 batch_size=args.batch_size, tracking_uri=args.tracking_uri, record=not args.no_record)
+    print(f"explained {ex.explained:,} of {ex.images:,} images in {ex.seconds:.1f} s"
+          + (f"; {len(ex.errors):,} could not be read, listed with why in {redact(args.out)}/errors.csv"
+             if ex.errors else ""))
+    if ex.table:
+        print(ex.table)
+        print(f"localization: {redact(args.out)}/localization.md (and .json, T(IoBB) and T(IoU))")
+    shown = sum(len(v) for v in ex.overlays.values())
+    print(f"overlays: {redact(args.out)}/overlays/ ({shown} for {', '.join(sorted(ex.overlays))}); contact sheets: "
+          f"{redact(args.out)}/sheets/")
+    if ex.run_id:
+        print(f"logged to MLflow run {ex.run_id} under explain/")
+    return 0
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from cxr.tracking.promotion import promote
 
@@ -163,6 +209,8 @@ prepared shards from object storage, and records every run in MLflow. A typical 
   cxr train --config CONFIG key=value    train, score the best epoch on test, log it all to MLflow
   cxr evaluate --model models:/NAME@champion --out DIR    the test report, with confidence intervals
   cxr promote --model-name NAME --candidate N             champion/challenger by a paired bootstrap
+  cxr retrain --config CONFIG --prepare ROOT OUT          what a schedule runs: prepare, train, promote
+  cxr predict --model models:/NAME@champion --images DIR --out p.parquet   score new studies (PNG/DICOM)
 
 Paths are local paths or fsspec URLs (s3://…); S3 credentials come from the AWS_* environment."""
 
@@ -225,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "@champion if it is better by `cxr promote`'s rules (what scheduled retraining runs)")
     t.set_defaults(func=cmd_train)
 
+    rt = _parser(sub, "retrain", "the scheduled unit: prepare new data, train a challenger named by the date slot, "
+                 "evaluate it and promote it if it beats @champion", verbose)
+    rt.add_argument("--config", required=True, help="YAML config of the training run")
+    rt.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.epochs=20")
+    rt.add_argument("--slot", default=None, help="the schedule slot naming the run (default: today, UTC, "
+                    "YYYY-MM-DD); the same slot resumes the same run")
+    rt.add_argument("--prepare", nargs=2, metavar=("DATA_ROOT", "OUT_URI"), default=None,
+                    help="prepare DATA_ROOT into OUT_URI first and train on it")
+    rt.add_argument("--size", type=int, default=256, help="with --prepare: stored image side")
+    rt.add_argument("--codec", choices=["jpeg", "png", "uint8"], default="jpeg", help="with --prepare: codec")
+    rt.add_argument("--images-per-shard", type=int, default=1000, help="with --prepare: images per shard")
+    rt.set_defaults(func=cmd_retrain)
+
     e = _parser(sub, "evaluate", "score a model on a split: per-finding AUROC with patient-level CIs, operating "
                 "points, calibration, figures", verbose)
     e.add_argument("--model", required=True, help="a checkpoint folder, runs:/RUN/NAME, models:/NAME/VERSION or "
@@ -237,6 +298,38 @@ def build_parser() -> argparse.ArgumentParser:
     _scoring_arguments(e)
     e.add_argument("--no-record", action="store_true", help="do not log the evaluation to the model's MLflow run")
     e.set_defaults(func=cmd_evaluate)
+
+    pr = _parser(sub, "predict", "score images (PNG, JPEG, DICOM; a file, folder, glob or bucket prefix) with a "
+                 "model, on Ray, into a Parquet or CSV table", verbose)
+    pr.add_argument("--model", required=True, help="a checkpoint folder, runs:/…, models:/NAME/VERSION or "
+                    "models:/NAME@ALIAS")
+    pr.add_argument("--images", required=True, help="a file, a folder (recursively), a glob, or a URL prefix")
+    pr.add_argument("--out", required=True, help="predictions.parquet or predictions.csv (local or URL); unreadable "
+                    "files go to <out>.errors.csv")
+    pr.add_argument("--num-workers", type=int, default=None, help="model replicas (default: the cluster's CPUs)")
+    pr.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    pr.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                    help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI)")
+    pr.set_defaults(func=cmd_predict)
+
+    x = _parser(sub, "explain", "Grad-CAM overlays and contact sheets; with a dataset's BBox list, localization "
+                "accuracy in Wang et al.'s layout", verbose)
+    x.add_argument("--model", required=True, help="a checkpoint folder, runs:/…, models:/NAME/VERSION or "
+                   "models:/NAME@ALIAS")
+    where = x.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", help="a dataset root with BBox_List_2017.csv: explain and score its annotated images")
+    where.add_argument("--images", help="files, a folder, a glob or a URL prefix: overlays only (no ground truth)")
+    x.add_argument("--out", required=True, help="folder (local or URL) for overlays/, sheets/ and localization.md")
+    x.add_argument("--split", default="test", help="with --data: the split whose annotated images are scored, or "
+                   "'all' (NIH's boxed images are all in its official test list)")
+    x.add_argument("--findings", default=None, help="comma-separated findings (default: with --data those boxed on "
+                   "each image, with --images each image's most probable)")
+    x.add_argument("--max-overlays", type=int, default=12, help="overlay PNGs per finding (all images are scored)")
+    x.add_argument("--batch-size", type=int, default=16, help="images per Grad-CAM batch")
+    x.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    x.add_argument("--no-record", action="store_true", help="do not log the figures to the model's MLflow run")
+    x.set_defaults(func=cmd_explain)
 
     m = _parser(sub, "promote", "compare a registered version with @champion on the same test patients and move the "
                 "alias only if it is better with confidence", verbose)
@@ -271,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet.set_verbose()  # TensorFlow's start-up lines and library INFO logs too
     else:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level on import
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model loaded
     # MLflow prints "View run … at: URL" with the URL as given, credentials included; cxr prints its own.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:

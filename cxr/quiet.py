@@ -30,6 +30,14 @@ NOISE = re.compile(
     r"\.cc:\d+\]"
     r"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\.")
 QUIET_LOGGERS = ("tensorflow", "absl", "h5py", "numba")
+# TensorFlow counts traces across functions: every model loaded in a process (evaluate and promote load
+# several) traces its own predict step once, which TensorFlow then calls "excessive retracing".
+PREDICT_RETRACING = re.compile(r"make_predict_function\.<locals>\.one_step_on_data\S* at 0x[0-9a-f]+> triggered "
+                               r"tf\.function retracing")
+
+
+def _not_predict_retracing(record: logging.LogRecord) -> bool:
+    return not PREDICT_RETRACING.search(record.getMessage())
 
 
 def verbose() -> bool:
@@ -73,6 +81,7 @@ class _QuietLoader(importlib.abc.Loader):
             module.config.list_physical_devices("GPU")
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("tensorflow").addFilter(_not_predict_retracing)
 
 
 class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):

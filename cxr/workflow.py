@@ -63,6 +63,8 @@ def run(cfg: cfgmod.Config, test_split: str = "test", promote: bool = False) -> 
     runs.log_datasets(MlflowClient(uri), run_id, cfg, fingerprint, sizes)
     with runs.resume(uri, run_id, system_metrics=cfg.tracking.system_metrics):
         result = driver.run_trainer(cfg, source, plan, callbacks=[EpochLogger(uri, run_id)])
+        for key, value in runs.placement_tags().items():
+            MlflowClient(uri).set_tag(run_id, key, value)
         out = _score_and_record(cfg, source, result, test_split, uri, run_id, fingerprint)
     if promote and out.get("model_version"):
         from cxr.tracking.promotion import promote as decide

@@ -143,3 +143,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server.url
     server.stop()
+
+
+def register_seeded_model(base, name: str, size: int, seed: int, tags: dict | None = None) -> tuple[str, str, str]:
+    """(tracking URI, models:/NAME/1, run id): a seeded untrained small_cnn logged and registered in SQLite."""
+    import keras
+    import mlflow
+
+    from cxr.models import build_model
+    from cxr.tracking.models import log_model
+
+    uri = f"sqlite:///{base}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(name)
+    keras.mixed_precision.set_global_policy("float32")
+    keras.utils.set_random_seed(seed)
+    with mlflow.start_run(tags=tags) as run:
+        log_model(build_model("small_cnn", size), name="tiny", step=1, registered_model=name)
+    return uri, f"models:/{name}/1", run.info.run_id

@@ -256,3 +256,21 @@ def test_promotion_moves_the_champion_only_when_the_rules_say_so(trained, mlflow
     server.start()
     assert registry.alias(client, "duel").version == v2 and registry.alias(client, "duel", "previous").version == v1
     server.stop()
+
+
+def test_a_failed_retrain_says_why_and_leaves_the_champion(trained, mlflow_server, tmp_path):
+    from cxr.tracking import registry
+
+    client = trained["client"]
+    before = len(client.search_model_versions("name = 'lifecycle'"))
+    client.set_registered_model_alias("lifecycle", "champion", "1")
+    argv = [a if not a.startswith("data.manifest_uri=") else f"data.manifest_uri={tmp_path}/gone/manifest.json"
+            for a in trained["argv"][3:]]  # the same run, but its data was never prepared
+    out = _cli("retrain", "--config", os.path.join(ROOT, "configs", "demo.yaml"), "--slot", "2026-02-02", *argv,
+               cwd=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("retrain 2026-02-02: failed (") and "manifest.json" in line, line
+    assert line.endswith("the champion is unchanged")
+    assert registry.alias(client, "lifecycle").version == "1"
+    assert len(client.search_model_versions("name = 'lifecycle'")) == before

@@ -161,6 +161,15 @@ def to_image_frame(box: Box, input_size: int, image_hw: tuple[int, int]) -> Box:
     return Box(x0, y0, max(x1 - x0, 0.0), max(y1 - y0, 0.0))
 
 
+def to_input_frame(box: Box, input_size: int, image_hw: tuple[int, int]) -> Box:
+    """The inverse of `to_image_frame`: a box in the image's pixels → on the model's input (to draw it there)."""
+    h, w = image_hw
+    th, tw = target_shape(h, w, input_size)
+    top, left = (input_size - th) // 2, (input_size - tw) // 2
+    sy, sx = th / h, tw / w
+    return Box(box.x * sx + left, box.y * sy + top, box.w * sx, box.h * sy)
+
+
 def centred_box(image_hw: tuple[int, int], fraction: float = CENTRED_FRACTION) -> Box:
     """The baseline: a box `fraction` of the image's width and height, centred (what "no localization" scores)."""
     h, w = image_hw
@@ -278,22 +287,23 @@ def published_row(metric: str, t: float) -> dict[str, dict[str, float | None]] |
     return {kind: _with_mean(dict(zip(FINDINGS, vals, strict=True))) for kind, vals in row.items()}
 
 
-def format_table(reports: Sequence[LocalizationReport], metric: str = "IoBB", published: bool = True) -> str:
+def format_table(reports: Sequence[LocalizationReport], metric: str = "IoBB", published: bool = True,
+                 t_values: Sequence[float] | None = None, kinds: Sequence[str] = ("acc", "afp")) -> str:
     """Markdown in Wang et al.'s layout: a block per T, Acc. and AFP rows per report, their row beside ours."""
     if not reports:
         raise ValueError("format_table needs at least one report")
     findings = reports[0].findings
     lines = [f"| T({metric}) | | " + " | ".join(findings) + " | Mean |",
              "|---|---|" + "---:|" * (len(findings) + 1)]
-    for t in reports[0].scores[metric]:
+    for t in t_values or reports[0].scores[metric]:
         rows = [(r.name, r.scores[metric][t]) for r in reports]
         theirs = published_row(metric, t) if published else None
         if theirs is not None:
             rows.append((PUBLISHED_NAME, theirs))
         for i, (name, row) in enumerate(rows):
-            for kind, label in (("acc", "Acc."), ("afp", "AFP")):
+            for kind, label in ((k, {"acc": "Acc.", "afp": "AFP"}[k]) for k in kinds):
                 cells = [_cell(row[kind].get(f)) for f in (*findings, "mean")]
-                first = f"{t:g}" if i == 0 and kind == "acc" else ""
+                first = f"{t:g}" if i == 0 and kind == kinds[0] else ""
                 lines.append(f"| {first} | {label} {name} | " + " | ".join(cells) + " |")
     counts = ", ".join(f"{f} {reports[0].counts[f]['boxes']}" for f in findings)
     return "\n".join([*lines, "", f"Ground-truth boxes: {counts}."])
@@ -403,7 +413,7 @@ def score_model_on_phantoms(model_or_fn: Any, phantoms: PhantomSet | None = None
         idx = phantoms.of(finding)
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
-            # the training pipeline's resize (Lanczos on 8 bits), so a model sees phantoms as it saw its data
+            # the one preprocessing path, so a model sees phantoms as it saw its training data
             x = np.stack([fit(phantoms.images[i], size) for i in chunk]).astype(np.float32)[..., None] / 255
             maps = np.asarray(fn(x, labels.INDEX[finding]), dtype=np.float32)
             if maps.shape != (len(chunk), size, size):

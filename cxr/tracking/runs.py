@@ -110,6 +110,22 @@ def cluster_tags() -> dict[str, str]:
             "cxr.cluster.accelerators": ",".join(accelerators) or "none"}
 
 
+def placement_tags() -> dict[str, str]:
+    """Which nodes this job's Ray Train workers ran on (from Ray's State API; empty if it cannot be asked)."""
+    import ray
+    from ray.util.state import list_actors
+
+    context = ray.get_runtime_context()
+    try:  # by address: with no address the State API guesses, and fails when a machine runs two Rays
+        actors = list_actors(address=context.gcs_address, detail=True, limit=10_000, raise_on_missing_output=False,
+                             filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", context.get_job_id())])
+    except Exception as exc:  # noqa: BLE001 - a record worth having, never worth failing a run for
+        log.warning("could not ask Ray where the workers ran: %s", redact(str(exc)))
+        return {}
+    nodes = sorted({a.node_id for a in actors if a.node_id})
+    return {"cxr.cluster.train_nodes": str(len(nodes)), "cxr.cluster.train_node_ids": ",".join(nodes)}
+
+
 def log_datasets(client: Any, run_id: str, cfg: Any, fingerprint: str, sizes: Mapping[str, int]) -> None:
     """The run's data as MLflow inputs, one per split with its context, so the UI shows which data trained it."""
     import warnings

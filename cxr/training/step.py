@@ -22,7 +22,9 @@ in a `tf.function` on a Keras 3 model can. Each worker is one replica:
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -117,9 +119,15 @@ class DistributedSteps:
 def all_reduce(strategy: tf.distribute.Strategy, array: np.ndarray,
                op: tf.distribute.ReduceOp = tf.distribute.ReduceOp.SUM) -> np.ndarray:
     """`op` over all workers of `array`, element-wise; every worker must call this exactly once."""
+    return _reducer(strategy, op)(tf.constant(array)).numpy()
+
+
+@functools.cache
+def _reducer(strategy: tf.distribute.Strategy, op: tf.distribute.ReduceOp) -> Callable:
+    """One traced all-reduce per strategy and op, shape-generic: a new tf.function per call retraces every time."""
 
     def reduce(x):
         per_replica = strategy.run(tf.identity, args=(x,))  # placed on this replica's device
         return strategy.reduce(op, per_replica, axis=None)
 
-    return tf.function(reduce)(tf.constant(array)).numpy()
+    return tf.function(reduce, reduce_retracing=True)

@@ -1,0 +1,124 @@
+"""Benchmark `cxr predict`: img/s from files on disk against the model's own forward pass on in-memory tensors.
+
+For each model, in one run: (1) the forward pass alone, `predict_on_batch` over batches already in memory
+(the ceiling), then (2) `cxr.inference.predict` over the same number of image files with 1 and with 2 model
+replicas (Ray Data actors): reading, decoding, preprocessing and writing the table included. Ratio =
+(2)/(1) at the same batch size; goal >= 0.8. Models: the demo's small_cnn at 128 px on 256² phantom PNGs
+(what `make demo` scores) and DenseNet-121 at 224 px on NIH's full-size 1024² PNGs. Random weights: the
+forward cost does not depend on them, and there are no downloads here.
+
+    python bench/predict.py [--images 2048] [--densenet-images 192] [--out bench-out/predict.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = os.path.join(ROOT, "..", "shared", "samples", "nih-png")
+
+
+def make_files(kind: str, n: int, folder: str) -> None:
+    """n PNG files: 256² phantoms (cxr synth) or copies of the NIH samples (1024²)."""
+    os.makedirs(folder, exist_ok=True)
+    if kind == "phantom":
+        raw = os.path.join(folder, "..", "synth")
+        subprocess.run([sys.executable, "-m", "cxr.cli", "synth", raw, "--patients", "120", "--size", "256"],
+                       check=True, capture_output=True)
+        sources = sorted(glob.glob(os.path.join(raw, "images", "*.png")))
+    else:
+        sources = sorted(glob.glob(os.path.join(SAMPLES, "*.png")))
+        if not sources:
+            raise SystemExit(f"no NIH sample PNGs in {SAMPLES}")
+    for i in range(n):
+        shutil.copyfile(sources[i % len(sources)], os.path.join(folder, f"{i:06d}.png"))
+
+
+def log_model(name: str, size: int, tracking: str) -> str:
+    import keras
+    import mlflow
+
+    from cxr.models import build_model
+    from cxr.tracking.models import log_model as log
+
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_experiment("bench-predict")
+    keras.mixed_precision.set_global_policy("float32")
+    keras.utils.set_random_seed(0)
+    with mlflow.start_run():
+        log(build_model(name, size), name=name, step=1, registered_model=f"bench-{name}")
+    return f"models:/bench-{name}/1"
+
+
+def forward_only(model_uri: str, tracking: str, n: int, batch: int) -> float:
+    """img/s of predict_on_batch over in-memory float batches of the model's input, after one warm-up batch."""
+    from cxr.tracking import models
+
+    model = models.load(model_uri, tracking).model
+    size = int(model.input_shape[1])
+    x = np.random.default_rng(0).random((batch, size, size, 1), dtype=np.float32)
+    model.predict_on_batch(x)
+    t0 = time.perf_counter()
+    for _ in range(-(-n // batch)):
+        model.predict_on_batch(x)
+    return -(-n // batch) * batch / (time.perf_counter() - t0)
+
+
+def through_predict(model_uri: str, tracking: str, folder: str, workers: int, batch: int, out: str) -> dict:
+    from cxr.inference import predict
+
+    summary = predict(model_uri, folder, out, num_workers=workers, batch_size=batch, tracking_uri=tracking,
+                      progress=False)
+    assert summary.errors == 0 and summary.predicted == summary.inputs, summary
+    return {"images": summary.inputs, "seconds": round(summary.seconds, 2),
+            "img_per_s": round(summary.images_per_second, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=2048, help="files for the demo model")
+    ap.add_argument("--densenet-images", type=int, default=192, help="files for DenseNet-121")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--out", default="bench-out/predict.json")
+    args = ap.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    results = {"cpus": os.cpu_count(), "batch_size": args.batch_size, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-predict-") as tmp:
+        tracking = f"sqlite:///{tmp}/mlflow.db"
+        for name, size, kind, n in (("small_cnn", 128, "phantom", args.images),
+                                    ("densenet121", 224, "nih", args.densenet_images)):
+            folder = os.path.join(tmp, f"{kind}-files", "images")
+            make_files(kind, n, folder)
+            uri = log_model(name, size, tracking)
+            forward = forward_only(uri, tracking, n, args.batch_size)
+            row = {"size": size, "files": kind, "forward_img_per_s": round(forward, 1)}
+            for workers in (1, 2):
+                got = through_predict(uri, tracking, folder, workers, args.batch_size,
+                                      os.path.join(tmp, f"{name}-{workers}.parquet"))
+                row[f"predict_{workers}_workers"] = {**got, "ratio": round(got["img_per_s"] / forward, 3)}
+            row["scaling_2_over_1"] = round(row["predict_2_workers"]["img_per_s"]
+                                            / row["predict_1_workers"]["img_per_s"], 3)
+            results["models"][name] = row
+            print(json.dumps({name: row}), flush=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=1)
+    print(f"\n{'model':<12}{'forward':>10}{'1 worker':>12}{'ratio':>7}{'2 workers':>12}{'ratio':>7}{'2/1':>6}")
+    for name, r in results["models"].items():
+        one, two = r["predict_1_workers"], r["predict_2_workers"]
+        print(f"{name:<12}{r['forward_img_per_s']:>10.1f}{one['img_per_s']:>12.1f}{one['ratio']:>7.2f}"
+              f"{two['img_per_s']:>12.1f}{two['ratio']:>7.2f}{r['scaling_2_over_1']:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
