@@ -81,7 +81,8 @@ def through_predict(model_uri: str, tracking: str, folder: str, workers: int, ba
                       progress=False)
     assert summary.errors == 0 and summary.predicted == summary.inputs, summary
     return {"images": summary.inputs, "seconds": round(summary.seconds, 2),
-            "img_per_s": round(summary.images_per_second, 1)}
+            "startup_s": round(summary.startup_seconds, 2), "img_per_s": round(summary.images_per_second, 1),
+            "steady_img_per_s": round(summary.steady_images_per_second, 1)}
 
 
 def main() -> None:

@@ -109,3 +109,17 @@ def install() -> None:
         return
     if not any(isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietTensorFlowFinder())
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's console lines (execution plans, "finished in") down to warnings; its log file keeps them all."""
+    if verbose():
+        return
+    import ray.data  # noqa: F401 - configures the "ray.data" logger on import
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.WARNING)
+            # cxr turns Ray Data's bars off to show its own (images and img/s); no need to say so each time
+            handler.addFilter(lambda record: not record.getMessage().startswith("Progress bars disabled"))
+

@@ -132,3 +132,16 @@ def test_local_paths_become_the_drivers(tmp_path, monkeypatch, tracking_uri, exp
     assert cfg.tracking.tracking_uri == (expected and expected.format(cwd=tmp_path))
     assert cfg.data.manifest_uri == f"{tmp_path}/demo-out/shards/manifest.json"
     assert cfg.run.storage_path == f"{tmp_path}/runs" and cfg.model.weights == "s3://bucket/w.h5"
+
+
+def test_overrides_may_follow_options_and_anything_else_is_refused(capsys):
+    from cxr.cli import parse
+
+    args = parse(["retrain", "--config", "c.yaml", "optim.lr=1e-4", "--slot", "2026-12-01", "optim.epochs=4"])
+    assert args.slot == "2026-12-01" and args.overrides == ["optim.lr=1e-4", "optim.epochs=4"]
+    for argv in (["retrain", "--config", "c.yaml", "--slot", "s", "--bogus"],
+                 ["retrain", "--config", "c.yaml", "a=1", "--slot", "s", "stray"],
+                 ["inspect", "root", "optim.epochs=4"]):  # inspect takes no overrides
+        with pytest.raises(SystemExit) as exit_:
+            parse(argv)
+        assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
