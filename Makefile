@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cxr synth $(DEMO)/raw --patients 575 --size 256 --seed 0
-	$(VENV)/bin/cxr inspect $(DEMO)/raw
+	$(VENV)/bin/cxr synth $(DEMO)/raw --patients 1725 --size 256 --seed 0
 	$(VENV)/bin/cxr prepare $(DEMO)/raw $(DEMO)/shards --size 128 --codec uint8 --images-per-shard 250
-	$(VENV)/bin/cxr train --config configs/demo.yaml
+	$(VENV)/bin/cxr train --config configs/demo.yaml --promote
+	$(VENV)/bin/cxr evaluate --model models:/cxr-demo@champion --tracking-uri sqlite:///$(DEMO)/mlflow.db --out $(DEMO)/report
+	$(VENV)/bin/cxr explain --model models:/cxr-demo@champion --tracking-uri sqlite:///$(DEMO)/mlflow.db --data $(DEMO)/raw --out $(DEMO)/explain --max-overlays 8
+	@echo "demo done: $(DEMO)/report/report.md, $(DEMO)/explain/sheets/, and the runs in MLflow:"
+	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check cxr jobs tests bench
@@ -30,6 +33,8 @@ bench: $(STAMP)
 	$(PY) bench/prepare.py --out bench-out/prepare.json
 	$(PY) bench/pipeline.py --out bench-out/pipeline.json
 	$(PY) bench/train.py --out bench-out/train.json
+	$(PY) bench/evaluate.py --out bench-out/evaluate.json
+	$(PY) bench/predict.py --out bench-out/predict.json
 
 clean:
 	rm -rf $(DEMO) bench-out

@@ -111,11 +111,20 @@ class Optim(Section):
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1, description="default: train size // global batch")
     weighted_loss: bool = False
+    lr_schedule: Literal["plateau", "cosine"] = Field("plateau", description=(
+        "plateau: lr x plateau_factor when val AUROC stalls; cosine: lr down to min_lr over the epochs"))
     plateau_patience: int = Field(1, ge=1, description="epochs without val AUROC gain before lr drops")
     plateau_factor: float = Field(0.1, gt=0.0, lt=1.0)
     min_lr: float = Field(1e-6, ge=0.0)
     early_stopping_patience: int | None = Field(None, ge=1, description="null: never stop early")
     steps_per_log: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _cosine_decays(self) -> Optim:
+        if self.lr_schedule == "cosine" and self.min_lr >= self.lr:
+            raise ValueError(f"a cosine schedule decays from lr to min_lr: min_lr ({self.min_lr}) must be below "
+                             f"lr ({self.lr})")
+        return self
 
 
 class Scaling(Section):

@@ -116,7 +116,6 @@ def predict(model_uri: str, spec: str, out: str, num_workers: int | None = None,
             tracking_uri: str | None = None, progress: bool = True) -> Summary:
     """Predict every image `spec` names with the model at `model_uri`; write `out` (.parquet or .csv)."""
     import pandas as pd
-    import ray
     from tqdm import tqdm
 
     from cxr.cluster import init_ray
@@ -130,7 +129,9 @@ def predict(model_uri: str, spec: str, out: str, num_workers: int | None = None,
     provenance = {"model_uri": redact(model_uri),
                   "model_version": loaded.registered[1] if loaded.registered else "",
                   "training_fingerprint": loaded.tags.get("cxr.data.fingerprint", "")}
-    init_ray()
+    init_ray()  # before `import ray`: a local Ray's loopback settings are read at import
+    import ray
+
     quiet_ray_data()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     workers = num_workers or cpus

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from s3server import S3Server, WeedNotFoundError, find_weed
@@ -61,6 +62,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = Path(ROOT).parent / "shared" / "samples" / "nih-png"  # three real NIH PNGs beside the project
 VENV_BIN = os.path.dirname(sys.executable)
 
 
@@ -74,6 +76,13 @@ def quiet_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: venv first on PATH, loopback-only Ray, quiet TensorFlow."""
     return {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "TF_CPP_MIN_LOG_LEVEL": "3",
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """As a user's shell has it: without the single-node switch, which cxr's local mode must set by itself."""
+    env = quiet_env(**extra)
+    del env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
+    return env
 
 
 def tiny_run(manifest: str, storage: str, name: str, tracking_uri: str, epochs: int = 2) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import SAMPLES
 from PIL import Image
 from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -17,7 +18,6 @@ from pydicom.pixels import get_encoder
 from cxr.data import images
 from cxr.data.dicom import dicom_to_gray8, is_dicom
 
-SAMPLES = Path(__file__).resolve().parents[1] / ".." / "shared" / "samples" / "nih-png"
 PNGS = sorted(SAMPLES.glob("*.png"))
 needs_samples = pytest.mark.skipif(not PNGS, reason=f"no NIH sample PNGs at {SAMPLES} (the shared samples folder)")
 

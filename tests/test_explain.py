@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SAMPLES
 from PIL import Image
 
 from cxr.data import images
@@ -41,7 +41,6 @@ from cxr.explain.localization import (
 from cxr.labels import NUM_FINDINGS
 from cxr.models import MODEL_NAMES, build_model
 
-SAMPLES = Path(__file__).resolve().parents[1] / ".." / "shared" / "samples" / "nih-png"
 S = 64
 # Regions (rows, cols) on the tiny model's 32x32 feature grid, one per finding; the rest share the last one.
 REGIONS = [(slice(2, 8), slice(20, 30)), (slice(18, 28), slice(3, 9)), (slice(12, 16), slice(12, 16))]

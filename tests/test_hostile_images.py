@@ -20,15 +20,14 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import SAMPLES
 from PIL import Image
 from test_png import chunk
 
 from cxr.data import images, manifest, metadata, png, shards
 
-SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
-NIH = sorted(n for n in os.listdir(SAMPLES) if n.endswith(".png"))
-HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-          "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+NIH = sorted(p.name for p in SAMPLES.glob("*.png"))
+HEADER = metadata.HEADER
 ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import quiet_env, register_seeded_model
+from conftest import quiet_env, register_seeded_model, user_env
 from PIL import Image
 from test_dicom import PNGS, png_bytes, twelve_bit, write_dicom
 
@@ -60,8 +60,9 @@ def test_predict_png_jpeg_dicom_and_unreadable_files(registered, tmp_path):
     out = tmp_path / "predictions.parquet"
     run = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", "--model", model, "--images",
                           str(tmp_path / "studies"), "--out", str(out), "--tracking-uri", uri, "--batch-size", "4"],
-                         env=quiet_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                         env=user_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
+    assert "started a local Ray on 127.0.0.1" in run.stderr and "ray was imported before" not in run.stderr
     table = pd.read_parquet(out)
     errors = pd.read_csv(tmp_path / "predictions.errors.csv")
     assert len(table) + len(errors) == len(files)  # every input file is a row of one or the other

@@ -11,12 +11,12 @@ import sys
 import fsspec
 import numpy as np
 import pytest
+from conftest import SAMPLES
 from PIL import Image
 
 from cxr import labels
 from cxr.data import metadata
 
-SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
 HEADER_2020 = metadata.HEADER
 SAMPLE_ROWS = [
     "00000001_000.png,Cardiomegaly,0,1,57,M,PA,2682,2749,0.14300000000000002,0.14300000000000002",

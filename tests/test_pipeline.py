@@ -16,13 +16,13 @@ import zlib
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import SAMPLES
 from PIL import Image
 
 from cxr import heap, labels, storage
 from cxr.config import Augment
 from cxr.data import augment, images, manifest, metadata, pipeline, png, raw, reader, shards
 
-SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
 PX, STORED, PER_SHARD = 40, 32, 7
 PARAMS = shards.Params(size=STORED, images_per_shard=PER_SHARD)
 

@@ -9,11 +9,10 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import SAMPLES
 from PIL import Image
 
 from cxr.data import images, png
-
-SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
 
 
 def _paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:

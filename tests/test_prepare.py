@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import quiet_env
+from conftest import SAMPLES, quiet_env, user_env
 from PIL import Image
 from s3server import S3Server
 
@@ -30,7 +30,6 @@ from cxr import labels, storage, synth
 from cxr.data import images, manifest, metadata, png, shards
 from cxr.data.prepare import prepare
 
-SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "samples", "nih-png")
 HEADER = metadata.HEADER
 SAMPLE_ROWS = {
     "00000001_000.png": "Cardiomegaly,0,1,57,M,PA,2682,2749,0.143,0.143",
@@ -200,7 +199,7 @@ def test_killed_prepare_resumes_to_the_same_manifest(tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "cxr.cli", "prepare", str(root), str(out), "--size", "64",
             "--images-per-shard", "2", "--num-workers", "1"]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = user_env()  # as a user runs it: cxr's local mode alone keeps Ray on loopback
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     parts = out / "_parts"
     deadline = time.time() + 180
@@ -219,6 +218,7 @@ def test_killed_prepare_resumes_to_the_same_manifest(tmp_path):
     resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"({done_before} kept from an earlier run)" in resumed.stdout
+    assert "started a local Ray on 127.0.0.1" in resumed.stderr and "ray was imported before" not in resumed.stderr
     assert not [n for d, _, fs in os.walk(out) for n in fs if n.startswith(".tmp-")]
     clean = tmp_path / "clean"
     subprocess.run([*args[:5], str(clean), *args[6:]], env=env, check=True, capture_output=True, timeout=300)

@@ -406,6 +406,35 @@ def test_schedule_plateau_early_stop_and_resume():
     assert not resumed.update(5, 0.74) and resumed.stopped and resumed.best_epoch == 2
 
 
+def test_cosine_schedule_decays_whatever_the_scores_and_resumes_exactly():
+    s = Schedule(lr=1e-3, kind="cosine", epochs=4, min_lr=1e-5, stop_patience=3)
+    lrs = [s.lr]  # the rate each epoch trains at, then the one after the last
+    for epoch, score in enumerate([0.70, 0.60, 0.60, 0.80], start=1):  # two stalls would cut a plateau's rate
+        s.update(epoch, score)
+        lrs.append(s.lr)
+    half_cosine = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]
+    np.testing.assert_allclose(lrs, [*half_cosine, 1e-5], rtol=1e-12)
+    assert lrs[2] == pytest.approx(0.505e-3) and s.best_epoch == 4 and not s.stopped
+
+    fresh = Schedule(lr=1e-3, kind="cosine", epochs=4, min_lr=1e-5, stop_patience=3)
+    fresh.update(1, 0.70)
+    fresh.update(2, 0.60)
+    resumed = Schedule(lr=1e-3, kind="cosine", epochs=4, min_lr=1e-5, stop_patience=3).restored(
+        json.loads(json.dumps(fresh.state())))
+    assert resumed == fresh and resumed.lr == lrs[2]  # exactly, not approximately
+    resumed.update(3, 0.60)
+    assert resumed.lr == lrs[3] and resumed.peak_lr == 1e-3  # from the configured peak, not the restored rate
+
+    with pytest.raises(ValueError, match="number of epochs"):
+        Schedule(lr=1e-3, kind="cosine")
+    with pytest.raises(ValueError, match="plateau, cosine"):
+        Schedule(lr=1e-3, kind="step")
+    with pytest.raises(config.ConfigError, match="min_lr .* must be below lr"):
+        config.validate({"data": {"manifest_uri": "memory://"},
+                         "optim": {"lr_schedule": "cosine", "lr": 1e-3, "min_lr": 1e-3}})
+    assert config.validate({"data": {"manifest_uri": "memory://"}}).optim.lr_schedule == "plateau"
+
+
 def test_plan_checks_sizes_before_any_worker_starts():
     cfg = fit_config("/tmp/unused", epochs=1)
     source = DataSource(memory_dataset, memory_size, memory_counts)

@@ -38,15 +38,8 @@ SPLITS = ("train", "val", "test")
 MAX_ENCODING_REPORTS = 100  # lines with non-UTF-8 bytes listed per file; a file in another encoding has them all
 MAX_AGE = 120  # the 2017 file has ages up to 414; no patient is older than this
 
-COLUMNS = {
-    "Image Index": "image",
-    "Finding Labels": "labels",
-    "Follow-up #": "followup",
-    "Patient ID": "patient",
-    "Patient Age": "age",
-    "Patient Gender": "sex",
-    "View Position": "view",
-}
+COLUMNS = {"Image Index": "image", "Finding Labels": "labels", "Follow-up #": "followup", "Patient ID": "patient",
+           "Patient Age": "age", "Patient Gender": "sex", "View Position": "view"}
 
 # Problem kinds that remove a row (or a split-list entry) from the dataset. Others are reported only.
 FATAL = {

@@ -28,8 +28,6 @@ def prepare(data_root: str, out_uri: str, params: Params, num_workers: int | Non
     receipt's sha256) are kept, so a re-run after a crash converts only what is missing and ends with the
     same manifest. A shard that cannot be read or written fails the run, naming the object and the shard.
     """
-    import ray
-
     t0 = time.perf_counter()
     storage.limits()  # a malformed CXR_STORAGE_* value fails here, not in every Ray task
     ds = metadata.load(data_root, seed=params.seed, val_fraction=params.val_fraction,
@@ -50,7 +48,9 @@ def prepare(data_root: str, out_uri: str, params: Params, num_workers: int | Non
     skipped = len(receipts)
     log.info("%d shards planned, %d already committed, %d to write", len(specs), skipped, len(todo))
 
-    init_ray(num_cpus=num_workers)
+    init_ray(num_cpus=num_workers)  # before `import ray`: a local Ray's loopback settings are read at import
+    import ray
+
     parallel = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[storage.StorageUnavailable])(
         write_shard)

@@ -67,7 +67,7 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
         raise ValueError(f"{redact(model_uri)}: no --data given and the model's run does not name its data")
     data = sources.data_config(data_uri, loaded.image_size, loaded.tags)
     source = sources.for_config(data)
-    log.info("evaluating %s on %s of %s", redact(model_uri), split, redact(data_uri))
+    log.debug("evaluating %s on %s of %s", redact(model_uri), split, redact(data_uri))
     test = predict_model(loaded.model, data, split, batch_size, source)
     val = predict_model(loaded.model, data, val_split, batch_size, source)
     patients = source.patients(data, split)[test.seen]

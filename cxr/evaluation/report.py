@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 
@@ -9,16 +10,17 @@ from cxr import labels
 
 
 def auroc_text(columns: Mapping[str, Mapping[str, float | None]]) -> str:
-    """A fixed-width table, one row per finding and one column per split (e.g. val, test), plus the mean."""
-    names = list(columns)
-    lines = [f"{'finding':<20}" + "".join(f"{n:>10}" for n in names)]
-    for finding in [*labels.FINDINGS, "mean"]:
-        cells = []
-        for n in names:
-            v = columns[n].get(finding)
-            cells.append(f"{'undef':>10}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>10.4f}")
-        lines.append(f"{finding:<20}" + "".join(cells))
-    return "\n".join(lines)
+    """A fixed-width table, one column per split (e.g. val, test), findings two to a row so it fits a screen,
+    then the mean."""
+    def row(finding: str) -> str:
+        cells = [columns[n].get(finding) for n in columns]
+        return f"{finding:<19}" + "".join(f"{'undef':>9}" if v is None or (isinstance(v, float) and math.isnan(v))
+                                          else f"{v:>9.4f}" for v in cells)
+
+    head = f"{'finding':<19}" + "".join(f"{n:>9}" for n in columns)
+    rows = [row(f) for f in labels.FINDINGS]
+    pairs = [f"{a}   {b}".rstrip() for a, b in itertools.zip_longest(rows[0::2], rows[1::2], fillvalue="")]
+    return "\n".join([f"{head}   {head}", *pairs, row("mean")])
 
 
 def _num(v: float | None, digits: int = 3) -> str:

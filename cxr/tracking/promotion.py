@@ -127,6 +127,7 @@ def _act(client: Any, decision: Decision, cand: registry.Version, champ: registr
         "cxr.decision.ci_high": m.get("high")})
     if decision.promoted and (champ is None or champ.version != cand.version):
         registry.crown(client, decision.name, cand.version, champ)
-        log.info("%s: version %s is the champion%s", decision.name, cand.version,
-                 f" (version {champ.version} is @previous)" if champ else "")
+        if champ:  # a first champion is said by the decision itself
+            log.info("%s: version %s is the champion (version %s is @previous)", decision.name, cand.version,
+                     champ.version)
     return decision

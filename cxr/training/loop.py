@@ -145,8 +145,8 @@ def _build_worker(cfg: cfgmod.Config, plan: RunPlan, source: DataSource, strateg
     loss_fn = loss_from_counts(cfg.optim.weighted_loss, plan.positives, plan.total)
     steps = DistributedSteps(strategy, model, optimizer, loss_fn, cfg.optim.batch_size * world)
     o = cfg.optim
-    schedule = Schedule(lr=o.lr, patience=o.plateau_patience, factor=o.plateau_factor, min_lr=o.min_lr,
-                        stop_patience=o.early_stopping_patience)
+    schedule = Schedule(lr=o.lr, kind=o.lr_schedule, epochs=o.epochs, patience=o.plateau_patience,
+                        factor=o.plateau_factor, min_lr=o.min_lr, stop_patience=o.early_stopping_patience)
     val_data = source.make_dataset(cfg.data, cfg.data.val_split, o.eval_batch_size or 2 * o.batch_size,
                                    worker_index=rank, num_workers=world, training=False)
     return Worker(cfg, plan, source, rank, world, steps, schedule, val_data)
@@ -229,7 +229,7 @@ def _train_epoch(worker: Worker, epoch: int) -> dict[str, float]:
             values = out.numpy()
             window.stop(step)
             epoch_rate.stop(step)
-            if worker.rank == 0:
+            if worker.rank == 0 and step < total_steps:  # the epoch's own line follows the last step
                 log.info("epoch %d step %d/%d loss %.4f grad_norm %.3g | %s", epoch, step, total_steps,
                          values[0], values[1], window.describe())
             window.start(step)
