@@ -20,8 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cxr train --config configs/demo.yaml --promote
 	$(VENV)/bin/cxr evaluate --model models:/cxr-demo@champion --tracking-uri sqlite:///$(DEMO)/mlflow.db --out $(DEMO)/report
 	$(VENV)/bin/cxr explain --model models:/cxr-demo@champion --tracking-uri sqlite:///$(DEMO)/mlflow.db --data $(DEMO)/raw --out $(DEMO)/explain --max-overlays 8
-	@echo "demo done: $(DEMO)/report/report.md, $(DEMO)/explain/sheets/, and the runs in MLflow:"
-	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db"
+	@echo "demo done: see $(DEMO)/report/report.md, $(DEMO)/explain/sheets/ and $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check cxr jobs tests bench
