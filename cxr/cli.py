@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--images", required=True, help="a file, a folder (recursively), a glob, or a URL prefix")
     pr.add_argument("--out", required=True, help="predictions.parquet or predictions.csv (local or URL); unreadable "
                     "files go to <out>.errors.csv")
-    pr.add_argument("--num-workers", type=int, default=None, help="model replicas (default: the cluster's CPUs)")
+    pr.add_argument("--num-workers", type=int, default=None, help="model replicas (default: one per GPU, else one "
+                    "per node)")
     pr.add_argument("--batch-size", type=int, default=32, help="images per model call")
     pr.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                     help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI)")

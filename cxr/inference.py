@@ -27,6 +27,7 @@ from cxr.redact import redact
 
 log = logging.getLogger(__name__)
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+FILES_PER_CALL = 256  # a Ray task or actor call costs milliseconds: few large calls, the model's batch inside
 
 
 def list_images(spec: str) -> list[str]:
@@ -72,7 +73,7 @@ def read_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
 class Predictor:
     """A Ray Data actor: the model, loaded once, predicting batches that read tasks prepared beside it."""
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int):
+    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int, batch_size: int):
         import tensorflow as tf
 
         # Replicas share the node's cores: each gets its share, not a thread per core each.
@@ -80,13 +81,15 @@ class Predictor:
         from cxr.tracking import models
 
         self.model = models.load(model_uri, tracking_uri).model
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.flatnonzero(batch["error"] == "")
         probs = np.full((len(batch["error"]), len(FINDINGS)), np.nan, np.float32)
-        if ok.size:
-            x = batch["pixels"][ok].astype(np.float32)[..., None] / np.float32(255.0)
-            probs[ok] = np.asarray(self.model.predict_on_batch(x), np.float32)
+        for start in range(0, ok.size, self.batch_size):
+            rows = ok[start:start + self.batch_size]
+            x = batch["pixels"][rows].astype(np.float32)[..., None] / np.float32(255.0)
+            probs[rows] = np.asarray(self.model.predict_on_batch(x), np.float32)
         return {"index": batch["index"], "path": batch["path"], "error": batch["error"], "probs": probs}
 
 
@@ -98,18 +101,10 @@ class Summary:
     seconds: float
     out: str
     errors_out: str | None
-    startup_seconds: float = 0.0  # until the first batch came back: actors started, model loaded, first trace
-    first_batch: int = 0  # the images that batch held
 
     @property
     def images_per_second(self) -> float:
         return self.inputs / self.seconds if self.seconds else 0.0
-
-    @property
-    def steady_images_per_second(self) -> float:
-        """After start-up: what a long job runs at (start-up is paid once per job)."""
-        busy = self.seconds - self.startup_seconds
-        return (self.inputs - self.first_batch) / busy if busy > 0 and self.inputs > self.first_batch else 0.0
 
 
 def predict(model_uri: str, spec: str, out: str, num_workers: int | None = None, batch_size: int = 32,
@@ -133,25 +128,28 @@ def predict(model_uri: str, spec: str, out: str, num_workers: int | None = None,
     import ray
 
     quiet_ray_data()
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    workers = num_workers or cpus
+    resources = ray.cluster_resources()
+    cpus, gpus = max(1, int(resources.get("CPU", 1))), int(resources.get("GPU", 0))
+    nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")))
+    # One replica per GPU; without GPUs one per node using its cores (two 1-thread replicas on 2 cores ran
+    # at a third of one 2-thread replica's rate: docs/benchmarks.md).
+    workers = num_workers or gpus or nodes
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts images and says img/s
     context.execution_options.preserve_order = True
     ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(paths)])
     # Reading runs in tasks beside the replicas, so files are decoded while the model predicts. A replica
     # books 3/4 of a CPU and a read task 1/4: replicas never hold every CPU and starve the reads.
-    ds = ds.map_batches(read_batch, fn_args=(loaded.image_size,), batch_size=batch_size,
+    per_call = max(batch_size, min(FILES_PER_CALL, -(-len(paths) // workers)))  # every replica gets files
+    ds = ds.map_batches(read_batch, fn_args=(loaded.image_size,), batch_size=per_call,
                         compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=0.25)
-    ds = ds.map_batches(Predictor, fn_constructor_args=(model_uri, tracking_uri, max(1, cpus // workers)),
-                        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0.75)
+    ds = ds.map_batches(Predictor, fn_constructor_args=(model_uri, tracking_uri, max(1, cpus // workers), batch_size),
+                        batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0.75,
+                        num_gpus=1 if gpus else 0)
     rows, errors = [], []
     t0 = time.perf_counter()
-    startup, first = 0.0, 0
     with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if not startup:
-                startup, first = time.perf_counter() - t0, len(batch["index"])
             for index, path, error, probs in zip(batch["index"], batch["path"], batch["error"], batch["probs"],
                                                  strict=True):
                 if error:
@@ -167,7 +165,7 @@ def predict(model_uri: str, spec: str, out: str, num_workers: int | None = None,
     if errors:
         errors_out = out.rsplit(".", 1)[0] + ".errors.csv"
         _write(pd.DataFrame(errors).sort_values("index").drop(columns="index"), errors_out)
-    return Summary(len(paths), len(rows), len(errors), seconds, out, errors_out, startup, first)
+    return Summary(len(paths), len(rows), len(errors), seconds, out, errors_out)
 
 
 def _write(frame: Any, url: str) -> None:

@@ -78,6 +78,16 @@ def quiet_env(**extra: str) -> dict[str, str]:
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", **extra}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_mlflow_store_in_the_checkout() -> Iterator[None]:
+    """MLflow's defaults (./mlruns, ./mlflow.db) land in the working directory: no test may leave one here."""
+    strays = ("mlruns", "mlartifacts", "mlflow.db")
+    before = {n for n in strays if os.path.exists(os.path.join(ROOT, n))}
+    yield
+    left = {n for n in strays if os.path.exists(os.path.join(ROOT, n))} - before
+    assert not left, f"tests wrote {sorted(left)} into the checkout {ROOT}"
+
+
 def user_env(**extra: str) -> dict[str, str]:
     """As a user's shell has it: without the single-node switch, which cxr's local mode must set by itself."""
     env = quiet_env(**extra)
@@ -161,10 +171,11 @@ def register_seeded_model(base, name: str, size: int, seed: int, tags: dict | No
 
     from cxr.models import build_model
     from cxr.tracking.models import log_model
+    from cxr.tracking.runs import artifact_location, experiment_id
 
     uri = f"sqlite:///{base}/mlflow.db"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(name)
+    mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(uri), name, artifact_location(uri)))
     keras.mixed_precision.set_global_policy("float32")
     keras.utils.set_random_seed(seed)
     with mlflow.start_run(tags=tags) as run:
