@@ -215,10 +215,20 @@ prepared shards from object storage, and records every run in MLflow. A typical 
 Paths are local paths or fsspec URLs (s3://…); S3 credentials come from the AWS_* environment."""
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it or there is none (None, an off flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def _parser(sub: argparse._SubParsersAction, name: str, help: str, verbose: argparse.ArgumentParser,
             ) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", parents=[verbose],
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=_Defaults)
 
 
 def build_parser() -> argparse.ArgumentParser:

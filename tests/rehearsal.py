@@ -142,7 +142,7 @@ def main(work: Path, result_path: Path) -> None:
             raise RuntimeError("the first slot failed:\n" + result["first"]["logs"][-4000:])
 
         second = submit(env, token, [*options, "--slot", "2026-12-01", *common, "optim.epochs=5",
-                                    "optim.lr=1.0e-7"])
+                                    "optim.lr=1.0e-7", "optim.min_lr=0.0"])  # a rate too small to learn
         mark(f"submitted slot 2026-12-01 with a worse configuration ({second})")
         from cxr import storage
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import pytest
@@ -145,3 +146,21 @@ def test_overrides_may_follow_options_and_anything_else_is_refused(capsys):
         with pytest.raises(SystemExit) as exit_:
             parse(argv)
         assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_every_option_of_every_command_says_what_it_does_and_its_default():
+    from cxr import cli
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert len(commands) >= 9
+    for name, sub in commands.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction) or action.dest == "verbose":
+                continue
+            assert action.help, f"cxr {name} {action.option_strings or action.dest}: no help text"
+            shown = sub._get_formatter()._get_help_string(action)
+            if action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in shown, f"cxr {name} {action.option_strings}: default {action.default!r} unsaid"
+        assert "(default: None)" not in text and "(default: False)" not in text, f"cxr {name}"
