@@ -63,9 +63,11 @@ def _retrain(cfg: cfgmod.Config, slot: str, prepare: tuple[str, str] | None, pre
     model = f"{s.get('model_name')} version {s.get('model_version')}"
     if s.get("already_finished"):
         return Outcome(slot, "already done", f"retrain {slot}: already done ({model}); nothing to train")
-    decision = s.get("decision") or ""
-    status = "promoted" if "decision: PROMOTED" in decision else "kept champion"
-    why = next((ln.strip()[2:] for ln in decision.splitlines() if ln.strip().startswith("- ")), "")
+    decision = s.get("promotion")
+    if decision is None:
+        raise RuntimeError(f"run {name} registered no model version, so there is nothing to promote")
+    why = decision.reasons[0] if decision.reasons else ""
     mean = s["test"]["mean"]
     score = "undefined" if mean is None else f"{mean:.4f}"
-    return Outcome(slot, status, f"retrain {slot}: {status} ({model}, test mean AUROC {score}): {why}", decision)
+    return Outcome(slot, decision.verdict, f"retrain {slot}: {decision.verdict} ({model}, test mean AUROC {score}): "
+                   f"{why}", s["decision"])

@@ -70,7 +70,7 @@ def run(cfg: cfgmod.Config, test_split: str = "test", promote: bool = False) -> 
         from cxr.tracking.promotion import promote as decide
 
         decision = decide(cfg.tracking.model_name, out["model_version"], tracking_uri=uri)
-        out["decision"] = decision.explain()
+        out["promotion"], out["decision"] = decision, decision.explain()
     storage.write_text(storage.join(driver.run_path(cfg), FINISHED), json.dumps(
         {k: out[k] for k in ("epochs_done", "stopped_early", "best_epoch", "best_val_auroc_mean", "test",
                              "mlflow_run_id", "model_name", "model_version", "experiment", "tracking_uri")},

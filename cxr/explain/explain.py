@@ -149,10 +149,12 @@ def explain(model_uri: str, out: str, data: str | None = None, images: str | Non
                 bar.update(len(chunk))
                 continue
             x = np.stack([r[0] for _, r in ok]).astype(np.float32)[..., None] / np.float32(255.0)
-            probs = np.asarray(loaded.model.predict_on_batch(x), np.float32)
-            wanted = [t.findings or (labels.FINDINGS[int(np.argmax(p))],) for (t, _), p in zip(ok, probs, strict=True)]
+            # Only files without named findings need the scores first (their top finding is explained).
+            guess = None if all(t.findings for t, _ in ok) else np.asarray(loaded.model.predict_on_batch(x))
+            wanted = [t.findings or (labels.FINDINGS[int(np.argmax(guess[b]))],) for b, (t, _) in enumerate(ok)]
             union = sorted({labels.INDEX[f] for fs in wanted for f in fs})
-            maps = cam(x, union).heatmaps  # [F, B, S, S]
+            result = cam(x, union)  # the same forward pass gives the scores shown on the sheets
+            maps, probs = result.heatmaps, result.probabilities  # [F, B, S, S], [B, 14]
             for b, ((target, (image, hw)), fs) in enumerate(zip(ok, wanted, strict=True)):
                 frames[target.name] = hw
                 for f in fs:

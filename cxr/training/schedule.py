@@ -80,4 +80,4 @@ class Schedule:
 
     def restored(self, state: dict[str, Any]) -> Schedule:
         """This schedule's settings with the progress saved by `state()` (a resumed run)."""
-        return Schedule(**{**asdict(self), **{k: v for k, v in state.items() if k not in SETTINGS}})
+        return Schedule(**{**asdict(self), **state})
