@@ -196,7 +196,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     decision = promote(args.model_name, args.candidate, tracking_uri=args.tracking_uri, data_uri=args.data,
                        min_gain=args.min_gain, max_drop=args.max_drop, confidence=args.confidence,
-                       resamples=args.resamples, seed=args.seed, batch_size=args.batch_size, dry_run=args.dry_run)
+                       resamples=args.resamples, seed=args.seed, batch_size=args.batch_size, dry_run=args.dry_run,
+                       min_unseen=args.min_unseen, min_auroc=args.min_auroc)
     print(decision.explain())
     return 0
 
@@ -349,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data", default=None, help="the data both are scored on (default: the candidate's)")
     m.add_argument("--min-gain", type=float, default=0.0, help="the mean-AUROC gain's CI lower bound must exceed this")
     m.add_argument("--max-drop", type=float, default=0.02, help="no finding's AUROC may drop by more than this")
+    m.add_argument("--min-unseen", type=float, default=0.5, help="the fraction of the test patients that must remain "
+                   "once those either model trained or was validated on are left out; fewer is an error")
+    m.add_argument("--min-auroc", type=float, default=None, help="the test mean AUROC a first model must reach to "
+                   "become champion (off: the first registered model always does)")
     _scoring_arguments(m)
     m.add_argument("--dry-run", action="store_true", help="decide and explain, but tag and move nothing")
     m.set_defaults(func=cmd_promote)

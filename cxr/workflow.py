@@ -7,7 +7,9 @@ driver scores the checkpoint Ray kept as best by validation mean AUROC on the te
 lacks (epochs not logged live come from the checkpointed history) and logs the model at the best epoch's
 step, registered under `tracking.registered_model`. With `promote`, the new version is then evaluated and
 promoted by `cxr.tracking.promotion`'s rules. A re-submitted run (same `run.storage_path` + `run.name`)
-resumes training and logs into the same MLflow run; a finished one says so and does nothing.
+resumes training and logs into the same MLflow run; a finished one says so and does nothing, unless its data or
+config changed (then it is refused, naming what changed). Each run records the patients it trained and
+validated on (`cxr.tracking.provenance`), so a promotion can score it only on patients it never saw.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from cxr.evaluation.metrics import SCORE, auroc_summary
 from cxr.evaluation.predict import predict_model
 from cxr.labels import FINDINGS
 from cxr.redact import redact
-from cxr.tracking import runs
+from cxr.tracking import provenance, runs
 from cxr.tracking.handlers import EpochLogger
 from cxr.tracking.models import log_model
 from cxr.training import checkpoints, driver
@@ -42,12 +44,12 @@ def run(cfg: cfgmod.Config, test_split: str = "test", promote: bool = False) -> 
     The MLflow run exists from the start: rank 0 fills in epochs as they end, and a run that dies is
     marked FAILED with the epochs it finished.
     """
-    finished = _finished(cfg)
+    fingerprint = sources.fingerprint(cfg.data)
+    finished = _finished(cfg, fingerprint)
     if finished is not None:
         return finished
     source = sources.for_config(cfg.data)
     plan = driver.plan_run(cfg, source)  # data, splits, sizes: wrong ones fail before Ray and MLflow start
-    fingerprint = sources.fingerprint(cfg.data)
     local = not os.environ.get("RAY_ADDRESS")
     init_ray()
     driver.require_resources(cfg, local)
@@ -61,32 +63,61 @@ def run(cfg: cfgmod.Config, test_split: str = "test", promote: bool = False) -> 
 
     sizes = {s: source.split_size(cfg.data, s) for s in (cfg.data.train_split, cfg.data.val_split, test_split)}
     runs.log_datasets(MlflowClient(uri), run_id, cfg, fingerprint, sizes)
+    learned = provenance.record(MlflowClient(uri), run_id, fingerprint,
+                                source.patient_ids(cfg.data, cfg.data.train_split),
+                                source.patient_ids(cfg.data, cfg.data.val_split))
     with runs.resume(uri, run_id, system_metrics=cfg.tracking.system_metrics):
         result = driver.run_trainer(cfg, source, plan, callbacks=[EpochLogger(uri, run_id)])
         for key, value in runs.placement_tags().items():
             MlflowClient(uri).set_tag(run_id, key, value)
-        out = _score_and_record(cfg, source, result, test_split, uri, run_id, fingerprint)
+        out = _score_and_record(cfg, source, result, test_split, uri, run_id, fingerprint, learned)
     if promote and out.get("model_version"):
         from cxr.tracking.promotion import promote as decide
 
         decision = decide(cfg.tracking.model_name, out["model_version"], tracking_uri=uri)
         out["promotion"], out["decision"] = decision, decision.explain()
     storage.write_text(storage.join(driver.run_path(cfg), FINISHED), json.dumps(
-        {k: out[k] for k in ("epochs_done", "stopped_early", "best_epoch", "best_val_auroc_mean", "test",
-                             "mlflow_run_id", "model_name", "model_version", "experiment", "tracking_uri")},
-        default=str))
+        {**{k: out[k] for k in ("epochs_done", "stopped_early", "best_epoch", "best_val_auroc_mean", "test",
+                                "mlflow_run_id", "model_name", "model_version", "experiment", "tracking_uri")},
+         "fingerprint": fingerprint, "config": _identity(cfg)}, default=str))
     return out
 
 
-def _finished(cfg: cfgmod.Config) -> dict[str, Any] | None:
-    """The record of a run that already completed (same storage path and name), unless more epochs are asked."""
+class RunConflict(ValueError):
+    """A finished run's name re-submitted with other data or another config: it would not be the run it names."""
+
+
+def _identity(cfg: cfgmod.Config) -> dict[str, str]:
+    """The settings that make a run what it is: all of them but its name and place, and the epochs (which may
+    be raised to continue it). Credentials never reach the record (URLs redacted, secret keys dropped)."""
+    flat = runs.safe_params(cfg.model_dump(mode="json"))
+    return {k: v for k, v in flat.items() if not k.startswith("run.") and k != "optim.epochs"}
+
+
+def _finished(cfg: cfgmod.Config, fingerprint: str) -> dict[str, Any] | None:
+    """The record of a run that already completed (same storage path and name), unless more epochs are asked.
+
+    The same name with other data or another config is refused: "already finished" would be a wrong answer."""
     url = storage.join(driver.run_path(cfg), FINISHED)
     if not storage.exists(url):
         return None
     done = json.loads(storage.read_text(url))
+    name = cfg.run.name
+    if done.get("fingerprint") not in (None, fingerprint):
+        raise RunConflict(
+            f"run {name} already finished on data with fingerprint {done['fingerprint'][:16]}…, but "
+            f"{redact(cfg.data.location)} now has fingerprint {fingerprint[:16]}…: the data changed. Give the new "
+            f"run another run.name (the finished one's checkpoints are at {redact(driver.run_path(cfg))})")
+    if done.get("config") is not None:
+        now = _identity(cfg)
+        changed = sorted(k for k in set(now) | set(done["config"]) if now.get(k) != done["config"].get(k))
+        if changed:
+            shown = "; ".join(f"{k}: {done['config'].get(k)!r} → {now.get(k)!r}" for k in changed[:6])
+            raise RunConflict(f"run {name} already finished with another config ({shown}"
+                              f"{' …' if len(changed) > 6 else ''}): give the new run another run.name")
     if int(done["epochs_done"]) < cfg.optim.epochs and not done.get("stopped_early"):
         return None
-    log.warning("run %s already finished (%s epochs); nothing to train", cfg.run.name, done["epochs_done"])
+    log.warning("run %s already finished (%s epochs); nothing to train", name, done["epochs_done"])
     return {**done, "already_finished": True, "run_path": redact(driver.run_path(cfg))}
 
 
@@ -100,7 +131,7 @@ def _val_column(metrics: dict[str, Any]) -> dict[str, float | None]:
 
 
 def _score_and_record(cfg: cfgmod.Config, source: sources.DataSource, result: Any, test_split: str, uri: str,
-                      run_id: str, fingerprint: str) -> dict[str, Any]:
+                      run_id: str, fingerprint: str, learned: dict[str, str]) -> dict[str, Any]:
     """The best checkpoint on the test split, then everything the MLflow run lacks (it is the active run)."""
     import keras
     import mlflow
@@ -143,7 +174,7 @@ def _score_and_record(cfg: cfgmod.Config, source: sources.DataSource, result: An
         runs.log_figure(figures.learning_curves(history), "learning_curves.png")
     info = log_model(model, name=f"{cfg.run.name}-epoch{best_epoch}", step=best_epoch,
                      registered_model=cfg.tracking.model_name,
-                     tags={"cxr.data.fingerprint": fingerprint, "best_epoch": str(best_epoch),
+                     tags={**learned, "cxr.data.fingerprint": fingerprint, "best_epoch": str(best_epoch),
                            "val_auroc_mean": f"{best_metrics[SCORE]:.4f}",
                            f"{test_split}_auroc_mean": f"{test['mean']:.4f}" if test["mean"] is not None else "",
                            f"{test_split}_fingerprint": fingerprint})

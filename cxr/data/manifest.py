@@ -2,7 +2,7 @@
 
 `OUT_URI/manifest.json` holds the label vocabulary, how the images were preprocessed (size, codec, split
 seed), where they came from (the source root, redacted, and a fingerprint of its metadata files), and per
-split the images, patients, label counts and shards (name, records, sha256, bytes) in order. A shard's
+split the images, patients (count and ids), label counts and shards (name, records, sha256, bytes) in order. A shard's
 records are the split's images in the order the shard writer planned, so "image k of the split" is a
 stable address across workers, epochs and re-runs. `fingerprint` identifies the exact bytes a model was
 trained or evaluated on: a hash of every shard's checksum.
@@ -84,6 +84,11 @@ class Manifest:
         part = self._split(split)
         return [int(part["label_counts"][name]) for name in labels.FINDINGS], int(part["images"])
 
+    def patient_ids(self, split: str) -> list[int] | None:
+        """The split's distinct patient ids (None in a manifest written before they were recorded)."""
+        ids = self._split(split).get("patient_ids")
+        return None if ids is None else [int(p) for p in ids]
+
     def shards(self, split: str) -> list[Shard]:
         """The split's shards in manifest order, each with the split position of its first record."""
         base = _parent(self.url)
@@ -135,6 +140,7 @@ def build(ds: metadata.Dataset, preprocessing: dict[str, Any], receipts: list[di
         splits[split] = {
             "images": sum(r["records"] for r in mine),
             "patients": len({p for r in mine for p in r["patients"]}),
+            "patient_ids": sorted({int(p) for r in mine for p in r["patients"]}),
             "label_counts": label_counts,
             "shards": [{k: r[k] for k in ("name", "records", "sha256", "bytes")} for r in mine],
         }

@@ -34,6 +34,7 @@ class DataSource:
     stored_size: StoredSizeFn = lambda data: None
     may_skip: bool = False  # unreadable images are skipped and reported (raw mode), not a failure
     patients: PatientsFn | None = None  # each image's patient id by split position (for patient-level CIs)
+    patient_ids: PatientsFn | None = None  # a split's distinct patient ids, sorted (what a model learned from)
 
 
 def for_config(data: cfgmod.Data) -> DataSource:
@@ -76,7 +77,15 @@ def _shard_patients(data: cfgmod.Data, split: str) -> np.ndarray:
     return reader.split_patients(manifest.load(data.manifest_uri).shards(split))
 
 
-SHARDS = DataSource(_shard_dataset, _shard_size, _shard_counts, _shard_stored_size, patients=_shard_patients)
+def _shard_patient_ids(data: cfgmod.Data, split: str) -> np.ndarray:
+    from cxr.data import manifest
+
+    ids = manifest.load(data.manifest_uri).patient_ids(split)
+    return np.unique(_shard_patients(data, split)) if ids is None else np.asarray(ids, np.int64)
+
+
+SHARDS = DataSource(_shard_dataset, _shard_size, _shard_counts, _shard_stored_size, patients=_shard_patients,
+                    patient_ids=_shard_patient_ids)
 
 
 # --------------------------------------------------------------------------------------------------- raw
@@ -125,16 +134,34 @@ def _raw_patients(data: cfgmod.Data, split: str) -> np.ndarray:
     return raw.split_patients(data.root, split, data.split_seed, data.val_fraction, data.test_fraction)
 
 
-RAW = DataSource(_raw_dataset, _raw_size, _raw_counts, _raw_stored_size, may_skip=True, patients=_raw_patients)
+RAW = DataSource(_raw_dataset, _raw_size, _raw_counts, _raw_stored_size, may_skip=True, patients=_raw_patients,
+                 patient_ids=lambda data, split: np.unique(_raw_patients(data, split)))
 
 
 # ------------------------------------------------------------------------------------- data by its URI
 
 
-def data_config(uri: str, image_size: int, tags: dict[str, str] | None = None) -> cfgmod.Data:
+def data_tags(data: cfgmod.Data, redacted: bool = True) -> dict[str, str]:
+    """What a model's run must say about its data so it can be scored again exactly as it was split and sized."""
+    from cxr.redact import redact
+
+    tags = {"cxr.data": redact(data.location) if redacted else data.location, "cxr.data.source": data.source}
+    if data.source == "raw":
+        tags.update({"cxr.split.seed": str(data.split_seed), "cxr.split.val_fraction": str(data.val_fraction),
+                     "cxr.split.test_fraction": str(data.test_fraction),
+                     "cxr.preprocessing.raw_size": str(_raw_stored_size(data))})
+    return tags
+
+
+SPLIT_TAGS = ("cxr.split.seed", "cxr.split.val_fraction", "cxr.split.test_fraction")
+
+
+def data_config(uri: str, image_size: int, tags: dict[str, str] | None = None,
+                split_tags: dict[str, str] | None = None) -> cfgmod.Data:
     """The data section for scoring a model on `uri`: a manifest (or its folder), or else a dataset root.
 
-    A raw root is split as the model's training run split it, when its tags say how (`cxr.split.*`).
+    A raw root is split as `split_tags` say (default: the model's own run tags, `cxr.split.*`) and its images
+    are preprocessed as the model's were (`cxr.preprocessing.raw_size`); without tags, the defaults.
     """
     from cxr import storage
     from cxr.data import manifest
@@ -142,10 +169,13 @@ def data_config(uri: str, image_size: int, tags: dict[str, str] | None = None) -
     if storage.exists(manifest.url_of(uri)):
         return cfgmod.Data(source="shards", manifest_uri=uri, image_size=image_size, allow_upsample=True)
     tags = tags or {}
+    split = tags if split_tags is None else split_tags
+    raw_size = tags.get("cxr.preprocessing.raw_size")
     return cfgmod.Data(source="raw", root=uri, image_size=image_size, allow_upsample=True,
-                       split_seed=int(tags.get("cxr.split.seed", 0)),
-                       val_fraction=float(tags.get("cxr.split.val_fraction", 0.1)),
-                       test_fraction=float(tags.get("cxr.split.test_fraction", 0.2)))
+                       raw_size=int(raw_size) if raw_size else None,
+                       split_seed=int(split.get("cxr.split.seed", 0)),
+                       val_fraction=float(split.get("cxr.split.val_fraction", 0.1)),
+                       test_fraction=float(split.get("cxr.split.test_fraction", 0.2)))
 
 
 def fingerprint(data: cfgmod.Data) -> str:

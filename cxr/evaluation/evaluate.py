@@ -54,10 +54,15 @@ class Evaluation:
     out: str | None
 
 
-def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", val_split: str = "val",
+def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", val_split: str | None = "val",
              out: str | None = None, resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
-             batch_size: int = 64, tracking_uri: str | None = None, record: bool = True) -> Evaluation:
-    """Evaluate the model at `model_uri` on `split` of `data_uri` (default: the data it was trained on)."""
+             batch_size: int = 64, tracking_uri: str | None = None, record: bool = True,
+             split_tags: dict[str, str] | None = None) -> Evaluation:
+    """Evaluate the model at `model_uri` on `split` of `data_uri` (default: the data it was trained on).
+
+    A raw root is split as the model's run split it, or as `split_tags` say (a promotion scores both models on
+    the candidate's split); images are preprocessed as the model's were. `val_split=None` skips the operating
+    points (their thresholds need the validation split predicted too)."""
     from cxr.data import source as sources
     from cxr.tracking import models
 
@@ -65,23 +70,25 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
     data_uri = data_uri or loaded.tags.get("cxr.data")
     if not data_uri:
         raise ValueError(f"{redact(model_uri)}: no --data given and the model's run does not name its data")
-    data = sources.data_config(data_uri, loaded.image_size, loaded.tags)
+    data = sources.data_config(data_uri, loaded.image_size, loaded.tags, split_tags)
     source = sources.for_config(data)
     log.debug("evaluating %s on %s of %s", redact(model_uri), split, redact(data_uri))
     test = predict_model(loaded.model, data, split, batch_size, source)
-    val = predict_model(loaded.model, data, val_split, batch_size, source)
     patients = source.patients(data, split)[test.seen]
     probs, labels = test.present()
     ci = auroc_ci(labels, probs, patients, resamples=resamples, confidence=confidence, seed=seed, names=FINDINGS)
-    val_probs, val_labels = val.present()
-    ops = evaluate_operating(val_labels, val_probs, labels, probs, names=FINDINGS)
+    ops = []
+    if val_split is not None:
+        val = predict_model(loaded.model, data, val_split, batch_size, source)
+        val_probs, val_labels = val.present()
+        ops = evaluate_operating(val_labels, val_probs, labels, probs, names=FINDINGS)
     summary = {
         "model": {"uri": redact(model_uri), "run_id": loaded.run_id,
                   "registered": None if loaded.registered is None else
                   {"name": loaded.registered[0], "version": loaded.registered[1]}},
         "data": {"uri": redact(data_uri), "fingerprint": sources.fingerprint(data), "split": split,
                  "threshold_split": val_split, "images": int(test.seen.sum()), "patients": int(len(set(patients))),
-                 "unreadable_images": test.missing},
+                 "unreadable_images": test.missing, "preprocessing": _preprocessing(data)},
         "auroc": ci.to_dict(),
         "findings": {f.finding: f.to_dict() for f in ops},
         "anchors": list(ANCHORS),
@@ -92,6 +99,14 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
     if record and loaded.run_id:
         _record(evaluation, loaded, tracking_uri)
     return evaluation
+
+
+def _preprocessing(data: Any) -> dict[str, Any]:
+    """How the images were split and sized for this evaluation: what makes it reproducible."""
+    if data.source == "shards":
+        return {"source": "shards", "image_size": data.image_size}
+    return {"source": "raw", "image_size": data.image_size, "raw_size": data.raw_size or data.image_size,
+            "split_seed": data.split_seed, "val_fraction": data.val_fraction, "test_fraction": data.test_fraction}
 
 
 def write(evaluation: Evaluation, out: str) -> None:

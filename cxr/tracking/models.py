@@ -115,7 +115,9 @@ def _from_checkpoint(uri: str) -> LoadedModel:
         with open(path) as fh:
             cfg = config.validate(yaml.safe_load(fh), source=redact(path))
         model = checkpoints.load_model(local, cfg.model.name, cfg.data.image_size, cfg.model.dropout)
-    return LoadedModel(model, uri, tags={"cxr.data": cfg.data.location})
+    from cxr.data.source import data_tags
+
+    return LoadedModel(model, uri, tags=data_tags(cfg.data, redacted=False))  # split and sizes as trained
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:

@@ -69,12 +69,11 @@ def run_tags(cfg: Any, fingerprint: str) -> dict[str, str]:
     """What a run was made of, so runs can be compared and a model traced back: data, code, libraries, cluster."""
     import importlib.metadata as md
 
+    from cxr.data.source import data_tags
+
     data = cfg.data
-    tags = {"cxr.data": redact(data.location), "cxr.data.source": data.source, "cxr.data.fingerprint": fingerprint,
+    tags = {**data_tags(data), "cxr.data.fingerprint": fingerprint,
             "cxr.splits": f"train={data.train_split},val={data.val_split},test=test", "cxr.git_commit": git_commit()}
-    if data.source == "raw":
-        tags.update({"cxr.split.seed": str(data.split_seed), "cxr.split.val_fraction": str(data.val_fraction),
-                     "cxr.split.test_fraction": str(data.test_fraction)})
     for package in ("cxr", "tensorflow", "keras", "ray", "mlflow"):
         try:
             tags[f"cxr.version.{package}"] = md.version(package)
