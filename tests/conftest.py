@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postgres_server import PostgresError, PostgresNotFoundError, PostgresServer, find_pg_bin
 from s3server import S3Server, WeedNotFoundError, find_weed
 
 # Variables that would send S3 traffic elsewhere or supply other credentials than the fixture's.
@@ -117,20 +118,23 @@ def phantom_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 class MlflowServer:
-    """A real `mlflow server` on loopback with a SQLite store and proxied artifacts, which a test may stop and
-    start again on the same port and store (an outage)."""
+    """A real `mlflow server` on loopback with proxied artifacts and a SQLite store (or `backend_uri`, e.g. a
+    PostgresServer's), which a test may stop and start again on the same port and store (an outage)."""
 
-    def __init__(self, base) -> None:
+    def __init__(self, base, backend_uri: str | None = None, workers: int = 1) -> None:
         self.base, self.port = base, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.backend_uri = backend_uri or f"sqlite:///{base}/mlflow.db"
+        self.workers = workers
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> MlflowServer:
         cmd = [os.path.join(VENV_BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", f"sqlite:///{self.base}/mlflow.db", "--artifacts-destination",
-               str(self.base / "artifacts"), "--workers", "1"]
+               "--artifacts-destination", str(self.base / "artifacts"), "--workers", str(self.workers)]
         log = open(self.base / "server.log", "a")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=quiet_env(),
+        # The store URI by environment, as the pods pass it: a database password stays out of `ps`.
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     env=quiet_env(MLFLOW_BACKEND_STORE_URI=self.backend_uri),
                                      start_new_session=True)
         log.close()
         deadline = time.time() + 90
@@ -164,8 +168,37 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
-def register_seeded_model(base, name: str, size: int, seed: int, tags: dict | None = None) -> tuple[str, str, str]:
-    """(tracking URI, models:/NAME/1, run id): a seeded untrained small_cnn logged and registered in SQLite."""
+def _postgres_or_fail() -> PostgresServer:
+    try:
+        return PostgresServer(find_pg_bin()).start()
+    except (PostgresNotFoundError, PostgresError) as exc:
+        message = f"the MLflow-on-PostgreSQL tests are required and need PostgreSQL: {exc}"
+    pytest.fail(message, pytrace=False)  # outside `except`: no chained traceback noise
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster for the session (Debian's server): `.uri` is its SQLAlchemy URI, `.connect()` gives a
+    psycopg2 connection. Fails, never skips, where PostgreSQL cannot be had: these tests are required."""
+    server = _postgres_or_fail()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_pg_server(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on the `postgres` cluster (the gpu overlay's store), two workers; yields its URL."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-pg"), backend_uri=postgres.uri, workers=2).start()
+    yield server.url
+    server.stop()
+
+
+def register_seeded_model(base, name: str, size: int, seed: int, tags: dict | None = None,
+                          tracking_uri: str | None = None) -> tuple[str, str, str]:
+    """(tracking URI, models:/NAME/VERSION, run id): a seeded untrained small_cnn logged and registered in SQLite
+    under `base`, or on the server at `tracking_uri` (which keeps the artifacts)."""
     import keras
     import mlflow
 
@@ -173,11 +206,11 @@ def register_seeded_model(base, name: str, size: int, seed: int, tags: dict | No
     from cxr.tracking.models import log_model
     from cxr.tracking.runs import artifact_location, experiment_id
 
-    uri = f"sqlite:///{base}/mlflow.db"
+    uri = tracking_uri or f"sqlite:///{base}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(uri), name, artifact_location(uri)))
     keras.mixed_precision.set_global_policy("float32")
     keras.utils.set_random_seed(seed)
     with mlflow.start_run(tags=tags) as run:
-        log_model(build_model("small_cnn", size), name="tiny", step=1, registered_model=name)
-    return uri, f"models:/{name}/1", run.info.run_id
+        info = log_model(build_model("small_cnn", size), name="tiny", step=1, registered_model=name)
+    return uri, f"models:/{name}/{info.registered_model_version}", run.info.run_id
