@@ -137,7 +137,7 @@ class MlflowServer:
                                      env=quiet_env(MLFLOW_BACKEND_STORE_URI=self.backend_uri),
                                      start_new_session=True)
         log.close()
-        deadline = time.time() + 90
+        deadline = time.time() + 180
         while time.time() < deadline and self.proc.poll() is None:
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
@@ -189,8 +189,9 @@ def postgres() -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="session")
 def mlflow_pg_server(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` on the `postgres` cluster (the gpu overlay's store), two workers; yields its URL."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-pg"), backend_uri=postgres.uri, workers=2).start()
+    """A real `mlflow server` on the `postgres` cluster (the gpu overlay's store); yields its URL. One worker (its
+    requests still run concurrently): a second doubles the start-up on two cores."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-pg"), backend_uri=postgres.uri).start()
     yield server.url
     server.stop()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -62,6 +63,15 @@ def test_training_registers_the_best_model_with_its_provenance(trained):
     assert tags["cxr.cluster.nodes"] == "1" and float(tags["cxr.cluster.cpus"]) >= 2
     assert tags["cxr.git_commit"] and tags["cxr.version.tensorflow"].startswith("2.")
     assert tags["mlflow.runName"] == "life"
+    from cxr.data import manifest
+    from cxr.tracking import provenance
+
+    learned = provenance.learned_from(client, rid)  # what it trained on, for a later promotion to leave out
+    ids = {role: manifest.load(trained["manifest"]).patient_ids(role) for role in ("train", "val", "test")}
+    assert (learned.train, learned.val, learned.fingerprint) == (set(ids["train"]), set(ids["val"]), fingerprint)
+    assert not learned.seen & set(ids["test"]) and len(ids["train"]) > len(ids["val"]) > 0
+    assert version.tags["cxr.patients.train.sha256"] == provenance.patients_hash(ids["train"])
+    assert tags["cxr.patients.val.count"] == str(len(ids["val"]))
     contexts = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
     assert set(contexts) == {"training", "validation", "test"}
     assert {d.digest for d in contexts.values()} == {fingerprint[:36]}
@@ -138,6 +148,20 @@ def test_resubmitting_a_finished_run_trains_and_logs_nothing(trained):
     out = _cli(*trained["argv"], cwd=trained["base"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"run life already finished ({EPOCHS} epochs" in out.stdout and "nothing to train" in out.stdout
+
+    other = _cli(*trained["argv"], "optim.lr=0.5", cwd=trained["base"])  # the same name, another config
+    assert other.returncode == 2 and "run life already finished with another config (optim.lr: '0.001' → '0.5')" \
+        in other.stderr, other.stderr[-2000:]
+    moved = trained["base"] / "moved"  # the same name, other data: one shard's checksum differs in its manifest
+    shutil.copytree(os.path.dirname(trained["manifest"]), moved)
+    meta = json.loads((moved / "manifest.json").read_text())
+    meta["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
+    (moved / "manifest.json").write_text(json.dumps(meta))
+    argv = [a if not a.startswith("data.manifest_uri=") else f"data.manifest_uri={moved}/manifest.json"
+            for a in trained["argv"]]
+    changed = _cli(*argv, cwd=trained["base"])
+    assert changed.returncode == 2 and "run life already finished on data with fingerprint" in changed.stderr \
+        and "the data changed" in changed.stderr, changed.stderr[-2000:]
     assert len(client.get_metric_history(rid, "test_auroc_mean")) == before
     assert len(client.search_model_versions("name = 'lifecycle'")) == 1
 
@@ -189,15 +213,20 @@ def _variant(model, flip: list[int]):
     return clone
 
 
-def _register(uri: str, model, manifest_uri: str, fingerprint: str) -> str:
-    """A version of "duel" from a run of its own that names its data, as a training run would."""
+def _register(uri: str, model, manifest_uri: str, fingerprint: str, learned=None) -> str:
+    """A version of "duel" from a run of its own that names its data and the patients it learned from (those of
+    the trained run it is a variant of), as a training run would."""
     import mlflow
 
+    from cxr.tracking import provenance
     from cxr.tracking.models import log_model
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("cxr-duel")
-    with mlflow.start_run(tags={"cxr.data": manifest_uri}):
+    with mlflow.start_run(tags={"cxr.data": manifest_uri}) as run:
+        if learned is not None:
+            provenance.record(mlflow.MlflowClient(uri), run.info.run_id, learned.fingerprint, learned.train,
+                              learned.val)
         info = log_model(model, name="duel", step=0, registered_model="duel", tags={"test_fingerprint": fingerprint})
     return str(info.registered_model_version)
 
@@ -206,7 +235,7 @@ def test_promotion_moves_the_champion_only_when_the_rules_say_so(trained, mlflow
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from cxr.tracking import promotion, registry
+    from cxr.tracking import promotion, provenance, registry
 
     mlflow.set_tracking_uri(mlflow_server)
     good = mlflow.keras.load_model("models:/lifecycle/1")
@@ -214,12 +243,13 @@ def test_promotion_moves_the_champion_only_when_the_rules_say_so(trained, mlflow
     uri, data, fp = server.url, trained["manifest"], _fingerprint(trained["manifest"])
     client = MlflowClient(uri)
     aurocs = json.loads((trained["base"] / "eval" / "report.json").read_text())["auroc"]["findings"]
+    learned = provenance.learned_from(trained["client"], trained["run"].info.run_id)
     worse = _variant(good, list(range(len(FINDINGS))))  # every finding inverted: the mean falls well below 0.5
-    v1 = _register(uri, worse, data, fp)
+    v1 = _register(uri, worse, data, fp, learned)
     first = promotion.promote("duel", v1, tracking_uri=uri, resamples=300)
     assert first.promoted and registry.alias(client, "duel").version == v1
 
-    v2 = _register(uri, good, data, fp)  # better in the mean by far; max_drop off, only the mean decides here
+    v2 = _register(uri, good, data, fp, learned)  # better in the mean by far; max_drop off, only the mean decides here
     better = promotion.promote("duel", v2, tracking_uri=uri, resamples=300, max_drop=1.0)
     assert better.promoted, better.explain()
     assert registry.alias(client, "duel").version == v2 and registry.alias(client, "duel", "previous").version == v1
@@ -227,7 +257,7 @@ def test_promotion_moves_the_champion_only_when_the_rules_say_so(trained, mlflow
     assert tags["cxr.decision"] == "promoted" and tags["cxr.decision.champion_version"] == v1
     assert float(tags["cxr.decision.ci_low"]) > 0 and tags["cxr.decision.fingerprint"] == fp
 
-    v3 = _register(uri, good, data, fp)  # the champion's twin: a difference of exactly 0 is no gain
+    v3 = _register(uri, good, data, fp, learned)  # the champion's twin: a difference of exactly 0 is no gain
     out = _cli("promote", "--model-name", "duel", "--candidate", v3, "--tracking-uri", uri, "--resamples", "300",
                cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -238,12 +268,12 @@ def test_promotion_moves_the_champion_only_when_the_rules_say_so(trained, mlflow
     # Better on average, but one finding much worse: refused by max_drop.
     gains = [k for k, name in enumerate(FINDINGS) if (aurocs[name]["auroc"] or 0.5) < 0.5]
     strongest = max(range(len(FINDINGS)), key=lambda k: aurocs[FINDINGS[k]]["auroc"] or 0)
-    v4 = _register(uri, _variant(good, [*gains, strongest]), data, fp)
+    v4 = _register(uri, _variant(good, [*gains, strongest]), data, fp, learned)
     traded = promotion.promote("duel", v4, tracking_uri=uri, resamples=300, min_gain=-1.0, max_drop=0.02)
     assert not traded.promoted and any(r.startswith(f"{FINDINGS[strongest]} drops by") for r in traded.reasons)
     assert registry.alias(client, "duel").version == v2
 
-    v5 = _register(uri, good, data, "0" * 64)  # evaluated on other data than the comparison would use
+    v5 = _register(uri, good, data, "0" * 64, learned)  # evaluated on other data than the comparison would use
     with pytest.raises(promotion.PromotionError, match="was evaluated on data with fingerprint 0000000000000000"):
         promotion.promote("duel", v5, tracking_uri=uri, resamples=300)
     assert registry.alias(client, "duel").version == v2 and "cxr.decision" not in client.get_model_version(

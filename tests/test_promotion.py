@@ -198,3 +198,41 @@ def test_two_promotions_at_once_against_a_sqlite_backed_server(roots, tmp_path):
     finally:
         server.stop()
     assert outcome["redecided"], outcome["stdout"]  # they overlapped: the second saw the first's move
+
+
+def test_two_promotions_at_once_against_a_postgresql_backed_server(roots, mlflow_pg_server, tmp_path):
+    outcome = concurrent_promotions(mlflow_pg_server, roots, tmp_path)
+    assert outcome["redecided"], outcome["stdout"]
+
+
+def test_every_model_uri_form_evaluates_on_the_split_and_sizes_it_was_trained_with(roots, tmp_path):
+    """A raw-mode model trained with split seed 3 and images first sized to 96 px: a checkpoint folder, runs:/ and
+    models:/ all score it on that seed's test patients, sized as it was (not seed 0, not 64 px)."""
+    import keras
+    import mlflow
+
+    from cxr.data import raw
+    from cxr.evaluation.evaluate import evaluate
+    from cxr.models import build_model
+    from cxr.training import checkpoints
+
+    cfg = cfgmod.load(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"), [
+        "data.source=raw", f"data.root={roots['b']}", "data.manifest_uri=null", f"data.image_size={SIZE}",
+        "data.split_seed=3", "data.raw_size=96", "data.allow_upsample=true"])
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    keras.mixed_precision.set_global_policy("float32")
+    keras.utils.set_random_seed(4)
+    build_model("small_cnn", SIZE, 0.1).save_weights(str(folder / checkpoints.MODEL_FILE))
+    (folder / checkpoints.CONFIG_FILE).write_text(cfgmod.to_yaml(cfg))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    version = _register(uri, "sized", 4, cfg.data)
+    run_id = mlflow.MlflowClient(uri).get_model_version("sized", version).run_id
+
+    patients = raw.split_patients(roots["b"], "test", split_seed=3)
+    assert not np.array_equal(np.unique(patients), np.unique(raw.split_patients(roots["b"], "test")))
+    for model_uri in (str(folder), f"runs:/{run_id}/tiny", f"models:/sized/{version}"):
+        rep = evaluate(model_uri, tracking_uri=uri, resamples=50, record=False, val_split=None).report
+        assert rep["data"]["preprocessing"] == {"source": "raw", "image_size": SIZE, "raw_size": 96, "split_seed": 3,
+                                                "val_fraction": 0.1, "test_fraction": 0.2}, model_uri
+        assert (rep["data"]["images"], rep["data"]["patients"]) == (len(patients), len(set(patients))), model_uri
