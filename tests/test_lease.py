@@ -133,6 +133,28 @@ def test_a_dead_holder_never_blocks_the_schedule(tmp_path):
     assert 4.0 <= waited < 30, f"took over {waited:.1f} s after the last renewal, TTL is 4 s"
 
 
+def test_a_round_whose_lease_was_taken_over_stops(tmp_path):
+    """A holder that could not renew in time (its lease expired and another round took it over) learns so at its
+    next renewal and stops its round: exit 1, "failed (LeaseLost: ...)", the successor's lease untouched."""
+    storage = str(tmp_path / "runs")
+    url = leasemod.lease_url(storage, f"weekly-{SLOT}")
+    first, _, stop = _holder(storage, SLOT, tmp_path)
+    try:
+        taken = {**_lease(storage), "token": "successor", "renewed_at": time.time()}
+        with open(url + ".tmp", "w") as fh:
+            json.dump(taken, fh)
+        os.replace(url + ".tmp", url)  # what a successor's take-over leaves (as one atomic replace)
+        output = first.communicate(timeout=30)[0]
+    finally:
+        open(stop, "w").close()
+        if first.poll() is None:
+            first.kill()
+    line = output.strip().splitlines()[-1]
+    assert first.returncode == 1, output[-3000:]
+    assert line.startswith(f"retrain {SLOT}: failed (LeaseLost: slot {SLOT}: "), output[-3000:]
+    assert _lease(storage)["token"] == "successor", "the stopped round released its successor's lease"
+
+
 def test_the_lease_is_compare_and_set_on_s3(s3, monkeypatch):
     """Two leases on SeaweedFS: the second is refused; once the first is silent past its TTL the second takes
     over, and the first, renewing late, learns it lost the slot."""
