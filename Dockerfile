@@ -21,6 +21,8 @@ COPY jobs ./jobs
 COPY configs ./configs
 # uid 1000 is the runAsUser of every cxr pod (k8s/); the pods mount emptyDirs at /tmp and at this HOME, because
 # their root filesystem is read-only.
-RUN useradd --create-home --home-dir /home/ray --uid 1000 ray
+RUN groupadd --gid 1000 ray && useradd --create-home --home-dir /home/ray --uid 1000 --gid 1000 ray
 ENV HOME=/home/ray
-USER ray
+# Numeric: under runAsNonRoot the kubelet can only verify a numeric USER; a name is rejected in any pod
+# that does not set runAsUser itself (KubeRay's default submitter pod, a sidecar, a debug pod).
+USER 1000:1000

@@ -1,10 +1,14 @@
 """The retrain CronJob's pod: start this slot's retraining RayJob from the suspended template and follow it.
 
 The slot is the UTC date (or $CXR_SLOT): the RayJob is named cxr-retrain-SLOT and its entrypoint gets the slot
-literally, so every retry of that RayJob, and a re-run of the CronJob the same day, works on the same run. If
-the slot's RayJob already exists it is followed, not created again; if another round is still active the slot
-is skipped. The exit status is the round's: 0 when its Ray job succeeded. Standard library only, because it
-runs in the cxr image with the pod's ServiceAccount token (Role: create, get, list rayjobs).
+literally, so every retry of that RayJob, and a re-run of the CronJob the same day, works on the same run; only
+then may it retry (--backoff-limit). The template cleans up with shutdownAfterJobFinishes (KubeRay refuses a
+suspended RayJob without it); the round gets deletionRules instead: its cluster goes after the template's
+ttlSecondsAfterFinished, the RayJob itself (with its submitter Job) after --keep-days. If the slot's RayJob
+already exists it is followed, not created again; if another round is still active, this scheduler's or the
+RayCronJob's (whose RayJobs carry only the label ray.io/cronjob-name), the slot is skipped. The exit status is
+the round's: 0 when its Ray job succeeded. Standard library only: it runs in a small Python image with the
+pod's ServiceAccount token (Role: create, get, list rayjobs).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import ssl
 import sys
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
@@ -27,7 +30,8 @@ SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 SLOT_PLACEHOLDER = '"$(date -u +%F)"'  # what the template's entrypoint passes to --slot
 TERMINAL = {"Complete", "Failed", "ValidationFailed"}
 TEMPLATE_LABEL = "cxr.io/template"
-ROUND_LABELS = "cxr.io/job=retrain"
+ROUND_LABEL = ("cxr.io/job", "retrain")  # the template's and so every round's this scheduler creates
+CRONJOB_LABEL = "ray.io/cronjob-name"  # the only label KubeRay's RayCronJob gives the RayJobs it creates
 
 
 class ApiError(RuntimeError):
@@ -70,33 +74,51 @@ def slot_of(value: str | None, now: datetime.datetime | None = None) -> str:
     return value
 
 
-def rayjob_for_slot(template: dict, name: str, slot: str) -> dict:
-    """The RayJob to create: the template's spec, not suspended, with the slot in its name and entrypoint."""
+def rayjob_for_slot(template: dict, name: str, slot: str, backoff_limit: int = 1, keep_days: int = 14) -> dict:
+    """The RayJob to create: the template's spec, not suspended, with the slot in its name and entrypoint, its
+    retries, and deletion rules in place of shutdownAfterJobFinishes."""
     spec = copy.deepcopy(template["spec"])
     spec.pop("suspend", None)
     entrypoint = spec["entrypoint"]
     if entrypoint.count(SLOT_PLACEHOLDER) != 1:
         raise ValueError(f"the template's entrypoint must pass --slot {SLOT_PLACEHOLDER} once: {entrypoint!r}")
     spec["entrypoint"] = entrypoint.replace(SLOT_PLACEHOLDER, slot)
+    spec["backoffLimit"] = backoff_limit  # safe now: every attempt gets the same literal slot
+    if spec.pop("shutdownAfterJobFinishes", None) is not True:
+        raise ValueError("the template must set shutdownAfterJobFinishes: true (a suspended RayJob needs it)")
+    cluster_s, keep_s = spec.pop("ttlSecondsAfterFinished", 0), keep_days * 86400
+    ended = ({"jobStatus": "SUCCEEDED"}, {"jobDeploymentStatus": "Failed"})  # every end but a Ray job stopped by hand
+    spec["deletionStrategy"] = {"deletionRules": [
+        {"policy": policy, "condition": {**when, "ttlSeconds": ttl}}
+        for policy, ttl in (("DeleteCluster", cluster_s), ("DeleteSelf", keep_s)) for when in ended]}
     labels = {k: v for k, v in template["metadata"].get("labels", {}).items() if k != TEMPLATE_LABEL}
     labels["cxr.io/slot"] = slot
     return {"apiVersion": template["apiVersion"], "kind": template["kind"],
             "metadata": {"name": f"{name}-{slot}", "labels": labels}, "spec": spec}
 
 
+def is_round(item: dict, cronjob: str) -> bool:
+    """A retraining round: made by this scheduler (the template's labels) or by the RayCronJob `cronjob`."""
+    labels = item["metadata"].get("labels", {})
+    if TEMPLATE_LABEL in labels:
+        return False
+    return labels.get(ROUND_LABEL[0]) == ROUND_LABEL[1] or labels.get(CRONJOB_LABEL) == cronjob
+
+
 def run(api: Api, namespace: str, template_name: str, name: str, slot: str, poll_s: float = 60.0,
-        sleep: Callable[[float], None] = time.sleep) -> int:
+        sleep: Callable[[float], None] = time.sleep, backoff_limit: int = 1, keep_days: int = 14,
+        cronjob: str = "cxr-retrain-weekly") -> int:
     """Create (or find) the slot's RayJob and wait for it to finish; print one line; return the exit status."""
     rayjobs = f"/apis/ray.io/v1/namespaces/{namespace}/rayjobs"
     wanted = f"{name}-{slot}"
-    rounds = api("GET", f"{rayjobs}?labelSelector={urllib.parse.quote(ROUND_LABELS)}", None)["items"]
-    active = [item["metadata"]["name"] for item in rounds
-              if item["metadata"]["name"] != wanted and TEMPLATE_LABEL not in item["metadata"].get("labels", {})
+    active = [item["metadata"]["name"] for item in api("GET", rayjobs, None)["items"]
+              if item["metadata"]["name"] != wanted and is_round(item, cronjob)
               and item.get("status", {}).get("jobDeploymentStatus") not in TERMINAL]
     if active:
         print(f"{wanted}: skipped, another retraining round is still active: {', '.join(sorted(active))}")
         return 1
-    body = rayjob_for_slot(api("GET", f"{rayjobs}/{template_name}", None), name, slot)
+    template = api("GET", f"{rayjobs}/{template_name}", None)
+    body = rayjob_for_slot(template, name, slot, backoff_limit, keep_days)
     try:
         api("POST", rayjobs, body)
         print(f"{wanted}: created", flush=True)
@@ -120,11 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--template", required=True, help="the suspended RayJob to copy")
     parser.add_argument("--name", required=True, help="the new RayJob's name, before -SLOT")
     parser.add_argument("--poll-seconds", type=float, default=60.0)
+    parser.add_argument("--backoff-limit", type=int, default=1, help="the round's retries (each resumes the run)")
+    parser.add_argument("--keep-days", type=int, default=14, help="days a finished round's RayJob is kept")
+    parser.add_argument("--cronjob", default="cxr-retrain-weekly", help="the RayCronJob whose rounds count too")
     args = parser.parse_args(argv)
     with open(f"{SERVICE_ACCOUNT}/namespace") as fh:
         namespace = fh.read().strip()
     return run(in_cluster_api(), namespace, args.template, args.name, slot_of(os.environ.get("CXR_SLOT")),
-               args.poll_seconds)
+               args.poll_seconds, backoff_limit=args.backoff_limit, keep_days=args.keep_days, cronjob=args.cronjob)
 
 
 if __name__ == "__main__":
