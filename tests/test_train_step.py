@@ -247,7 +247,7 @@ def two_workers(ray_cluster, init_weights, tmp_path_factory) -> dict[str, list[d
         scaling_config=ScalingConfig(num_workers=2),
         run_config=RunConfig(name="mechanics", storage_path=str(out / "ray")))
     trainer.fit()
-    names = ("float32", "bn", "bf16", "fp16")
+    names = ("float32", "bn", "bf16", "fp16", "dropout")
     return {n: [dict(np.load(out / f"{n}-{r}.npz")) for r in (0, 1)] for n in names}
 
 
