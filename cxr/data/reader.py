@@ -11,12 +11,13 @@ streams × (readahead + 2) × shard size, whatever the dataset size.
 Sharding across workers. Eval: shard i (manifest order) goes to worker i % num_workers; with fewer shards
 than workers every worker streams every shard and keeps record k (its position in the split) where
 k % num_workers == worker_index (num_workers× the I/O, for small datasets only). Training pass p lays the
-shards end to end in a (seed, epoch + p) permutation and cuts that sequence of records into num_workers
-contiguous runs of equal length (±1): worker w reads run w, whole shards plus at most a part of one at each end
-(the shard on a boundary is fetched by both its workers). So within a pass no image is read twice across
-workers, every worker holds the same number of images, which the equal step counts of the collective loop
-need (a steps_per_epoch batches of a pass leave out fewer than one batch per worker, and which ones changes
-with the permutation and shuffle of each epoch), and no worker has to wrap into the next pass.
+shards end to end in a (seed, epoch + p) permutation and cuts that run of records into num_workers contiguous
+parts of equal length (±1): worker w reads part w, whole shards plus a piece of one at either end (a shard on
+a boundary is fetched by both its workers: at most num_workers - 1 extra fetches a pass). Within a pass no
+image is read twice, and every worker holds the same number of images, as the collective loop's equal step
+counts need: an epoch of images // global batch steps leaves out fewer than one batch per worker (which
+ones, the epoch's permutation and shuffle decide) and never wraps into the next pass. Whole shards per
+worker could not balance: 78 shards on 4 workers, each epoch some workers repeated images, others left some out.
 
 Corruption: a size or sha256 mismatch or broken framing raises CorruptShardError naming the shard; with
 on_corrupt="skip" the shard is skipped instead, logged once and recorded in `Stats.skipped`. A missing object
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import itertools
 import logging
 import struct
 import threading
@@ -144,9 +144,6 @@ class ShardAssignment:
         if self.by_record:
             return 1
         return max(1, min(cycle_length, len(self.shards) // self.workers))
-
-    def passes(self) -> Iterable[int]:
-        return itertools.count() if self.training else (0,)
 
     def span(self) -> tuple[int, int]:
         """Training: [start, stop) of this worker's run in a pass's sequence of records; lower ranks get the ±1."""
