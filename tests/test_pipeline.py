@@ -6,6 +6,7 @@ well under a minute on two cores.
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import logging
@@ -202,6 +203,34 @@ def test_training_contract_repeat_and_determinism(data):
     other_worker = take(pipeline.make_dataset(data["out"], "train", 8, training=True, image_size=24, seed=3,
                                               worker_index=1, num_workers=2), 2)
     assert not np.array_equal(first[0][0], other_worker[0][0])
+
+
+def test_an_epoch_trains_on_every_image_at_most_once_across_workers(data, tmp_path):
+    """Two workers take an epoch's images // global batch batches each, as the loop does, on uint8 shards with
+    uneven shard counts and a short last shard: no image twice, fewer than a batch per worker left out, other
+    images left out each epoch. Images are told apart by their pixels (augmentation off, stored size)."""
+    out = str(tmp_path / "u8")
+    built = write_shards(data["root"], out, shards.Params(size=STORED, images_per_shard=5, codec="uint8"))
+    n, workers, batch = built["splits"]["train"]["images"], 2, 4
+    assert len(built["splits"]["train"]["shards"]) % workers and n % 5  # workers cannot get whole shards evenly
+    x, _, idx, _ = eval_pass(pipeline.make_dataset(out, "train", 8, image_size=STORED))
+    position = {img.tobytes(): int(k) for img, k in zip(np.round(x * 255).astype(np.uint8), idx, strict=True)}
+    assert len(position) == n  # every image is unique
+    steps = n // (workers * batch)
+    left_out = []
+    for epoch in (1, 2, 3):
+        seen: collections.Counter = collections.Counter()
+        for w in range(workers):
+            ds = pipeline.make_dataset(out, "train", batch, worker_index=w, num_workers=workers, training=True,
+                                       seed=1, epoch=epoch, image_size=STORED, augment=augment.OFF)
+            for pixels, _ in ds.repeat().take(steps):
+                seen.update(position[img.tobytes()] for img in np.round(pixels.numpy() * 255).astype(np.uint8))
+        assert sum(seen.values()) == steps * workers * batch
+        assert max(seen.values()) == 1, f"epoch {epoch}: {sum(c > 1 for c in seen.values())} images seen twice"
+        never = set(range(n)) - set(seen)
+        assert len(never) == n - steps * workers * batch < workers * batch
+        left_out.append(frozenset(never))
+    assert len(set(left_out)) == 3, left_out
 
 
 def test_heap_is_trimmed_every_few_shards_not_every_shard(data, monkeypatch):

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import subprocess
 import sys
 
 # Ray's TF backend must write loopback addresses into TF_CONFIG; set before Ray starts so workers inherit it.
@@ -90,6 +91,7 @@ def mechanics_worker(cfg: dict) -> None:
     save("bf16", **_bf16_steps(strategy, x[mine], y[mine]))
     y_bad = np.full_like(y[mine], np.nan) if rank == 1 else y[mine]  # inf/nan gradients on one worker only
     save("fp16", **_fp16_skip(strategy, cfg["init"], x[mine], y_bad, y[mine]))
+    save("dropout", **dropout_forward(strategy, x))
 
 
 def _save(directory: str, rank: int, check: str, **results: np.ndarray) -> None:
@@ -162,6 +164,21 @@ def _fp16_skip(strategy, init: str, x, y_first, y_second) -> dict:
         keras.mixed_precision.set_global_policy("float32")
 
 
+def dropout_forward(strategy, x) -> dict:
+    """Two training-mode forward passes of small_cnn with dropout 0.5, the same weights and images on every
+    replica (seeded as the loop seeds them): what each local replica outputs, [pass, replica, ...]."""
+    keras.mixed_precision.set_global_policy("float32")
+    keras.utils.set_random_seed(11)
+    with strategy.scope():
+        model = build_model("small_cnn", S, dropout=0.5)
+        opt = make_optimizer(1e-3, "float32")
+        opt.build(model.trainable_variables)
+    steps = DistributedSteps(strategy, model, opt, losses.binary_crossentropy(), global_batch=len(x), seed=11)
+    forward = tf.function(lambda images: strategy.run(lambda i: model(i, training=True), args=(images,)))
+    outs = [np.stack([o.numpy() for o in strategy.experimental_local_results(forward(x))]) for _ in range(2)]
+    return {"outs": np.stack(outs), "draws": np.array(steps.dropout_draws())}
+
+
 def ray_rank() -> int:
     import ray.train
 
@@ -230,7 +247,7 @@ def two_workers(ray_cluster, init_weights, tmp_path_factory) -> dict[str, list[d
         scaling_config=ScalingConfig(num_workers=2),
         run_config=RunConfig(name="mechanics", storage_path=str(out / "ray")))
     trainer.fit()
-    names = ("float32", "bn", "bf16", "fp16")
+    names = ("float32", "bn", "bf16", "fp16", "dropout")
     return {n: [dict(np.load(out / f"{n}-{r}.npz")) for r in (0, 1)] for n in names}
 
 
@@ -290,6 +307,15 @@ def test_bn_moving_statistics_are_averaged_across_workers(two_workers):
 
 
 @pytest.mark.slow
+def test_each_worker_draws_its_own_dropout_masks(two_workers):
+    (out0, draws0), (out1, draws1) = ((r["outs"][:, 0], r["draws"]) for r in two_workers["dropout"])
+    assert draws0.tolist() == draws1.tolist() == [2]  # one generator, two draws on each worker
+    for draw in (0, 1):
+        assert not np.allclose(out0[draw], out1[draw])  # same weights and images, other masks
+    assert not np.allclose(out0[0], out0[1])  # and new masks each draw
+
+
+@pytest.mark.slow
 def test_bf16_steps_have_finite_loss_gradients_and_weights(two_workers):
     for rank in (0, 1):
         got = two_workers["bf16"][rank]
@@ -314,6 +340,7 @@ def test_fp16_nonfinite_gradients_on_one_worker_skip_the_step_on_both(two_worker
 def fit_config(storage: str, epochs: int) -> config.Config:
     return config.validate({
         "data": {"manifest_uri": "memory://", "image_size": S},
+        "model": {"dropout": 0.2},
         "optim": {"batch_size": B, "epochs": epochs, "lr": 3e-3, "weighted_loss": True, "steps_per_log": 2},
         "scaling": {"num_workers": 2, "precision": "float32"},
         "run": {"storage_path": storage, "name": "loop", "checkpoints_to_keep": 1},
@@ -338,10 +365,13 @@ def test_fit_two_workers_checkpoints_and_resumes(ray_cluster, tmp_path):
                                                  checkpoints.STATE_FILE, checkpoints.CONFIG_FILE])
     state = json.loads(open(os.path.join(latest, checkpoints.STATE_FILE)).read())
     assert state["epoch"] == 2 and state["plan"]["steps_per_epoch"] == 48 // (2 * B)
+    assert state["dropout_draws"] == [2 * 48 // (2 * B)]  # one mask per step so far
     assert state["plan"]["positives"] == memory_counts(None, "train")[0]
 
     second = fit(fit_config(str(tmp_path / "ray"), epochs=3), source)
     assert second["epochs_done"] == 3
+    state = json.loads(open(os.path.join(second["latest_checkpoint"], checkpoints.STATE_FILE)).read())
+    assert state["dropout_draws"] == [3 * 48 // (2 * B)]  # the resumed run continued the draws
     trained = sorted(m for m in os.listdir(marks) if m.endswith("-train"))
     assert trained == [f"train-w{w}-e{e}-train" for w in (0, 1) for e in (1, 2, 3)]  # epoch 3 only once
     with np.load(os.path.join(second["latest_checkpoint"], checkpoints.OPTIMIZER_FILE)) as saved:
@@ -433,6 +463,73 @@ def test_cosine_schedule_decays_whatever_the_scores_and_resumes_exactly():
         config.validate({"data": {"manifest_uri": "memory://"},
                          "optim": {"lr_schedule": "cosine", "lr": 1e-3, "min_lr": 1e-3}})
     assert config.validate({"data": {"manifest_uri": "memory://"}}).optim.lr_schedule == "plateau"
+
+
+def test_dropout_resumes_exactly_from_a_checkpoint(tmp_path):
+    """Like the cosine rate: a run interrupted after two steps and resumed from its checkpoint (dropout 0.5)
+    gives the uninterrupted run's losses and weights bit for bit, because the dropout draws are checkpointed."""
+    keras.mixed_precision.set_global_policy("float32")
+    x, y = arrays(4 * B, seed=4)
+    batches = [(x[i * B:(i + 1) * B], y[i * B:(i + 1) * B]) for i in range(4)]
+    initial = build_model("small_cnn", S, dropout=0.5).get_weights()
+
+    def fresh() -> DistributedSteps:
+        model = build_model("small_cnn", S, dropout=0.5)
+        model.set_weights(initial)
+        opt = keras.optimizers.Adam(1e-3, name="adam")  # one name in every run: the checkpoint keys by it
+        opt.build(model.trainable_variables)
+        return DistributedSteps(make_strategy(), model, opt, losses.binary_crossentropy(), B, seed=7)
+
+    def train(steps: DistributedSteps, part: list) -> list[np.ndarray]:
+        return [steps.train_step(xb, yb).numpy() for xb, yb in part]
+
+    whole = fresh()
+    uninterrupted = train(whole, batches)
+    first = fresh()
+    before = train(first, batches[:2])
+    checkpoints.save_checkpoint(str(tmp_path), first.model, first.optimizer,
+                                {"epoch": 1, "dropout_draws": first.dropout_draws()}, "")
+    assert checkpoints.read_state(str(tmp_path))["dropout_draws"] == [2]
+
+    def resume(with_draws: bool) -> tuple[list[np.ndarray], np.ndarray]:
+        steps = fresh()
+        state = checkpoints.restore_checkpoint(str(tmp_path), steps.model, steps.optimizer)
+        if with_draws:
+            steps.seed_dropout(state["dropout_draws"])  # what the loop's restore does
+        return before + train(steps, batches[2:]), flat_weights(steps.model)
+
+    resumed, weights = resume(with_draws=True)
+    np.testing.assert_array_equal(np.stack(resumed), np.stack(uninterrupted))
+    np.testing.assert_array_equal(weights, flat_weights(whole.model))
+    replayed, _ = resume(with_draws=False)  # the first two steps' masks again: another run
+    assert not np.array_equal(np.stack(replayed), np.stack(uninterrupted))
+    with pytest.raises(ValueError, match="2 dropout random streams saved, the model has 1"):
+        whole.seed_dropout([1, 2])
+
+
+MIRRORED_DROPOUT = """
+import sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import test_train_step as t
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+np.save(sys.argv[1], t.dropout_forward(strategy, t.arrays(t.B, seed=0)[0])["outs"])
+"""
+
+
+def test_each_replica_of_a_strategy_draws_its_own_dropout_masks(tmp_path):
+    """Two replicas in one process (MirroredStrategy over two logical CPUs, so a child process)."""
+    out = tmp_path / "outs.npy"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    subprocess.run([sys.executable, "-c", MIRRORED_DROPOUT, str(out)], check=True, env=env, timeout=300)
+    outs = np.load(out)  # [pass, replica, B, 14]
+    assert outs.shape == (2, 2, B, NUM_FINDINGS)
+    for draw in (0, 1):
+        assert not np.allclose(outs[draw, 0], outs[draw, 1])
+    assert not np.allclose(outs[0, 0], outs[1, 0])
 
 
 def test_plan_checks_sizes_before_any_worker_starts():

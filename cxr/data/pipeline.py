@@ -12,7 +12,10 @@ training=True: (images [B, S, S, 1] float32 in [0, 1], labels [B, 14] float32), 
 repeated forever, full batches only. training=False: (images, labels, index [B] int64) in a fixed order,
 not augmented, the last partial batch kept, one pass; index is the image's position in the split.
 Determinism: pass p reads in a (seed, epoch + p) order, the shuffle buffer is seeded by (seed, epoch,
-worker) and batch n is augmented with stateless random numbers seeded by (seed, epoch, worker, n). Errors
+worker) and batch n is augmented with stateless random numbers seeded by (seed, epoch, worker, n). Shard mode
+shuffles within a pass: the buffer drains before the next pass starts, so the first images // batch_size
+batches hold no image twice (a buffer spanning passes held back up to a buffer's worth of a pass at the end of
+an epoch and put repeats from the next pass in their place). Errors
 cross tf.data as errors (InvalidArgumentError/UnknownError carrying the message), never as a hang.
 """
 
@@ -49,16 +52,25 @@ def make_dataset(manifest_uri: str, split: str, batch_size: int, worker_index: i
     streams = plan.streams(cycle_length)
     signature = (tf.TensorSpec([], tf.string), *(tf.TensorSpec([None], tf.int64),) * 3)
 
-    def stream(s: tf.Tensor) -> tf.data.Dataset:
-        gen = tf.data.Dataset.from_generator(lambda i: shard_stream(i, plan, streams, readahead, on_corrupt, stats),
-                                             args=(s,), output_signature=signature)
+    buffer = min(shuffle_buffer, plan.images())  # a pass never fills more
+
+    def stream(s: tf.Tensor, p: tf.Tensor) -> tf.data.Dataset:
+        gen = tf.data.Dataset.from_generator(
+            lambda i, q: shard_stream(i, q, plan, streams, readahead, on_corrupt, stats), args=(s, p),
+            output_signature=signature)
         return gen.map(_parse).unbatch()
 
-    records = tf.data.Dataset.range(streams).interleave(
-        stream, cycle_length=streams, block_length=16, num_parallel_calls=streams, deterministic=True)
+    def one_pass(p: tf.Tensor) -> tf.data.Dataset:
+        records = tf.data.Dataset.range(streams).interleave(
+            lambda s: stream(s, p), cycle_length=streams, block_length=16, num_parallel_calls=streams,
+            deterministic=True)
+        if training and buffer > 1:
+            records = records.shuffle(buffer, seed=aug.seed_of(seed, epoch, worker_index, 1))
+        return records
+
+    passes = tf.data.Dataset.counter() if training else tf.data.Dataset.range(1)
     decode, per_batch = _decoder(m.codec, m.size)
-    buffer = min(shuffle_buffer, plan.images())  # more would only mix passes
-    ds = _tail(records, decode, per_batch, batch_size, training, image_size, augment, buffer, seed, epoch,
+    ds = _tail(passes.flat_map(one_pass), decode, per_batch, batch_size, training, image_size, augment, seed, epoch,
                worker_index)
     ds.stats = stats
     return ds
@@ -91,14 +103,14 @@ def make_raw_dataset(data_root: str, split: str, batch_size: int, worker_index: 
     records = tf.data.Dataset.from_generator(
         lambda: raw.stream(rows, training, seed, epoch, raw_size, io_threads, readahead, on_corrupt, stats),
         output_signature=signature).unbatch()
-    ds = _tail(records, lambda batch: batch, True, batch_size, training, image_size, augment, 0, seed, epoch,
+    ds = _tail(records, lambda batch: batch, True, batch_size, training, image_size, augment, seed, epoch,
                worker_index)  # the reading threads decoded them
     ds.stats = stats
     return ds
 
 
 def _tail(records: tf.data.Dataset, decode: Callable[[tf.Tensor], tf.Tensor], per_batch: bool, batch_size: int,
-          training: bool, image_size: int, augment: Augment | None, shuffle_buffer: int, seed: int, epoch: int,
+          training: bool, image_size: int, augment: Augment | None, seed: int, epoch: int,
           worker: int) -> tf.data.Dataset:
     """Everything after "records as (encoded image, labels, index)": the same for shard and raw modes.
 
@@ -108,8 +120,6 @@ def _tail(records: tf.data.Dataset, decode: Callable[[tf.Tensor], tf.Tensor], pe
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     augment = augment or Augment()
     ds = records
-    if training and shuffle_buffer > 1:
-        ds = ds.shuffle(shuffle_buffer, seed=aug.seed_of(seed, epoch, worker, 1))
     if per_batch:
         ds = ds.batch(batch_size, drop_remainder=training)
         ds = ds.map(lambda image, y, index: (decode(image), y, index))

@@ -8,10 +8,16 @@ are not rechecked, the sha256 already guards every byte). A stream yields one el
 starts, lengths, positions). Nothing is downloaded up front, so memory is bounded by
 streams × (readahead + 2) × shard size, whatever the dataset size.
 
-Sharding across workers: shard i of a pass's shard order goes to worker i % num_workers, so each image is
-read once per pass across workers. With fewer shards than workers every worker streams every shard and keeps
-record k (its position in the split) where k % num_workers == worker_index: num_workers× the I/O, for small
-datasets only. Training pass p reads the shards in a (seed, epoch + p) permutation; eval reads manifest order.
+Sharding across workers. Eval: shard i (manifest order) goes to worker i % num_workers; with fewer shards
+than workers every worker streams every shard and keeps record k (its position in the split) where
+k % num_workers == worker_index (num_workers× the I/O, for small datasets only). Training pass p lays the
+shards end to end in a (seed, epoch + p) permutation and cuts that run of records into num_workers contiguous
+parts of equal length (±1): worker w reads part w, whole shards plus a piece of one at either end (a shard on
+a boundary is fetched by both its workers: at most num_workers - 1 extra fetches a pass). Within a pass no
+image is read twice, and every worker holds the same number of images, as the collective loop's equal step
+counts need: an epoch of images // global batch steps leaves out fewer than one batch per worker (which
+ones, the epoch's permutation and shuffle decide) and never wraps into the next pass. Whole shards per
+worker could not balance: 78 shards on 4 workers, each epoch some workers repeated images, others left some out.
 
 Corruption: a size or sha256 mismatch or broken framing raises CorruptShardError naming the shard; with
 on_corrupt="skip" the shard is skipped instead, logged once and recorded in `Stats.skipped`. A missing object
@@ -22,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import itertools
 import logging
 import struct
 import threading
@@ -106,6 +111,15 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: i
 
 
 @dataclass(frozen=True)
+class Piece:
+    """Records [lo, hi) of one shard (indices within the shard): what a worker reads of it in one pass."""
+
+    shard: Shard
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
 class ShardAssignment:
     """Which shards, and which of their records, one worker reads in each pass."""
 
@@ -122,7 +136,8 @@ class ShardAssignment:
 
     @property
     def by_record(self) -> bool:
-        return len(self.shards) < self.workers
+        """Eval with fewer shards than workers: every worker streams every shard and keeps its records."""
+        return not self.training and len(self.shards) < self.workers
 
     def streams(self, cycle_length: int) -> int:
         """Parallel shard streams; each gets ≥ 1 shard every pass. Record sharding uses one (small data)."""
@@ -130,19 +145,32 @@ class ShardAssignment:
             return 1
         return max(1, min(cycle_length, len(self.shards) // self.workers))
 
-    def passes(self) -> Iterable[int]:
-        return itertools.count() if self.training else (0,)
+    def span(self) -> tuple[int, int]:
+        """Training: [start, stop) of this worker's run in a pass's sequence of records; lower ranks get the ±1."""
+        q, r = divmod(sum(s.records for s in self.shards), self.workers)
+        start = self.worker * q + min(self.worker, r)
+        return start, start + q + (self.worker < r)
 
-    def order(self, p: int) -> list[Shard]:
-        """This worker's shards in pass p: manifest order for eval, a (seed, epoch + p) permutation for training."""
-        order = list(self.shards)
-        if self.training:
-            perm = np.random.default_rng([self.seed, self.epoch + p]).permutation(len(order))
-            order = [order[i] for i in perm]
-        return order if self.by_record else order[self.worker::self.workers]
+    def order(self, p: int) -> list[Piece]:
+        """What this worker reads in pass p: manifest-order shards for eval, its run of a permutation in training."""
+        if not self.training:
+            mine = self.shards if self.by_record else self.shards[self.worker::self.workers]
+            return [Piece(s, 0, s.records) for s in mine]
+        perm = np.random.default_rng([self.seed, self.epoch + p]).permutation(len(self.shards))
+        start, stop = self.span()
+        pieces, at = [], 0
+        for shard in (self.shards[i] for i in perm):
+            lo, hi = max(start - at, 0), min(stop - at, shard.records)
+            if lo < hi:
+                pieces.append(Piece(shard, lo, hi))
+            at += shard.records
+        return pieces
 
     def images(self) -> int:
-        """Images this worker reads per pass (the same every pass in eval; in training ± one shard)."""
+        """Images this worker reads per pass (the same every pass)."""
+        if self.training:
+            start, stop = self.span()
+            return stop - start
         if self.by_record:
             return len(range(self.worker, sum(s.records for s in self.shards), self.workers))
         return sum(s.records for s in self.shards[self.worker::self.workers])
@@ -193,10 +221,10 @@ def fetch_shard(shard: Shard) -> Loaded:
     return Loaded(shard, blob, starts, lengths)
 
 
-def _fetch_or_skip(item: tuple[int, Shard], on_corrupt: str, stats: Stats) -> tuple[int, Loaded | None]:
-    p, shard = item
+def _fetch_or_skip(piece: Piece, on_corrupt: str, stats: Stats) -> tuple[Piece, Loaded | None]:
+    shard = piece.shard
     if shard.url in stats.skipped:  # known bad from an earlier pass: don't fetch it again
-        return p, None
+        return piece, None
     if stats.shards_read % heap.TRIM_EVERY_SHARDS == 0:
         heap.release()
     try:
@@ -205,28 +233,28 @@ def _fetch_or_skip(item: tuple[int, Shard], on_corrupt: str, stats: Stats) -> tu
         if on_corrupt == "raise":
             raise
         stats.skip(shard.url, str(exc))
-        return p, None
+        return piece, None
     stats.read(shards_=1, nbytes=len(loaded.blob))
-    return p, loaded
+    return piece, loaded
 
 
-def shard_stream(stream: int, plan: ShardAssignment, streams: int, readahead: int, on_corrupt: str,
+def shard_stream(stream: int, p: int, plan: ShardAssignment, streams: int, readahead: int, on_corrupt: str,
                  stats: Stats) -> Iterator[tuple[bytes, np.ndarray, np.ndarray, np.ndarray]]:
-    """One interleave slot: shards order(p)[stream::streams] of every pass, as (blob, starts, lengths, positions)."""
-    items = ((p, s) for p in plan.passes() for s in plan.order(p)[int(stream)::streams])
-    fetched = ordered_map(lambda it: _fetch_or_skip(it, on_corrupt, stats), items, readahead, readahead)
-    current, produced = 0, 0
-    for p, loaded in fetched:
-        if p != current:
-            _check_pass(plan, current, produced, stats)
-            current, produced = p, 0
+    """One interleave slot of pass p: pieces order(p)[stream::streams] as (blob, starts, lengths, positions)."""
+    pieces = plan.order(int(p))[int(stream)::streams]
+    fetched = ordered_map(lambda piece: _fetch_or_skip(piece, on_corrupt, stats), pieces, readahead, readahead)
+    produced = 0
+    for piece, loaded in fetched:
         if loaded is None:
             continue
-        positions = loaded.shard.offset + np.arange(len(loaded.starts), dtype=np.int64)
+        positions = loaded.shard.offset + np.arange(piece.lo, piece.hi, dtype=np.int64)
         keep = plan.keep(positions)
         produced += int(keep.sum())
         stats.read(images=int(keep.sum()))
-        yield loaded.blob, loaded.starts[keep], loaded.lengths[keep], positions[keep]
+        starts, lengths = loaded.starts[piece.lo:piece.hi], loaded.lengths[piece.lo:piece.hi]
+        yield loaded.blob, starts[keep], lengths[keep], positions[keep]
+    if plan.training:
+        _check_pass(plan, int(p), produced, stats)
 
 
 def split_patients(shards: list[Shard]) -> np.ndarray:
@@ -243,6 +271,6 @@ def split_patients(shards: list[Shard]) -> np.ndarray:
 
 def _check_pass(plan: ShardAssignment, p: int, produced: int, stats: Stats) -> None:
     """A training pass that produced nothing would spin forever if every shard of this worker is unusable."""
-    if produced == 0 and all(s.records == 0 or s.url in stats.skipped for s in plan.order(p)):
+    if produced == 0 and all(piece.shard.url in stats.skipped for piece in plan.order(p)):
         raise RuntimeError(f"worker {plan.worker}/{plan.workers}: every shard of the split is empty or skipped "
                            f"as corrupt ({stats.skipped_count} skipped); nothing to train on")

@@ -1,7 +1,7 @@
 """The training checkpoint: what a restarted or re-submitted run needs to continue exactly.
 
 A directory (Ray Train uploads it to `run.storage_path`) with the model weights, the optimizer's
-variables by path, the training state as JSON (epoch, schedule, metric history, plan) and the
+variables by path, the training state as JSON (epoch, schedule, dropout draws, metric history, plan) and the
 resolved config. `state.json` names its format so a future layout can refuse an old one clearly.
 """
 

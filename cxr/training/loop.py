@@ -143,7 +143,7 @@ def _build_worker(cfg: cfgmod.Config, plan: RunPlan, source: DataSource, strateg
         optimizer = make_optimizer(cfg.optim.lr, cfg.scaling.precision)
         optimizer.build(model.trainable_variables)
     loss_fn = loss_from_counts(cfg.optim.weighted_loss, plan.positives, plan.total)
-    steps = DistributedSteps(strategy, model, optimizer, loss_fn, cfg.optim.batch_size * world)
+    steps = DistributedSteps(strategy, model, optimizer, loss_fn, cfg.optim.batch_size * world, seed=cfg.data.seed)
     o = cfg.optim
     schedule = Schedule(lr=o.lr, kind=o.lr_schedule, epochs=o.epochs, patience=o.plateau_patience,
                         factor=o.plateau_factor, min_lr=o.min_lr, stop_patience=o.early_stopping_patience)
@@ -161,6 +161,7 @@ def _restore_latest(worker: Worker) -> int:
         return 0
     with checkpoint.as_directory() as directory:
         state = restore_checkpoint(directory, worker.steps.model, worker.optimizer)
+    worker.steps.seed_dropout(state.get("dropout_draws"))  # each replica's masks continue where they were
     done = int(state["epoch"])
     worker.schedule = worker.schedule.restored(state["schedule"])
     worker.history = list(state.get("history", []))
@@ -288,7 +289,8 @@ def _report(worker: Worker, epoch: int, metrics: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=None)
         return
     state = {"epoch": epoch, "schedule": worker.schedule.state(), "metrics": metrics, "history": worker.history,
-             "resumes": worker.resumes, "plan": asdict(worker.plan), "skipped": sorted(worker.skipped)}
+             "resumes": worker.resumes, "plan": asdict(worker.plan), "skipped": sorted(worker.skipped),
+             "dropout_draws": worker.steps.dropout_draws()}
     with tempfile.TemporaryDirectory(prefix="cxr-ckpt-") as directory:
         save_checkpoint(directory, worker.steps.model, worker.optimizer, state, cfgmod.to_yaml(worker.cfg))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -15,6 +15,10 @@ in a `tf.function` on a Keras 3 model can. Each worker is one replica:
   used batches of 16. Keras' moving mean/variance are per-worker variables, so once per epoch,
   before validation, they are averaged across workers (one all-reduce): every worker then
   evaluates and checkpoints the same model. The same holds for `small_cnn`, which uses BN too.
+- Dropout: Keras draws each Dropout layer's masks from a SeedGenerator whose state is a variable, mirrored
+  like the weights (worker 0's initial value everywhere) but updated locally, so every replica would draw the
+  same masks. Each replica's generators are reseeded from (seed, replica, generator), and the number of
+  draws so far is what a checkpoint keeps to continue the streams exactly.
 - Evaluation never runs a collective per batch (workers may hold different numbers of batches): each
   worker predicts its part of the split locally and one `all_reduce` gathers the rows
   (`cxr.evaluation.predict`).
@@ -74,11 +78,38 @@ class DistributedSteps:
     """The compiled train step, the local forward pass and the moving-statistics sync of one model."""
 
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
-                 optimizer: keras.optimizers.Optimizer, loss_fn: LossFn, global_batch: int):
+                 optimizer: keras.optimizers.Optimizer, loss_fn: LossFn, global_batch: int, seed: int = 0):
         self.strategy, self.model, self.optimizer = strategy, model, optimizer
-        self.loss_fn, self.global_batch = loss_fn, global_batch
+        self.loss_fn, self.global_batch, self.seed = loss_fn, global_batch, seed
         self.train_step = tf.function(self._train_step, reduce_retracing=True)
         self.predict = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+        self.seed_dropout()
+
+    def seed_dropout(self, draws: list[int] | None = None) -> None:
+        """Give every replica its own dropout masks: generator k of replica r yields seeds (s(seed, r, k), n).
+
+        Keras counts n up by one per draw; `draws` (n of each generator, from `dropout_draws` in a checkpoint)
+        continues the streams where they were, else they start at 0.
+        """
+        states = random_states(self.model)
+        draws = [0] * len(states) if draws is None else [int(n) for n in draws]
+        if len(draws) != len(states):
+            raise ValueError(f"{len(draws)} dropout random streams saved, the model has {len(states)}")
+        if not states:
+            return
+        replicas = range(self.strategy.num_replicas_in_sync)
+        seeds = tf.constant([[_stream_seed(self.seed, r, k) for k in range(len(states))] for r in replicas], tf.int64)
+
+        def assign() -> None:
+            r = tf.distribute.get_replica_context().replica_id_in_sync_group
+            for k, (state, n) in enumerate(zip(states, draws, strict=True)):
+                state.assign(tf.stack([seeds[r, k], tf.constant(n, tf.int64)]))  # local copy: aggregation "none"
+
+        tf.function(lambda: self.strategy.run(assign))()
+
+    def dropout_draws(self) -> list[int]:
+        """Masks drawn so far by each dropout generator (the same count on every replica): the RNG's progress."""
+        return [int(np.asarray(state.numpy())[1]) for state in random_states(self.model)]
 
     def _replica_step(self, images, labels):
         """One replica: loss over the global batch, gradients, optimizer update (which all-reduces)."""
@@ -114,6 +145,16 @@ class DistributedSteps:
             size = int(np.prod(v.shape))
             v.assign(mean[offset:offset + size].reshape(v.shape))
             offset += size
+
+
+def random_states(model: keras.Model) -> list:
+    """The state variables of the model's keras.random.SeedGenerators (one per Dropout layer), in layer order."""
+    return [v for v in model.non_trainable_variables if v.name == "seed_generator_state"]
+
+
+def _stream_seed(seed: int, replica: int, generator: int) -> int:
+    """A seed for one replica's generator, below 2**31 - 2 (Keras folds seeds into int32 with that modulus)."""
+    return int(np.random.SeedSequence([seed, replica, generator]).generate_state(1, np.uint32)[0]) % (2**31 - 2)
 
 
 def all_reduce(strategy: tf.distribute.Strategy, array: np.ndarray,
