@@ -288,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "evaluate it and promote it if it beats @champion", verbose)
     rt.add_argument("--config", required=True, help="YAML config of the training run")
     rt.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.epochs=20")
-    rt.add_argument("--slot", default=None, help="the schedule slot naming the run (default: today, UTC, "
-                    "YYYY-MM-DD); the same slot resumes the same run")
+    rt.add_argument("--slot", default=None, help="the schedule slot naming the run: YYYY-MM-DD, or the name of the "
+                    "RayJob a scheduler made (NAME-YYYY-MM-DD, NAME-<minutes since the epoch>), which survives "
+                    "retries (default: today, UTC); the same slot resumes the same run")
     rt.add_argument("--prepare", nargs=2, metavar=("DATA_ROOT", "OUT_URI"), default=None,
                     help="prepare DATA_ROOT into OUT_URI first and train on it")
     rt.add_argument("--size", type=int, default=256, help="with --prepare: stored image side")
