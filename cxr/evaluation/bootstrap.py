@@ -381,8 +381,8 @@ class PairedDifference:
         for f, high in zip(self.findings, self._bounds(familywise), strict=True):
             if f.difference is not None and f.difference < -max_drop and not (high is not None and high < 0):
                 bound = "none" if high is None else f"{high:+.4f}"
-                out.append(f"{f.finding}: point drop {-f.difference:.4f} over {max_drop:.4f} is not shown (familywise "
-                           f"upper bound of the change {bound} does not exclude no drop)")
+                out.append(f"{f.finding}: point drop {-f.difference:.4f} over {max_drop:.4f}, not shown (familywise "
+                           f"upper bound of the change {bound}, not below 0)")
         return out
 
     def to_dict(self) -> dict:
