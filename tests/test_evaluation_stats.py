@@ -230,6 +230,7 @@ def test_paired_resamples_are_shared_and_drops_are_reported():
     assert drop.high < 0
     failures = d.failures(min_gain=-1.0, max_drop=0.05)
     assert len(failures) == 1 and failures[0].startswith("finding 2 drops by")
+    assert drop.familywise_high < 0 and f"worse by at least {-drop.familywise_high:.4f}" in failures[0]
 
 
 # --- operating points ----------------------------------------------------------------------------------------

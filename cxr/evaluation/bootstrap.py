@@ -15,6 +15,13 @@ intermediates near `CHUNK_BYTES`.
 Mean AUROC rule: in each resample the mean is taken over the findings defined *in that resample* (at least
 one positive and one negative weight); a finding undefined on the whole split is never defined in a
 resample. The point estimate is the mean over findings defined on the whole split (`cxr.metrics.mean_auroc`).
+
+Drop rule (`PairedDifference.failures`, docs/promotion.md): a finding blocks a candidate only when a familywise
+one-sided upper bound of its paired change b - a is below 0 (worse, with the comparison's confidence over all
+findings scored together) and its point drop exceeds `max_drop`. The bounds are simultaneous max-t bounds: each
+finding's change is scaled by its bootstrap standard error and the critical value is the `confidence` quantile
+of the per-resample maximum, so it needs no extreme percentile (Bonferroni at 0.05/14 would rest on ~7 of 2,000
+resamples) and it uses the findings' correlation instead of assuming the worst.
 """
 
 from __future__ import annotations
@@ -285,6 +292,31 @@ class FindingDifference:
     high: float | None
     n_defined: int
     reason: str | None = None
+    familywise_high: float | None = None  # simultaneous one-sided upper bound of b - a (module docstring)
+
+
+def familywise_bounds(diff: np.ndarray, point: np.ndarray, confidence: float) -> tuple[np.ndarray, float | None]:
+    """Upper bounds of b - a holding for all findings together with `confidence`, and the max-t critical value.
+
+    `diff` [R, K] are the paired replicates (NaN where undefined), `point` [K] the point changes (NaN: not
+    scored). A finding whose replicates do not vary (the same model) gets its point change as bound.
+    """
+    se = np.full(len(point), np.nan)
+    for j in np.flatnonzero(np.isfinite(point)):
+        v = diff[np.isfinite(diff[:, j]), j]
+        if v.size >= 2:
+            se[j] = v.std(ddof=1)
+    bound = np.where(se == 0, point, np.nan)  # no replicates, no bound: nothing is shown
+    varies = se > 0
+    if not varies.any():
+        return bound, None
+    t = (point[varies] - diff[:, varies]) / se[varies]  # how far each resample falls below the estimate, in SEs
+    t = t[np.isfinite(t).any(axis=1)]
+    if len(t) == 0:
+        return bound, None
+    critical = float(np.quantile(np.nanmax(t, axis=1), confidence))
+    bound[varies] = point[varies] + critical * se[varies]
+    return bound, critical
 
 
 @dataclass(frozen=True)
@@ -302,17 +334,55 @@ class PairedDifference:
     confidence: float
     seed: int
     replicates: np.ndarray = field(repr=False, compare=False)  # [resamples, findings] b - a, NaN where undefined
+    critical: float | None = None  # max-t critical value of the familywise bounds at `confidence`
 
-    def failures(self, min_gain: float = 0.0, max_drop: float = math.inf) -> list[str]:
-        """Why b may not replace a: CI lower bound not above `min_gain`, or a finding's point drop over `max_drop`."""
+    @property
+    def scored(self) -> int:
+        """How many findings the familywise bounds hold over together (those with a point change)."""
+        return sum(f.difference is not None for f in self.findings)
+
+    def _bounds(self, confidence: float | None) -> list[float | None]:
+        if confidence is None or confidence == self.confidence:
+            return [f.familywise_high for f in self.findings]
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"familywise confidence must be in (0, 1), got {confidence}")
+        point = np.array([np.nan if f.difference is None else f.difference for f in self.findings])
+        return [_opt(x) for x in familywise_bounds(self.replicates, point, confidence)[0]]
+
+    def failures(self, min_gain: float = 0.0, max_drop: float = math.inf, *,
+                 familywise: float | None = None) -> list[str]:
+        """Why b may not replace a: the mean gain's CI lower bound is not above `min_gain`, or a finding is shown
+        worse (familywise bound of b - a below 0, at `familywise` confidence, default the comparison's) with a
+        point drop over `max_drop`. Drops that are not shown never block: noise must not refuse an equal model."""
         out = []
         if self.low is None:
             out.append("mean-AUROC difference undefined: no finding has a positive and a negative image")
         elif not self.low > min_gain:
             out.append(f"mean-AUROC gain lower bound {self.low:+.4f} is not above {min_gain:+.4f}")
-        for f in self.findings:
-            if f.difference is not None and f.difference < -max_drop:
-                out.append(f"{f.finding} drops by {-f.difference:.4f} (more than {max_drop:.4f})")
+        level = f"{100 * (familywise or self.confidence):g}%"
+        for f, high in zip(self.findings, self._bounds(familywise), strict=True):
+            if f.difference is not None and high is not None and high < 0 and f.difference < -max_drop:
+                out.append(f"{f.finding} drops by {-f.difference:.4f} (AUROC {f.a:.4f} -> {f.b:.4f}), more than "
+                           f"{max_drop:.4f}; with {level} confidence over {self.scored} findings together it is worse "
+                           f"by at least {-high:.4f}")
+        return out
+
+    def passed(self, min_gain: float, max_drop: float, *, familywise: float | None = None) -> str:
+        """What a promotion established when `failures` is empty (no more: unshown drops are named, not denied)."""
+        level = f"{100 * (familywise or self.confidence):g}%"
+        text = (f"mean-AUROC gain lower bound {self.low:+.4f} is above {min_gain:+.4f}, and no finding is shown "
+                f"worse ({level} familywise over {self.scored} findings) with a point drop over {max_drop:.4f}")
+        unshown = self.unshown_drops(max_drop, familywise=familywise)
+        return text + ("; not shown either way: " + "; ".join(unshown) if unshown else "")
+
+    def unshown_drops(self, max_drop: float, *, familywise: float | None = None) -> list[str]:
+        """Point drops over `max_drop` that the familywise bounds do not show: recorded, but they do not block."""
+        out = []
+        for f, high in zip(self.findings, self._bounds(familywise), strict=True):
+            if f.difference is not None and f.difference < -max_drop and not (high is not None and high < 0):
+                bound = "none" if high is None else f"{high:+.4f}"
+                out.append(f"{f.finding}: point drop {-f.difference:.4f} over {max_drop:.4f}, not shown (familywise "
+                           f"upper bound of the change {bound}, not below 0)")
         return out
 
     def to_dict(self) -> dict:
@@ -322,6 +392,8 @@ class PairedDifference:
                      "n_defined": self.n_defined},
             "findings": {f.finding: {k: v for k, v in vars(f).items() if k != "finding"} for f in self.findings},
             "resamples": self.resamples, "confidence": self.confidence, "seed": self.seed, "unit": "patient",
+            "familywise": {"confidence": self.confidence, "findings": self.scored, "critical": self.critical,
+                           "bound": "one-sided upper bound of candidate - champion, max-t over the findings"},
         }
 
 
@@ -346,6 +418,7 @@ def paired_difference(
     reps = _replicates(np.hstack([y, y]), np.hstack([sa, sb]), rs.counts, rs.image_patient)
     reps_a, reps_b = reps[:, :k], reps[:, k:]
     diff = reps_b - reps_a  # NaN in the same places for both: definedness depends on labels and weights only
+    bounds, critical = familywise_bounds(diff, point_b - point_a, confidence)
     findings = []
     for j, name in enumerate(labels):
         reason = undefined_reason(y[:, j])
@@ -353,8 +426,8 @@ def paired_difference(
         if reason is None and n == 0:
             reason = "undefined in every resample"
         findings.append(FindingDifference(name, _opt(point_a[j]), _opt(point_b[j]),
-                                          _opt(point_b[j] - point_a[j]), low, high, n, reason))
+                                          _opt(point_b[j] - point_a[j]), low, high, n, reason, _opt(bounds[j])))
     mean_a, mean_b = mean_auroc(point_a), mean_auroc(point_b)
     low, high, n = _interval(_row_means(reps_b) - _row_means(reps_a), confidence)
     return PairedDifference(_opt(mean_a), _opt(mean_b), _opt(mean_b - mean_a), low, high, n, tuple(findings),
-                            resamples, confidence, seed, diff)
+                            resamples, confidence, seed, diff, critical)
