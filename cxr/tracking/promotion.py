@@ -6,7 +6,8 @@ it was trained), minus every patient the champion (or the candidate) trained or 
 the runs' provenance records: a re-prepared root without official lists reshuffles its split, and a champion
 scored on its own training patients would look better than it is. Too few patients left is an error, not a
 decision. Mean AUROCs are compared with a paired bootstrap over patients: the candidate is promoted only if
-the gain's interval lies above `min_gain` and no finding is shown to drop (the bootstrap module's rule).
+the gain's interval lies above `min_gain` and no finding is shown to drop by more than `max_drop`, with
+familywise confidence over the findings (docs/promotion.md).
 
 The decision is tagged on the candidate's version and the aliases move under the registry's lock, after
 re-reading `@champion`: if another promotion moved it meanwhile, the candidate is compared again with the new
@@ -167,9 +168,8 @@ def _decide(client: Any, score: _Scorer, cand: registry.Version, champ: registry
                                seed=ev_cand.ci.seed, names=list(ev_cand.report["auroc"]["findings"]))
     reasons = paired.failures(rules["min_gain"], rules["max_drop"])
     promoted = not reasons
-    if promoted:
-        reasons = [f"mean-AUROC gain lower bound {paired.low:+.4f} is above {rules['min_gain']:+.4f}, and no "
-                   f"finding drops by more than {rules['max_drop']:.4f}"]
+    if promoted:  # what was established, and drops the evidence could not show either way
+        reasons = [paired.passed(rules["min_gain"], rules["max_drop"])]
     reasons.append(f"scored on {counts['scored']} of {counts['test']} test patients: {counts['excluded']} excluded "
                    "as seen by a model in training or validation")
     return Decision(name, cand.version, champ.version, promoted, reasons, data, fingerprint, paired.to_dict(),
