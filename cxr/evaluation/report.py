@@ -84,7 +84,10 @@ def markdown(rep: dict) -> str:
     lines += ["", f"## At the threshold for sensitivity {target:g}", "",
               f"The highest threshold reaching sensitivity {target:g} on {val}; {reached}", ""]
     lines += _table(operating, "lrrrrrr", _operating(rep, "at_sensitivity", "at_sensitivity"))
-    lines += ["", "## Calibration", ""]
+    lines += ["", "PPV and NPV depend on prevalence: they hold for a population with this split's prevalence.",
+              "", "## Calibration", "",
+              "ECE is the image-weighted mean gap between predicted probability and observed frequency over 10 "
+              "equal-width bins (see reliability.png).", ""]
     lines += _table(["finding", "ECE", "mean predicted probability", "observed frequency"], "lrrr",
                     [[n, _num(f["calibration"]["ece"]), _num(_mean_probability(f["calibration"]["bins"]), 4),
                       _num(f["prevalence"], 4)] for n, f in ((n, rep["findings"][n]) for n in labels.FINDINGS)])
@@ -94,12 +97,9 @@ def markdown(rep: dict) -> str:
         for why in (a.get("reason"), f.get("auprc_reason"), f["thresholds"].get("reason")):
             if why:
                 notes.append(f"- {name}: {why}.")
+    if notes:
+        lines += ["", "## Undefined values", "", *dict.fromkeys(notes)]
     lines += ["", "## Published results", "", "Mean AUROCs for orientation (other models, other test sets):", ""]
     lines += _table(["model", "split", "mean AUROC"], "llr",
                     [[a["model"], a["split"], f"{a['mean_auroc']:.3f}"] for a in rep["anchors"]])
-    if notes:
-        lines += ["", "Undefined values:", "", *dict.fromkeys(notes)]
-    lines += ["", "PPV and NPV depend on prevalence: they hold for a population with this split's prevalence. "
-              "ECE is the image-weighted mean gap between predicted probability and observed frequency over 10 "
-              "equal-width bins (see reliability.png)."]
     return "\n".join(lines) + "\n"
