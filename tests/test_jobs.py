@@ -10,6 +10,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,25 +38,76 @@ def _mlflow_run(tracking_uri: str, name: str):
 
 
 @pytest.fixture
+def bystander():
+    """A process `ray stop` would take for one of Ray's (its arguments name log_monitor.py), as a user's `make demo`
+    beside the suite has many: the test's cluster must stop without it."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", "ray/_private/log_monitor.py"],
+                            start_new_session=True)
+    yield proc
+    survived = proc.poll() is None
+    proc.kill()
+    proc.wait()
+    assert survived, "stopping the test's Ray cluster killed a process outside it"
+
+
+def _members(namespace: str) -> list[int]:
+    """Processes in the pid namespace `namespace` (a /proc/PID/ns/pid link such as "pid:[4026532301]")."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/pid") == namespace:
+                pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture
 def ray_head():
-    """`ray start --head` on 127.0.0.1 with token authentication and the dashboard (job API) on."""
+    """`ray start --head` on 127.0.0.1 with token authentication and the dashboard (job API) on.
+
+    The head runs in a private pid namespace (the network stays the host's: the test submits over loopback): its
+    init is a shell that waits on our pipe, and when that closes and the shell exits the kernel ends every process
+    inside, the jobs' drivers and workers too, and nothing outside. `ray stop` would stop every Ray on the machine.
+    """
     token = secrets.token_hex(24)
-    dash, gcs = free_port(), free_port()
+    dash, gcs, agent = free_port(), free_port(), free_port()
     env = quiet_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    # The job agent's port too: its default, 52365, is taken by any other Ray on the machine with a dashboard (a
+    # user's `make demo`), and without its agent the head answers every submission "No available agent".
     start = [os.path.join(VENV_BIN, "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-             "--num-cpus=3", "--disable-usage-stats", f"--temp-dir={temp}"]
-    out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+             f"--dashboard-agent-listen-port={agent}", "--num-cpus=3", "--disable-usage-stats", f"--temp-dir={temp}"]
+    log = os.path.join(temp, "ray-start.log")
+    script = f"{shlex.join(start)} >{shlex.quote(log)} 2>&1 && echo up && read _"
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    namespace = ""
     try:
+        up = proc.stdout.readline().strip() == "up"  # or "" when `ray start` failed and the shell exited
+        if not up:
+            said = open(log).read()[-3000:] if os.path.exists(log) else "(no output)"
+            pytest.fail(f"ray start in a private pid namespace failed (exit {proc.wait(timeout=60)}):\n{said}")
+        namespace = os.readlink(f"/proc/{proc.pid}/ns/pid_for_children")  # the one unshare made
+        assert len(_members(namespace)) > 3, "Ray's processes are not in the private namespace"
         yield {"address": f"http://127.0.0.1:{dash}", "env": env, "token": token}
     finally:
-        subprocess.run([os.path.join(VENV_BIN, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        proc.stdin.close()  # the namespace's init returns from `read` and exits: every process inside ends
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # unshare and the init it forked share our new process group
+            proc.wait()
+        deadline = time.time() + 30
+        while namespace and _members(namespace) and time.time() < deadline:
+            time.sleep(0.5)  # the kernel's kills are asynchronous
+        left = namespace and _members(namespace)
         shutil.rmtree(temp, ignore_errors=True)
+        assert not left, f"processes of the test's Ray cluster outlived it: {left}"
 
 
-def test_ray_job_submit_with_token(ray_head, phantom_shards, mlflow_server, tmp_path):
+def test_ray_job_submit_with_token(bystander, ray_head, phantom_shards, mlflow_server, tmp_path):
     address, env = ray_head["address"], ray_head["env"]
     with pytest.raises(urllib.error.HTTPError) as refused:  # no token: refused
         urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)

@@ -189,7 +189,10 @@ def test_evaluate_reports_patient_level_intervals_and_logs_to_the_model_run(trai
     assert "Wang et al. 2017" in text and "random patient split (not comparable)" in text
     client, rid = trained["client"], trained["run"].info.run_id
     assert "evaluation/test/report.md" in {a.path for a in client.list_artifacts(rid, "evaluation/test")}
-    assert client.get_run(rid).data.metrics["eval_test_auroc_mean"] == pytest.approx(rep["auroc"]["mean"]["auroc"])
+    metrics = client.get_run(rid).data.metrics  # training's test_auroc/* stays the one record; the interval joins it
+    assert not [k for k in metrics if k.startswith("eval_test_auroc")], sorted(metrics)
+    assert metrics["test_auroc_mean_ci_low"] == pytest.approx(rep["auroc"]["mean"]["low"])
+    assert metrics["test_auroc_mean_ci_high"] == pytest.approx(rep["auroc"]["mean"]["high"])
     assert client.get_model_version("lifecycle", "1").tags["test_auroc_ci"].count("..") == 1
 
     ckpt = max(c for c in (trained["base"] / "runs" / "life").glob("checkpoint_*") if c.is_dir())  # folders too

@@ -62,3 +62,11 @@ def test_scheduled_retraining_on_a_two_node_cluster(tmp_path):
     assert runs["weekly-2026-12-01"]["tags"]["cxr.cluster.train_nodes"] == "3"
     for run in runs.values():
         assert run["tags"]["cxr.data"].startswith("s3://") and run["tags"]["cxr.data.source"] == "shards"
+
+
+def test_the_rehearsal_refuses_to_run_outside_its_namespaces(tmp_path):
+    """Outside them its cluster's fixed ports and its clean-up would meet other people's processes."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "rehearsal.py"), str(tmp_path / "work"),
+                          str(tmp_path / "result.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "unshare --net --pid --fork --mount-proc" in out.stderr, out.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written

@@ -144,10 +144,16 @@ def _record(evaluation: Evaluation, loaded: Any, tracking_uri: str | None) -> No
     if loaded.registered is not None:
         model_id = client.get_model_version(*loaded.registered).source.removeprefix("models:/")
     now = int(time.time() * 1000)
-    metrics = {f"eval_{split}_auroc/{name}": v["auroc"] for name, v in rep["auroc"]["findings"].items()}
-    metrics.update({f"eval_{split}_auroc_mean": rep["auroc"]["mean"]["auroc"],
-                    f"eval_{split}_auroc_mean_ci_low": rep["auroc"]["mean"]["low"],
-                    f"eval_{split}_auroc_mean_ci_high": rep["auroc"]["mean"]["high"]})
+    # Training already logged this split of this data into the run (`test_auroc/*`): only the interval is new.
+    # Other data is another measurement and gets a chart group of its own, eval_<split>_auroc.
+    run = client.get_run(loaded.run_id)
+    on_record = (run.data.tags.get("cxr.data.fingerprint") == rep["data"]["fingerprint"]
+                 and f"{split}_auroc_mean" in run.data.metrics)
+    prefix, mean = (split if on_record else f"eval_{split}"), rep["auroc"]["mean"]
+    metrics = {f"{prefix}_auroc_mean_ci_low": mean["low"], f"{prefix}_auroc_mean_ci_high": mean["high"]}
+    if not on_record:
+        metrics.update({f"{prefix}_auroc/{name}": v["auroc"] for name, v in rep["auroc"]["findings"].items()})
+        metrics[f"{prefix}_auroc_mean"] = mean["auroc"]
     client.log_batch(loaded.run_id, metrics=[Metric(k, float(v), now, 0, model_id=model_id)
                                              for k, v in metrics.items() if v is not None])
     client.set_tag(loaded.run_id, f"cxr.evaluation.{split}.fingerprint", rep["data"]["fingerprint"])

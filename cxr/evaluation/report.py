@@ -1,4 +1,5 @@
-"""What a person reads after a run: the per-finding AUROC table (figures are `cxr.evaluation.figures`)."""
+"""What a person reads after a run: the per-finding AUROC table and the evaluation report (figures are
+`cxr.evaluation.figures`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def auroc_text(columns: Mapping[str, Mapping[str, float | None]]) -> str:
     return "\n".join([f"{head}   {head}", *pairs, row("mean")])
 
 
+WIDTH = 100  # MLflow's artifact viewer shows about this many characters of a table row; wider ones are cut off
+
+
 def _num(v: float | None, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -31,40 +35,71 @@ def _ci(d: dict) -> str:
     return "undefined" if d.get("auroc") is None else f"{d['auroc']:.3f} [{_num(d['low'])}, {_num(d['high'])}]"
 
 
+def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _operating(rep: dict, threshold: str, point: str) -> list[list[str]]:
+    """One row per finding at a validation-chosen threshold: the rates it reached on the evaluated split."""
+    rows = []
+    for name in labels.FINDINGS:
+        f = rep["findings"][name]
+        p = f[point] or {}
+        found = f"{_num(p.get('sensitivity'))} ({p['tp']}/{p['tp'] + p['fn']})" if p else "–"
+        rows.append([name, _num(f["thresholds"][threshold]), found, _num(p.get("specificity")), _num(p.get("ppv")),
+                     _num(p.get("npv")), _num(p.get("f1"))])
+    return rows
+
+
+def _mean_probability(bins: list[dict]) -> float | None:
+    n = sum(b["count"] for b in bins)
+    return sum(b["confidence"] * b["count"] for b in bins if b["count"]) / n if n else None
+
+
 def markdown(rep: dict) -> str:
-    """The evaluation report as Markdown: what was scored, the per-finding table, the anchors, the fine print."""
+    """The evaluation report as Markdown: what was scored, then one narrow table per question (AUROC, each
+    operating point, calibration) so no row is wider than MLflow's artifact viewer, the anchors, the fine print."""
     au, data, model = rep["auroc"], rep["data"], rep["model"]
     pct = f"{100 * au['confidence']:.0f}%"
     reg = model.get("registered")
+    val, split = data["threshold_split"], data["split"]
+    target = next(iter(rep["findings"].values()))["thresholds"]["sensitivity_target"]
     lines = [f"# Evaluation of {model['uri']}" + (f" ({reg['name']} version {reg['version']})" if reg else ""), "",
-             f"Split **{data['split']}** of `{data['uri']}`: {data['images']:,} images of {data['patients']:,} "
+             f"Split **{split}** of `{data['uri']}`: {data['images']:,} images of {data['patients']:,} "
              f"patients (data fingerprint `{data['fingerprint'][:16]}…`)."
              + (f" {data['unreadable_images']} unreadable images were left out." if data["unreadable_images"] else ""),
              "",
              f"**Mean AUROC {_ci(au['mean'])}** ({pct} CI, {au['resamples']:,} bootstrap resamples of patients, "
-             f"seed {au['seed']}). Thresholds were chosen on the {data['threshold_split']} split and applied "
-             "unchanged here.", "",
-             "| finding | AUROC [" + pct + " CI] | AUPRC | prevalence | Youden threshold | sensitivity | "
-             "specificity | PPV | NPV | F1 | threshold for sensitivity 0.9 | specificity there | ECE |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"seed {au['seed']}). Thresholds were chosen on the {val} split and applied unchanged here.", "",
+             "## Discrimination", ""]
+    lines += _table(["finding", f"AUROC [{pct} CI]", "AUPRC", "prevalence"], "lrrr",
+                    [[n, _ci(au["findings"][n]), _num(rep["findings"][n]["auprc"]),
+                      _num(rep["findings"][n]["prevalence"], 4)] for n in labels.FINDINGS])
+    operating = ["finding", "threshold", f"{split} sensitivity", f"{split} specificity", "PPV", "NPV", "F1"]
+    reached = f"what it reached on {split} (true positives / positive images in brackets):"
+    lines += ["", "## At the Youden threshold", "",
+              f"The threshold maximising sensitivity + specificity - 1 on {val}; {reached}", ""]
+    lines += _table(operating, "lrrrrrr", _operating(rep, "youden", "at_youden"))
+    lines += ["", f"## At the threshold for sensitivity {target:g}", "",
+              f"The highest threshold reaching sensitivity {target:g} on {val}; {reached}", ""]
+    lines += _table(operating, "lrrrrrr", _operating(rep, "at_sensitivity", "at_sensitivity"))
+    lines += ["", "PPV and NPV depend on prevalence: they hold for a population with this split's prevalence.",
+              "", "## Calibration", "",
+              "ECE is the image-weighted mean gap between predicted probability and observed frequency over 10 "
+              "equal-width bins (see reliability.png).", ""]
+    lines += _table(["finding", "ECE", "mean predicted probability", "observed frequency"], "lrrr",
+                    [[n, _num(f["calibration"]["ece"]), _num(_mean_probability(f["calibration"]["bins"]), 4),
+                      _num(f["prevalence"], 4)] for n, f in ((n, rep["findings"][n]) for n in labels.FINDINGS)])
     notes = []
     for name in labels.FINDINGS:
         a, f = au["findings"][name], rep["findings"][name]
-        y, s = f.get("at_youden") or {}, f.get("at_sensitivity") or {}
-        th = f["thresholds"]
-        lines.append(f"| {name} | {_ci(a)} | {_num(f['auprc'])} | {_num(f['prevalence'], 4)} | {_num(th['youden'])} | "
-                     f"{_num(y.get('sensitivity'))} | {_num(y.get('specificity'))} | {_num(y.get('ppv'))} | "
-                     f"{_num(y.get('npv'))} | {_num(y.get('f1'))} | {_num(th['at_sensitivity'])} | "
-                     f"{_num(s.get('specificity'))} | {_num(f['calibration']['ece'])} |")
-        for why in (a.get("reason"), f.get("auprc_reason"), th.get("reason")):
+        for why in (a.get("reason"), f.get("auprc_reason"), f["thresholds"].get("reason")):
             if why:
                 notes.append(f"- {name}: {why}.")
-    lines += ["", "Published mean AUROCs for orientation (other models, other test sets):", "",
-              "| model | split | mean AUROC |", "|---|---|---:|"]
-    lines += [f"| {a['model']} | {a['split']} | {a['mean_auroc']:.3f} |" for a in rep["anchors"]]
     if notes:
-        lines += ["", "Undefined values:", "", *dict.fromkeys(notes)]
-    lines += ["", "PPV and NPV depend on prevalence: they hold for a population with this split's prevalence. "
-              "ECE is the image-weighted mean gap between predicted probability and observed frequency over 10 "
-              "equal-width bins (see reliability.png)."]
+        lines += ["", "## Undefined values", "", *dict.fromkeys(notes)]
+    lines += ["", "## Published results", "", "Mean AUROCs for orientation (other models, other test sets):", ""]
+    lines += _table(["model", "split", "mean AUROC"], "llr",
+                    [[a["model"], a["split"], f"{a['mean_auroc']:.3f}"] for a in rep["anchors"]])
     return "\n".join(lines) + "\n"
