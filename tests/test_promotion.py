@@ -118,6 +118,7 @@ def test_the_champion_is_scored_only_on_patients_it_never_saw(roots, tmp_path):
     assert decision.patients == {"test": test_b.size, "excluded": overlap.size,
                                  "scored": test_b.size - overlap.size}, decision.explain()
     assert f"{overlap.size} excluded" in decision.explain()
+    print(decision.explain())  # the figures a reader of the log wants
     tags = client.get_model_version("grown", v2).tags
     assert tags["cxr.decision.excluded_patients"] == str(overlap.size)
     assert tags["cxr.decision.champion_fingerprint"] == fp_a
