@@ -67,7 +67,7 @@ def lease_url(storage_path: str, run_name: str) -> str:
 
 
 def _timing() -> tuple[float, float]:
-    ttl, beat = storage._seconds(ENV_TTL, TTL_S), storage._seconds(ENV_HEARTBEAT, HEARTBEAT_S)
+    ttl, beat = storage.env_seconds(ENV_TTL, TTL_S), storage.env_seconds(ENV_HEARTBEAT, HEARTBEAT_S)
     if not beat * 2 < ttl:
         raise ValueError(f"{ENV_HEARTBEAT}={beat:g} must be below half of {ENV_TTL}={ttl:g}")
     return ttl, beat

@@ -71,7 +71,8 @@ class Limits:
     deadline_s: float
 
 
-def _seconds(name: str, default: float) -> float:
+def env_seconds(name: str, default: float) -> float:
+    """A positive, finite number of seconds from the environment variable `name`, else `default`."""
     text = os.environ.get(name)
     if text is None or not text.strip():
         return float(default)
@@ -86,8 +87,8 @@ def _seconds(name: str, default: float) -> float:
 
 def limits() -> Limits:
     """The limits in force, read from the environment on every call so child processes and tests can set them."""
-    return Limits(_seconds(ENV_CONNECT_TIMEOUT, CONNECT_TIMEOUT_S), _seconds(ENV_READ_TIMEOUT, READ_TIMEOUT_S),
-                  _seconds(ENV_DEADLINE, DEADLINE_S))
+    return Limits(env_seconds(ENV_CONNECT_TIMEOUT, CONNECT_TIMEOUT_S), env_seconds(ENV_READ_TIMEOUT, READ_TIMEOUT_S),
+                  env_seconds(ENV_DEADLINE, DEADLINE_S))
 
 
 def _storage_options(url: str) -> dict[str, Any]:
