@@ -44,6 +44,8 @@ def _print_inspect(s: dict) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.dataset not in (None, "nih"):
+        return _inspect_spec(args)
     from cxr.data import metadata
 
     ds = metadata.load(args.data_root, seed=args.seed, val_fraction=args.val_fraction,
@@ -61,6 +63,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_spec(args: argparse.Namespace) -> int:
+    """`--dataset SPEC`: the generic reader (cxr.data.tabular); NIH roots keep cmd_inspect's own path."""
+    from cxr.data import spec_summary
+
+    s = spec_summary.inspect(args.dataset, args.data_root, seed=args.seed, val_fraction=args.val_fraction,
+                             test_fraction=args.test_fraction, scan_images=args.scan_images)
+    print(json.dumps(s, default=str) if args.json else spec_summary.render(s))
+    if args.strict and s["problems"]:
+        print(f"--strict: {len(s['problems'])} problem(s) found", file=sys.stderr)
+    return int(args.strict and bool(s["problems"]))
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from cxr import synth
 
@@ -74,6 +88,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.dataset not in (None, "nih"):
+        raise ValueError(f"dataset {args.dataset}: preparing non-NIH label sets comes with label sets in the model "
+                         "(issue 21 §2); only `cxr inspect` reads it today")
     from cxr.data.prepare import prepare
     from cxr.data.shards import Params
 
@@ -245,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = _parser(sub, "inspect", "validate a dataset root and summarise labels, splits and problems", verbose)
     q.add_argument("data_root", help="local path or fsspec URL laid out like the NIH release")
+    _dataset_argument(q)
     q.add_argument("--json", action="store_true", help="one JSON object on stdout")
     q.add_argument("--scan-images", action="store_true", help="decode every image (finds truncated/RGBA/16-bit)")
     q.add_argument("--strict", action="store_true", help="exit non-zero if any problem is found")
@@ -265,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = _parser(sub, "prepare", "convert a dataset root into resized TFRecord shards + manifest.json", verbose)
     r.add_argument("data_root", help="local path or fsspec URL laid out like the NIH release")
     r.add_argument("out_uri", help="where shards and manifest.json go (local path, file://, s3://)")
+    _dataset_argument(r)
     r.add_argument("--size", type=int, default=256, help="stored image side in pixels")
     r.add_argument("--codec", choices=["jpeg", "png", "uint8"], default="jpeg",
                    help="jpeg (q95, cheap to decode), lossless png, or uint8 (the bare pixels: nothing to decode, "
@@ -359,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true", help="decide and explain, but tag and move nothing")
     m.set_defaults(func=cmd_promote)
     return p
+
+
+def _dataset_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default=None, metavar="NAME_OR_SPEC.yaml", help="a built-in dataset spec (nih, "
+                   "chexpert, mimic-cxr-jpg, padchest, csv) or a spec file; default nih (docs/data.md)")
 
 
 def _scoring_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,235 @@
+"""Dataset specs: a YAML file says how a dataset root's metadata maps to cxr's fields (issue 21 §1).
+
+A spec is data, not code: a built-in name (`nih`, `chexpert`, `mimic-cxr-jpg`, `padchest`, `csv`, shipped in
+`cxr/data/specs/`) or a user's own YAML file. It is validated here, unknown keys forbidden, and every error
+names the file and the dotted key, so a typo in a hospital's spec costs a second. `cxr.data.tabular` reads a
+root with it; docs/data.md "Dataset specs" describes every key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from importlib import resources
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cxr import storage
+
+SplitName = Literal["train", "val", "test", "train_val"]  # train_val: val patients are drawn from it by the seed
+
+
+class SpecError(ValueError):
+    """A dataset spec is invalid or does not fit the files it describes; the message names file and key."""
+
+
+class Part(BaseModel):
+    """Unknown keys are errors; a YAML number given for a text field (a code `1`) stays text."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, frozen=True)
+
+
+class Table(Part):
+    """A metadata CSV; `file` as distributed (a list: the first present wins); `NAME.gz` is accepted too."""
+
+    file: str | list[str]
+    split: SplitName | None = Field(None, description="the official split of every row of this file")
+    required: bool = True
+
+    @property
+    def names(self) -> list[str]:
+        return [self.file] if isinstance(self.file, str) else list(self.file)
+
+
+class Join(Part):
+    """Another CSV joined onto the metadata rows by key columns (MIMIC's label CSV on subject_id, study_id)."""
+
+    file: str
+    keys: list[str] = Field(min_length=1, description="key columns (not `on`: YAML reads that as true)")
+
+
+class Split(Part):
+    """Official split: a column of the (joined) rows, or of a split CSV joined on `keys`; values map to splits."""
+
+    file: str | None = None
+    keys: list[str] = Field(default_factory=list)
+    column: str
+    values: dict[str, SplitName]
+    required: bool = Field(True, description="false: without the file, say so and use the seeded patient split")
+
+    @model_validator(mode="after")
+    def _joined(self) -> Split:
+        if self.file and not self.keys:
+            raise ValueError("split.file needs split.keys, the key columns it is joined on")
+        return self
+
+
+class Column(Part):
+    """A column, optionally narrowed by a regex (group 1, else the whole match), e.g. CheXpert's patient in Path."""
+
+    column: str
+    regex: str | None = None
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, regex: str | None) -> str | None:
+        if regex is not None:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return regex
+
+
+class Image(Part):
+    """The image path relative to the root: a column, or a `str.format` pattern over columns.
+
+    `strip_prefixes`: leading folders the path column repeats (CheXpert's `CheXpert-v1.0-small/`); the rest is
+    taken relative to the folder the metadata CSV was found in, so ROOT may be that folder or its parent.
+    """
+
+    column: str | None = None
+    pattern: str | None = Field(None, description="e.g. files/p{subject_id:.2}/p{subject_id}/s{study_id}/"
+                                "{dicom_id}.jpg ({col:.2}: the first 2 characters)")
+    strip_prefixes: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one(self) -> Image:
+        if (self.column is None) == (self.pattern is None):
+            raise ValueError("give exactly one of image.column and image.pattern")
+        return self
+
+
+class View(Part):
+    column: str
+    keep: list[str] | None = Field(None, description="rows with another value are excluded (view_filtered)")
+
+
+class Sex(Part):
+    column: str
+    values: dict[str, Literal["M", "F"]] = Field(default_factory=lambda: {"M": "M", "F": "F"})
+
+
+class Age(Part):
+    column: str
+    max: float = 120.0
+
+
+class Labels(Part):
+    """The label set (`names`, in order) and how cells encode it.
+
+    delimited / python_list: one column of tokens ("A|B", or "['a', 'b']" read by ast.literal_eval); a token
+    is a name, a `vocabulary` spelling of one, a `none` token (no finding), or an `ignore` token; others are
+    unknown labels (`unknown: exclude` drops the row, `ignore` counts them only). columns: one column per
+    finding (`columns` maps name → column, default the name) whose numbers are `positive` / `negative` /
+    `uncertain` codes; a blank cell means `blank`.
+    """
+
+    names: list[str] = Field(min_length=1)
+    encoding: Literal["delimited", "python_list", "columns"]
+    column: str | None = None
+    delimiter: str = "|"
+    vocabulary: dict[str, str] = Field(default_factory=dict)
+    none: list[str] = Field(default_factory=list)
+    ignore: list[str] = Field(default_factory=list)
+    unknown: Literal["exclude", "ignore"] = "exclude"
+    columns: dict[str, str] = Field(default_factory=dict)
+    positive: list[float] = Field(default_factory=lambda: [1.0])
+    negative: list[float] = Field(default_factory=lambda: [0.0])
+    uncertain: list[float] = Field(default_factory=lambda: [-1.0])
+    blank: Literal["negative", "uncertain", "positive"] = "negative"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Labels:
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"labels.names repeats a name: {self.names}")
+        if self.encoding == "columns":
+            if self.column is not None:
+                raise ValueError("labels.column is for the delimited and python_list encodings; use labels.columns")
+        elif not self.column:
+            raise ValueError(f"labels.column: required with encoding {self.encoding} (the column of label tokens)")
+        unknown = sorted(set(self.vocabulary.values()) - set(self.names)) + sorted(set(self.columns) - set(self.names))
+        if unknown:
+            raise ValueError(f"labels.vocabulary/columns name finding(s) not in labels.names: {unknown}")
+        return self
+
+    def column_of(self, name: str) -> str:
+        return self.columns.get(name, name)
+
+
+class Spec(Part):
+    name: str
+    description: str = ""
+    reader: Literal["generic", "nih"] = Field("generic", description="nih: cxr.data.metadata reads such roots")
+    folders: list[str] = Field(default_factory=lambda: [""], description="where under ROOT the CSVs may be")
+    metadata: list[Table] = Field(min_length=1)
+    join: list[Join] = Field(default_factory=list)
+    split: Split | None = None
+    image: Image
+    patient: Column
+    study: Column | None = None
+    view: View | None = None
+    filters: list[View] = Field(default_factory=list, description="more columns that must hold a kept value")
+    sex: Sex | None = None
+    age: Age | None = None
+    labels: Labels
+
+    @property
+    def official(self) -> bool:
+        return self.split is not None or any(t.split for t in self.metadata)
+
+
+def builtin_names() -> list[str]:
+    folder = resources.files("cxr.data").joinpath("specs")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load(name_or_path: str) -> tuple[Spec, str]:
+    """The spec and where it came from: a built-in name, else a YAML file (path or fsspec URL)."""
+    if name_or_path in builtin_names():
+        source = f"built-in spec {name_or_path} (cxr/data/specs/{name_or_path}.yaml)"
+        text = resources.files("cxr.data").joinpath("specs", f"{name_or_path}.yaml").read_text("utf-8")
+    elif name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path or "://" in name_or_path:
+        source = name_or_path
+        if not storage.exists(name_or_path):
+            raise FileNotFoundError(f"dataset spec {name_or_path}: no such file")
+        text = storage.read_text(name_or_path)
+    else:
+        raise SpecError(f"dataset {name_or_path!r}: not a built-in spec ({', '.join(builtin_names())}) "
+                        "nor a .yaml file")
+    return parse(text, source), source
+
+
+def parse(text: str, source: str) -> Spec:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a dataset spec is a mapping of keys (name, metadata, image, patient, labels, …)")
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as exc:
+        lines = "\n  ".join(_describe(err) for err in exc.errors())
+        raise SpecError(f"{source}: invalid dataset spec:\n  {lines}") from None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One line per error: the dotted key (list positions included), what is wrong, a close key if misspelt."""
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc[-1], _keys(), n=1)
+        return f"{key}: unknown key" + (f" (did you mean {close[0]}?)" if close else "")
+    if err["type"] == "missing":
+        return f"{key}: required but missing"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{key}: {msg}" + ("" if err["type"] == "value_error" else f" (got {err.get('input')!r})")
+
+
+def _keys() -> list[str]:
+    models: list[type[BaseModel]] = [Spec, Table, Join, Split, Column, Image, View, Sex, Age, Labels]
+    return sorted({k for m in models for k in m.model_fields})

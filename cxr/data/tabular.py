@@ -1,0 +1,425 @@
+"""The generic metadata reader: a dataset spec + a root → one table of cxr's fields and every row's problems.
+
+What `cxr.data.metadata` does for NIH's files, done from a spec (`cxr.data.spec`) for any CSV layout:
+CheXpert's observation columns, MIMIC-CXR-JPG's joined label and split CSVs, PadChest's Python-list label
+strings, a hospital's export. Real files are messier than papers: every defect becomes a `Problem` naming
+file, line and value; rows with a fatal one are excluded and listed, never a crash. Each row's own checks are
+all reported; the split checks and the image scan apply to the rows that passed them.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import io
+import re
+import string
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from cxr import storage
+from cxr.data.metadata import _patient_permutation, _take  # the one seeded patient split
+from cxr.data.spec import Spec, SpecError
+
+SPLITS = ("train", "val", "test")
+PRIORITY = {"test": 3, "val": 2, "train": 1, "train_val": 1}  # a patient in two official splits keeps the highest
+
+# Problem kinds that remove a row; the others (sex, age, study) are reported and the value recorded as unknown.
+FATAL = {"bad_image_path", "bad_patient_id", "duplicate_image", "view_filtered", "unparseable_labels",
+         "unknown_label", "unknown_label_value", "missing_join", "not_in_split", "unknown_split",
+         "patient_in_two_splits", "missing_image"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int  # in `file`, header = line 1
+    image: str
+    kind: str
+    detail: str
+
+    @property
+    def fatal(self) -> bool:
+        return self.kind in FATAL
+
+
+@dataclass
+class TabularDataset:
+    """A root read with a spec. `table` holds usable rows; `y` their labels (1, 0, NaN = uncertain)."""
+
+    spec: Spec
+    source: str
+    root: str
+    files: list[str]
+    rows_read: int
+    table: pd.DataFrame  # image, patient, study, view, sex, age, split, file, line
+    y: np.ndarray  # float32 [rows, len(spec.labels.names)]
+    problems: list[Problem] = field(default_factory=list)
+    official_split: bool = False
+    split_note: str = ""
+    ignored_labels: Counter = field(default_factory=Counter)
+    images_checked: bool = False
+
+
+def _read_csv(url: str) -> pd.DataFrame:
+    """A CSV as text cells ('' for blank), `.gz` or not; bytes that are not UTF-8 read as U+FFFD."""
+    raw = storage.read_bytes(url)
+    if url.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise ValueError(f"{url}: not a readable gzip file ({exc})") from None
+    text = raw.decode("utf-8-sig", errors="replace")
+    return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+
+
+def _present(root: str, folder: str, names: list[str]) -> str | None:
+    """The first of `names` (or `name.gz`) present in ROOT/folder, as a path relative to ROOT."""
+    listed = set(storage.listdir(storage.join(root, folder) if folder else root))
+    for name in names:
+        for candidate in (name, name + ".gz"):
+            if candidate in listed:
+                return f"{folder}/{candidate}" if folder else candidate
+    return None
+
+
+def _find_folder(spec: Spec, root: str) -> str:
+    first = spec.metadata[0].names
+    for folder in spec.folders:
+        if _present(root, folder.strip("/"), first):
+            return folder.strip("/")
+    where = ", ".join(repr(f or ".") for f in spec.folders)
+    raise FileNotFoundError(f"{root}: no {' or '.join(first)} (or .gz) in {where}: is this a {spec.name} root?")
+
+
+def _read_tables(spec: Spec, root: str, folder: str, files: list[str]) -> pd.DataFrame:
+    frames = []
+    for table in spec.metadata:
+        rel = _present(root, folder, table.names)
+        if rel is None:
+            if table.required:
+                raise FileNotFoundError(f"{root}: {' or '.join(table.names)} (or .gz) not found in {folder or '.'}")
+            continue
+        df = _read_csv(storage.join(root, rel))
+        df["_file"], df["_line"] = rel, np.arange(2, len(df) + 2)
+        df["_split"] = table.split or ""
+        files.append(rel)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True).fillna("")
+
+
+def _join(df: pd.DataFrame, rel: str, other: pd.DataFrame, on: list[str], spec_key: str,
+          source: str) -> tuple[pd.DataFrame, dict[int, str]]:
+    """Left join keeping the rows' order (the first of duplicate keys wins); row → why it found no partner."""
+    for col in on:
+        for name, frame in ((rel, other), ("the metadata", df)):
+            if col not in frame.columns:
+                raise SpecError(f"{source}: {spec_key}.keys: column {col!r} not in {name} "
+                                f"(columns: {list(frame.columns)})")
+    other = other.drop_duplicates(on, keep="first")
+    merged = df.merge(other, how="left", on=on, suffixes=("", f" ({rel})"), indicator="_joined")
+    unmatched = {int(i): f"no row in {rel} for " + ", ".join(f"{c}={merged[c].iat[i]}" for c in on)
+                 for i in np.flatnonzero((merged["_joined"] == "left_only").to_numpy())}
+    return merged.drop(columns="_joined").fillna(""), unmatched
+
+
+def _report_rows(out: pd.DataFrame, rows: dict[int, str], kind: str, keep: np.ndarray,
+                 problems: list[Problem]) -> None:
+    for i, detail in rows.items():
+        if keep[i] or kind == "missing_join":
+            problems.append(Problem(out["file"].iat[i], int(out["line"].iat[i]), out["image"].iat[i], kind, detail))
+        keep[i] = False
+
+
+def _needed(spec: Spec) -> dict[str, str]:
+    """Spec key → the column it names, for every column the rows must have."""
+    need: dict[str, str] = {}
+    if spec.image.column:
+        need["image.column"] = spec.image.column
+    else:
+        for _, name, _, _ in string.Formatter().parse(spec.image.pattern or ""):
+            if name:
+                need[f"image.pattern {{{name}}}"] = name
+    need["patient.column"] = spec.patient.column
+    for key, part in (("study", spec.study), ("view", spec.view), ("sex", spec.sex), ("age", spec.age)):
+        if part is not None:
+            need[f"{key}.column"] = part.column
+    for i, f in enumerate(spec.filters):
+        need[f"filters.{i}.column"] = f.column
+    lab = spec.labels
+    if lab.encoding == "columns":
+        for name in lab.names:
+            need[f"labels.columns[{name}]"] = lab.column_of(name)
+    else:
+        need["labels.column"] = lab.column or ""
+    return need
+
+
+def _extract(values: pd.Series, regex: str | None) -> pd.Series:
+    values = values.str.strip()
+    if regex is None:
+        return values
+    pattern = re.compile(regex)
+
+    def one(text: str) -> str:
+        m = pattern.search(text)
+        return "" if m is None else (m.group(1) if pattern.groups else m.group(0))
+
+    return values.map(one)
+
+
+def _image_paths(spec: Spec, df: pd.DataFrame, folder: str) -> pd.Series:
+    img = spec.image
+    if img.column:
+        paths = df[img.column].str.strip()
+    else:
+        cols = [name for name in _needed(spec).values() if name in df.columns]
+        paths = pd.Series([img.pattern.format(**dict(zip(cols, vals, strict=True)))  # type: ignore[union-attr]
+                           for vals in zip(*(df[c].str.strip() for c in cols), strict=True)], index=df.index)
+    for prefix in img.strip_prefixes:
+        paths = paths.map(lambda p, pre=prefix: p[len(pre):] if p.startswith(pre) else p)
+    paths = paths.str.lstrip("/")
+    return paths.map(lambda p: f"{folder}/{p}" if p and folder else p)
+
+
+def _tokens(text: str, encoding: str, delimiter: str) -> list[str] | str:
+    """The label tokens of a cell, or why it does not parse (never eval: ast.literal_eval reads literals only)."""
+    if encoding == "python_list":
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return "not a Python list literal"
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            return "not a list of strings"
+        tokens = [v.strip() for v in value]
+    else:
+        tokens = [t.strip() for t in text.split(delimiter)]
+    tokens = [t for t in tokens if t]
+    return tokens if tokens else "no labels"
+
+
+def _label_matrix(spec: Spec, df: pd.DataFrame, problems: list[Problem], ignored: Counter,
+                  images: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    lab = spec.labels
+    names = lab.names
+    y = np.zeros((len(df), len(names)), dtype=np.float32)
+    ok = np.ones(len(df), dtype=bool)
+    files, lines = df["_file"].to_numpy(), df["_line"].to_numpy()
+    if lab.encoding == "columns":
+        blank = {"negative": 0.0, "uncertain": np.nan, "positive": 1.0}[lab.blank]
+        codes = {**{v: 1.0 for v in lab.positive}, **{v: 0.0 for v in lab.negative},
+                 **{v: np.nan for v in lab.uncertain}}
+        for j, name in enumerate(names):
+            col = lab.column_of(name)
+            uniq, inverse = np.unique(df[col].str.strip().to_numpy(dtype=str), return_inverse=True)
+            value = np.full(len(uniq), np.nan, dtype=np.float32)
+            known = np.ones(len(uniq), dtype=bool)
+            for u, text in enumerate(uniq):
+                try:
+                    value[u] = blank if text == "" else codes[float(text)]
+                except (ValueError, KeyError):
+                    known[u] = False
+            y[:, j] = value[inverse]
+            for i in np.flatnonzero(~known[inverse]):
+                ok[i] = False
+                problems.append(Problem(files[i], int(lines[i]), images.iat[i], "unknown_label_value",
+                                        f"{col} = {str(uniq[inverse[i]])!r} (codes: positive {lab.positive}, negative "
+                                        f"{lab.negative}, uncertain {lab.uncertain})"))
+        return y, ok
+    index = {name: j for j, name in enumerate(names)}
+    vocab = {**{n: n for n in names}, **lab.vocabulary}
+    silent = set(lab.none) | set(lab.ignore)
+    cache: dict[str, list[str] | str] = {}
+    for i, text in enumerate(df[lab.column].to_numpy()):
+        if text not in cache:
+            cache[text] = _tokens(text, lab.encoding, lab.delimiter)
+        tokens = cache[text]
+        if isinstance(tokens, str):
+            ok[i] = False
+            problems.append(Problem(files[i], int(lines[i]), images.iat[i], "unparseable_labels",
+                                    f"{lab.column} = {text[:120]!r}: {tokens}"))
+            continue
+        unknown = [t for t in tokens if t not in vocab and t not in silent]
+        if unknown and lab.unknown == "exclude":
+            ok[i] = False
+            problems.append(Problem(files[i], int(lines[i]), images.iat[i], "unknown_label",
+                                    f"{lab.column}: unknown label(s) {unknown} in {text[:120]!r}"))
+            continue
+        ignored.update(unknown)
+        for t in tokens:
+            if t in vocab:
+                y[i, index[vocab[t]]] = 1.0
+    return y, ok
+
+
+def _check_columns(spec: Spec, df: pd.DataFrame, source: str, files: list[str]) -> None:
+    missing = [f"{key}: column {col!r}" for key, col in _needed(spec).items() if col not in df.columns]
+    if missing:
+        raise SpecError(f"{source}: {'; '.join(missing)} not in {' + '.join(files)} "
+                        f"(columns: {[c for c in df.columns if not c.startswith('_')]})")
+
+
+def _row_checks(spec: Spec, df: pd.DataFrame, folder: str, problems: list[Problem]) -> tuple[pd.DataFrame, np.ndarray]:
+    """cxr's fields of every row and the keep-mask; each defect reported once per row and kind."""
+    out = pd.DataFrame({"image": _image_paths(spec, df, folder), "file": df["_file"], "line": df["_line"]})
+    out["patient"] = _extract(df[spec.patient.column], spec.patient.regex)
+    out["study"] = _extract(df[spec.study.column], spec.study.regex) if spec.study else ""
+    out["view"] = df[spec.view.column].str.strip() if spec.view else ""
+    keep = np.ones(len(df), dtype=bool)
+
+    def report(mask: np.ndarray, kind: str, detail) -> None:  # detail: row index → text
+        for i in np.flatnonzero(mask):
+            problems.append(Problem(out["file"].iat[i], int(out["line"].iat[i]), out["image"].iat[i], kind, detail(i)))
+        if kind in FATAL:
+            keep[mask] = False
+
+    report((out["image"] == "").to_numpy(), "bad_image_path", lambda i: "empty image path")
+    dup = (out["image"].duplicated(keep="first") & (out["image"] != "")).to_numpy()
+    report(dup, "duplicate_image", lambda i: "the same image as an earlier row; kept the first")
+    report((out["patient"] == "").to_numpy(), "bad_patient_id",
+           lambda i: f"{spec.patient.column} = {df[spec.patient.column].iat[i]!r}"
+           + (f" does not match {spec.patient.regex!r}" if spec.patient.regex else ""))
+    if spec.study:
+        report((out["study"] == "").to_numpy(), "bad_study_id",
+               lambda i: f"{spec.study.column} = {df[spec.study.column].iat[i]!r}; recorded as unknown")
+    for part in ([spec.view] if spec.view and spec.view.keep else []) + list(spec.filters):
+        values = df[part.column].str.strip()
+        report((~values.isin(part.keep or [])).to_numpy(), "view_filtered",
+               lambda i, c=part.column, v=values, k=part.keep: f"{c} = {v.iat[i]!r}, not one of {k}")
+    if spec.sex:
+        raw = df[spec.sex.column].str.strip()
+        out["sex"] = raw.map(spec.sex.values).fillna("")
+        report((raw == "").to_numpy(), "missing_sex", lambda i: f"{spec.sex.column} is blank")
+        report(((raw != "") & (out["sex"] == "")).to_numpy(), "unknown_sex",
+               lambda i: f"{spec.sex.column} = {raw.iat[i]!r}, not one of {list(spec.sex.values)}; recorded as unknown")
+    else:
+        out["sex"] = ""
+    if spec.age:
+        raw = df[spec.age.column].str.strip()
+        age = pd.to_numeric(raw, errors="coerce")
+        bad = (raw != "") & (age.isna() | (age < 0) | (age > spec.age.max))
+        out["age"] = age.where(~bad)
+        report((raw == "").to_numpy(), "missing_age", lambda i: f"{spec.age.column} is blank")
+        report(bad.to_numpy(), "unknown_age", lambda i: f"{spec.age.column} = {raw.iat[i]!r}; recorded as unknown")
+    else:
+        out["age"] = np.nan
+    return out, keep
+
+
+def _official_splits(spec: Spec, root: str, folder: str, df: pd.DataFrame, out: pd.DataFrame, keep: np.ndarray,
+                     source: str, problems: list[Problem], files: list[str]) -> tuple[pd.DataFrame, bool, str]:
+    """The official split per row ('' where none) from the files' own splits or the spec's split column/CSV."""
+    split = df["_split"].copy()
+    sp = spec.split
+    if sp is None:
+        return df.assign(_official=split), bool((split != "").any()), ""
+    if sp.file:
+        rel = _present(root, folder, [sp.file])
+        if rel is None:
+            if sp.required:
+                raise FileNotFoundError(f"{root}: official split file {sp.file} (or .gz) not found in {folder or '.'}")
+            return df.assign(_official=split), False, f"no official split: {sp.file} absent"
+        files.append(rel)
+        other = _read_csv(storage.join(root, rel))
+        if sp.column not in other.columns:
+            raise SpecError(f"{source}: split.column: column {sp.column!r} not in {rel} "
+                            f"(columns: {list(other.columns)})")
+        other = other[[*sp.keys, sp.column]].rename(columns={sp.column: "_split_value"})
+        df, unmatched = _join(df, rel, other, sp.keys, "split", source)
+        _report_rows(out, unmatched, "not_in_split", keep, problems)
+        values = df["_split_value"].str.strip()
+    elif sp.column in df.columns:
+        values = df[sp.column].str.strip()
+    elif sp.required:
+        raise SpecError(f"{source}: split.column: column {sp.column!r} not in {' + '.join(files)}")
+    else:
+        return df.assign(_official=split), False, f"no official split: no column {sp.column}"
+    mapped = values.map(sp.values)
+    unknown = mapped.isna().to_numpy() & keep
+    for i in np.flatnonzero(unknown):
+        problems.append(Problem(out["file"].iat[i], int(out["line"].iat[i]), out["image"].iat[i], "unknown_split",
+                                f"split {values.iat[i]!r} is not one of {list(sp.values)}"))
+    keep &= ~unknown
+    return df.assign(_official=mapped.fillna("")), True, ""
+
+
+def _assign(out: pd.DataFrame, official: np.ndarray, has_official: bool, keep: np.ndarray, seed: int,
+            val_fraction: float, test_fraction: float, problems: list[Problem]) -> np.ndarray:
+    """Final split per row: official (a patient in two keeps its highest: test, val, train) + seeded val."""
+    split = np.full(len(out), "", dtype=object)
+    patients = out["patient"].to_numpy()
+    if has_official:
+        rank = np.array([PRIORITY.get(s, 0) for s in official])
+        best = pd.Series(np.where(keep, rank, 0)).groupby(patients).transform("max").to_numpy()
+        leak = keep & (rank < best)
+        for i in np.flatnonzero(leak):
+            problems.append(Problem(out["file"].iat[i], int(out["line"].iat[i]), out["image"].iat[i],
+                                    "patient_in_two_splits", f"patient {patients[i]} is in official split "
+                                    f"{official[i]} and another; kept only in the other (patient-disjoint splits)"))
+        keep &= ~leak
+        split[keep] = official[keep]
+        pool = keep & (official == "train_val")
+        order = _patient_permutation(patients[pool], seed)
+        val_p = set(order[: _take(len(order), val_fraction)])
+        is_val = np.array([p in val_p for p in patients], dtype=bool)
+        split[pool & is_val] = "val"
+        split[pool & ~is_val] = "train"
+    else:
+        order = _patient_permutation(patients[keep], seed)
+        n_test = _take(len(order), test_fraction)
+        n_val = _take(len(order) - n_test, val_fraction)
+        test_p, val_p = set(order[:n_test]), set(order[n_test:n_test + n_val])
+        split[keep] = ["test" if p in test_p else "val" if p in val_p else "train" for p in patients[keep]]
+    return split
+
+
+def _scan(root: str, out: pd.DataFrame, keep: np.ndarray, workers: int, problems: list[Problem]) -> None:
+    """Rows whose image file does not exist under ROOT (decoding stays with `cxr prepare`)."""
+    todo = np.flatnonzero(keep)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = list(pool.map(lambda i: storage.exists(storage.join(root, out["image"].iat[i])), todo))
+    for i, there in zip(todo, found, strict=True):
+        if not there:
+            problems.append(Problem(out["file"].iat[i], int(out["line"].iat[i]), out["image"].iat[i], "missing_image",
+                                    f"no file {out['image'].iat[i]} under the root"))
+            keep[i] = False
+
+
+def load(spec: Spec, root: str, source: str = "", seed: int = 0, val_fraction: float = 0.1,
+         test_fraction: float = 0.2, scan_images: bool = False, workers: int = 8) -> TabularDataset:
+    """Read and validate a root with a spec; see the module docstring."""
+    source = source or f"spec {spec.name}"
+    root = root.rstrip("/") if "://" in root else root
+    folder = _find_folder(spec, root)
+    files: list[str] = []
+    problems: list[Problem] = []
+    df = _read_tables(spec, root, folder, files)
+    rows_read = len(df)
+    unmatched: dict[int, str] = {}
+    for j, join in enumerate(spec.join):
+        rel = _present(root, folder, [join.file])
+        if rel is None:
+            raise FileNotFoundError(f"{root}: {join.file} (or .gz), joined by spec {spec.name}, not found")
+        files.append(rel)
+        df, missing = _join(df, rel, _read_csv(storage.join(root, rel)), join.keys, f"join.{j}", source)
+        unmatched = {**missing, **unmatched}
+    _check_columns(spec, df, source, files)
+    out, keep = _row_checks(spec, df, folder, problems)
+    _report_rows(out, dict(sorted(unmatched.items())), "missing_join", keep, problems)
+    ignored: Counter = Counter()
+    y, labels_ok = _label_matrix(spec, df, problems, ignored, out["image"])
+    keep &= labels_ok
+    df, has_official, note = _official_splits(spec, root, folder, df, out, keep, source, problems, files)
+    if scan_images:
+        _scan(root, out, keep, workers, problems)
+    out["split"] = _assign(out, df["_official"].to_numpy(dtype=object), has_official, keep, seed, val_fraction,
+                           test_fraction, problems)
+    problems.sort(key=lambda p: (files.index(p.file) if p.file in files else len(files), p.line))
+    return TabularDataset(spec=spec, source=source, root=root, files=files, rows_read=rows_read,
+                          table=out[keep].reset_index(drop=True), y=y[keep], problems=problems,
+                          official_split=has_official, split_note=note, ignored_labels=ignored,
+                          images_checked=scan_images)
