@@ -162,6 +162,11 @@ def test_mimic_joins_labels_and_the_official_split(tmp_path):
                                                                  "Cardiomegaly": 1}
     assert {k: v for k, v in s["uncertain_counts"].items() if v} == {"Edema": 1} and s["studies"] == 3
 
+    os.remove(tmp_path / "mimic-cxr-2.0.0-split.csv")  # absent: said so, and the seeded patient split
+    seeded = tabular.load(spec.load("mimic-cxr-jpg")[0], str(tmp_path))
+    assert seeded.split_note == "no official split: mimic-cxr-2.0.0-split.csv absent" and not seeded.official_split
+    assert _counts(seeded) == {"view_filtered": 1, "missing_join": 1} and len(seeded.table) == 6
+
 
 def _hospital(root) -> None:
     names = ["Atelectasis", "Cardiomegaly", "Effusion", "Pneumothorax", "Edema", "Pneumonia"]

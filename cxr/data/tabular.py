@@ -177,7 +177,7 @@ def _image_paths(spec: Spec, df: pd.DataFrame, folder: str) -> pd.Series:
     if img.column:
         paths = df[img.column].str.strip()
     else:
-        cols = [name for name in _needed(spec).values() if name in df.columns]
+        cols = sorted({name for _, name, _, _ in string.Formatter().parse(img.pattern or "") if name})
         paths = pd.Series([img.pattern.format(**dict(zip(cols, vals, strict=True)))  # type: ignore[union-attr]
                            for vals in zip(*(df[c].str.strip() for c in cols), strict=True)], index=df.index)
     for prefix in img.strip_prefixes:
@@ -361,6 +361,10 @@ def _assign(out: pd.DataFrame, official: np.ndarray, has_official: bool, keep: n
                                     "patient_in_two_splits", f"patient {patients[i]} is in official split "
                                     f"{official[i]} and another; kept only in the other (patient-disjoint splits)"))
         keep &= ~leak
+        for i in np.flatnonzero(keep & (rank == 0)):  # a file without a split among files with one
+            problems.append(Problem(out["file"].iat[i], int(out["line"].iat[i]), out["image"].iat[i],
+                                    "not_in_split", "no official split for this row"))
+            keep[i] = False
         split[keep] = official[keep]
         pool = keep & (official == "train_val")
         order = _patient_permutation(patients[pool], seed)
