@@ -179,14 +179,17 @@ def _hospital(root) -> None:
             *[[f"dicom/P{k}/S1/1.dcm", f"P{k}", "S1", "PA", "M", "30", "0", "0", "0", "0", "1", "0"]
               for k in range(5, 10)]]
     _csv(root / "labels.csv", ["path", "patient_id", "study_id", "view", "sex", "age", *names], rows)
+    with open(root / "labels.csv", "a") as fh:  # a blank line 13 (skipped), and line 14 with an unquoted comma
+        fh.write("\ndicom/P10/S1/1,2.dcm,P10,S1,PA,M,30,0,0,0,0,0,0\n")
 
 
 def test_csv_spec_for_a_dicom_export(tmp_path):
     _hospital(tmp_path)
     ds = tabular.load(spec.load("csv")[0], str(tmp_path))
-    assert (ds.rows_read, len(ds.table), ds.table["patient"].nunique()) == (11, 7, 6)
+    assert (ds.rows_read, len(ds.table), ds.table["patient"].nunique()) == (12, 7, 6)
     assert _counts(ds) == {"view_filtered": 1, "unknown_sex": 1, "unknown_age": 1, "unknown_label_value": 1,
-                           "bad_patient_id": 1, "duplicate_image": 1}
+                           "bad_patient_id": 1, "duplicate_image": 1, "bad_csv_row": 1}
+    assert [(p.line, p.kind) for p in ds.problems][-2:] == [(7, "duplicate_image"), (14, "bad_csv_row")]
     assert all(p.endswith(".dcm") for p in ds.table["image"])
     assert ds.split_note == "no official split: no column split" and not ds.official_split
     first = ds.y[0]  # blank = uncertain in this spec, like -1

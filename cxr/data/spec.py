@@ -163,7 +163,8 @@ class Labels(Part):
 class Spec(Part):
     name: str
     description: str = ""
-    reader: Literal["generic", "nih"] = Field("generic", description="nih: cxr.data.metadata reads such roots")
+    reader: Literal["generic", "nih"] = Field("generic", description="nih: the built-in `nih` is read by "
+                                              "cxr.data.metadata, not cxr.data.tabular (a copy of it is)")
     folders: list[str] = Field(default_factory=lambda: [""], description="where under ROOT the CSVs may be")
     metadata: list[Table] = Field(min_length=1)
     join: list[Join] = Field(default_factory=list)
@@ -180,6 +181,26 @@ class Spec(Part):
     @property
     def official(self) -> bool:
         return self.split is not None or any(t.split for t in self.metadata)
+
+
+def locate(root: str, folder: str, names: list[str]) -> str | None:
+    """The first of `names` (or `name.gz`) present in ROOT/folder, as a path relative to ROOT."""
+    listed = set(storage.listdir(storage.join(root, folder) if folder else root))
+    for name in names:
+        for candidate in (name, name + ".gz"):
+            if candidate in listed:
+                return f"{folder}/{candidate}" if folder else candidate
+    return None
+
+
+def find_folder(spec: Spec, root: str) -> str:
+    """The first of the spec's `folders` under ROOT that holds its first metadata file."""
+    first = spec.metadata[0].names
+    for folder in spec.folders:
+        if locate(root, folder.strip("/"), first):
+            return folder.strip("/")
+    where = ", ".join(repr(f or ".") for f in spec.folders)
+    raise FileNotFoundError(f"{root}: no {' or '.join(first)} (or .gz) in {where}: is this a {spec.name} root?")
 
 
 def builtin_names() -> list[str]:

@@ -14,6 +14,7 @@ import gzip
 import io
 import re
 import string
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,13 +24,13 @@ import pandas as pd
 
 from cxr import storage
 from cxr.data.metadata import _patient_permutation, _take  # the one seeded patient split
-from cxr.data.spec import Spec, SpecError
+from cxr.data.spec import Spec, SpecError, find_folder, locate
 
 SPLITS = ("train", "val", "test")
 PRIORITY = {"test": 3, "val": 2, "train": 1, "train_val": 1}  # a patient in two official splits keeps the highest
 
 # Problem kinds that remove a row; the others (sex, age, study) are reported and the value recorded as unknown.
-FATAL = {"bad_image_path", "bad_patient_id", "duplicate_image", "view_filtered", "unparseable_labels",
+FATAL = {"bad_csv_row", "bad_image_path", "bad_patient_id", "duplicate_image", "view_filtered", "unparseable_labels",
          "unknown_label", "unknown_label_value", "missing_join", "not_in_split", "unknown_split",
          "patient_in_two_splits", "missing_image"}
 
@@ -65,47 +66,48 @@ class TabularDataset:
     images_checked: bool = False
 
 
-def _read_csv(url: str) -> pd.DataFrame:
-    """A CSV as text cells ('' for blank), `.gz` or not; bytes that are not UTF-8 read as U+FFFD."""
+def _read_csv(root: str, rel: str, problems: list[Problem]) -> pd.DataFrame:
+    """A CSV as text cells ('' for blank), `.gz` or not, with each row's `_line`; bytes that are not UTF-8 read
+    as U+FFFD. A row with more fields than the header is a `bad_csv_row` (excluded); if the first is, the
+    columns cannot be trusted and the file is refused. Lines count records (a quoted newline is not counted).
+    """
+    url = storage.join(root, rel)
     raw = storage.read_bytes(url)
-    if url.endswith(".gz"):
+    if rel.endswith(".gz"):
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as exc:
             raise ValueError(f"{url}: not a readable gzip file ({exc})") from None
     text = raw.decode("utf-8-sig", errors="replace")
-    return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pd.errors.ParserWarning)
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, index_col=False,
+                         skip_blank_lines=False, on_bad_lines="warn")
+    skipped: dict[int, str] = {}
+    for w in caught:
+        message = str(w.message)
+        if "does not match length of data" in message:
+            raise ValueError(f"{url}: line 2 has more fields than the header; are cells holding commas unquoted?")
+        for m in re.finditer(r"Skipping line (\d+): (.*)", message):
+            skipped[int(m.group(1))] = m.group(2)
+    for line, why in sorted(skipped.items()):
+        problems.append(Problem(rel, line, "", "bad_csv_row", f"{why} (more fields than the header)"))
+    lines = np.setdiff1d(np.arange(2, len(df) + len(skipped) + 2), list(skipped))
+    df["_line"] = lines
+    blank = (df.drop(columns="_line") == "").all(axis=1).to_numpy()
+    return df[~blank].reset_index(drop=True)
 
 
-def _present(root: str, folder: str, names: list[str]) -> str | None:
-    """The first of `names` (or `name.gz`) present in ROOT/folder, as a path relative to ROOT."""
-    listed = set(storage.listdir(storage.join(root, folder) if folder else root))
-    for name in names:
-        for candidate in (name, name + ".gz"):
-            if candidate in listed:
-                return f"{folder}/{candidate}" if folder else candidate
-    return None
-
-
-def _find_folder(spec: Spec, root: str) -> str:
-    first = spec.metadata[0].names
-    for folder in spec.folders:
-        if _present(root, folder.strip("/"), first):
-            return folder.strip("/")
-    where = ", ".join(repr(f or ".") for f in spec.folders)
-    raise FileNotFoundError(f"{root}: no {' or '.join(first)} (or .gz) in {where}: is this a {spec.name} root?")
-
-
-def _read_tables(spec: Spec, root: str, folder: str, files: list[str]) -> pd.DataFrame:
+def _read_tables(spec: Spec, root: str, folder: str, files: list[str], problems: list[Problem]) -> pd.DataFrame:
     frames = []
     for table in spec.metadata:
-        rel = _present(root, folder, table.names)
+        rel = locate(root, folder, table.names)
         if rel is None:
             if table.required:
                 raise FileNotFoundError(f"{root}: {' or '.join(table.names)} (or .gz) not found in {folder or '.'}")
             continue
-        df = _read_csv(storage.join(root, rel))
-        df["_file"], df["_line"] = rel, np.arange(2, len(df) + 2)
+        df = _read_csv(root, rel, problems)
+        df["_file"] = rel
         df["_split"] = table.split or ""
         files.append(rel)
         frames.append(df)
@@ -120,7 +122,7 @@ def _join(df: pd.DataFrame, rel: str, other: pd.DataFrame, on: list[str], spec_k
             if col not in frame.columns:
                 raise SpecError(f"{source}: {spec_key}.keys: column {col!r} not in {name} "
                                 f"(columns: {list(frame.columns)})")
-    other = other.drop_duplicates(on, keep="first")
+    other = other.drop(columns="_line", errors="ignore").drop_duplicates(on, keep="first")
     merged = df.merge(other, how="left", on=on, suffixes=("", f" ({rel})"), indicator="_joined")
     unmatched = {int(i): f"no row in {rel} for " + ", ".join(f"{c}={merged[c].iat[i]}" for c in on)
                  for i in np.flatnonzero((merged["_joined"] == "left_only").to_numpy())}
@@ -318,13 +320,13 @@ def _official_splits(spec: Spec, root: str, folder: str, df: pd.DataFrame, out: 
     if sp is None:
         return df.assign(_official=split), bool((split != "").any()), ""
     if sp.file:
-        rel = _present(root, folder, [sp.file])
+        rel = locate(root, folder, [sp.file])
         if rel is None:
             if sp.required:
                 raise FileNotFoundError(f"{root}: official split file {sp.file} (or .gz) not found in {folder or '.'}")
             return df.assign(_official=split), False, f"no official split: {sp.file} absent"
         files.append(rel)
-        other = _read_csv(storage.join(root, rel))
+        other = _read_csv(root, rel, problems)
         if sp.column not in other.columns:
             raise SpecError(f"{source}: split.column: column {sp.column!r} not in {rel} "
                             f"(columns: {list(other.columns)})")
@@ -398,18 +400,18 @@ def load(spec: Spec, root: str, source: str = "", seed: int = 0, val_fraction: f
     """Read and validate a root with a spec; see the module docstring."""
     source = source or f"spec {spec.name}"
     root = root.rstrip("/") if "://" in root else root
-    folder = _find_folder(spec, root)
+    folder = find_folder(spec, root)
     files: list[str] = []
     problems: list[Problem] = []
-    df = _read_tables(spec, root, folder, files)
-    rows_read = len(df)
+    df = _read_tables(spec, root, folder, files, problems)
+    rows_read = len(df) + len(problems)  # + the metadata rows that did not parse
     unmatched: dict[int, str] = {}
     for j, join in enumerate(spec.join):
-        rel = _present(root, folder, [join.file])
+        rel = locate(root, folder, [join.file])
         if rel is None:
             raise FileNotFoundError(f"{root}: {join.file} (or .gz), joined by spec {spec.name}, not found")
         files.append(rel)
-        df, missing = _join(df, rel, _read_csv(storage.join(root, rel)), join.keys, f"join.{j}", source)
+        df, missing = _join(df, rel, _read_csv(root, rel, problems), join.keys, f"join.{j}", source)
         unmatched = {**missing, **unmatched}
     _check_columns(spec, df, source, files)
     out, keep = _row_checks(spec, df, folder, problems)
