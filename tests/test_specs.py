@@ -213,9 +213,13 @@ def test_bad_spec_files_name_the_file_and_the_key(tmp_path):
     assert "labels: required but missing" in str(e.value)
     no_column = _write(tmp_path / "nocol.yaml", "name: x\nmetadata: [{file: a.csv}]\nimage: {column: p}\n"
                        "patient: {column: q}\nlabels: {names: [A, B], encoding: python_list}\n")
-    with pytest.raises(spec.SpecError, match=r"nocol\.yaml: invalid dataset spec:\n  labels: labels\.column: "
+    with pytest.raises(spec.SpecError, match=r"nocol\.yaml: invalid dataset spec:\n  labels\.column: "
                        "required with encoding python_list"):
         spec.load(no_column)
+    no_keep = _write(tmp_path / "nokeep.yaml", "name: x\nmetadata: [{file: a.csv}]\nimage: {column: p}\n"
+                     "patient: {column: q}\nfilters: [{column: F}]\nlabels: {names: [A], encoding: columns}\n")
+    with pytest.raises(spec.SpecError, match=r"nokeep\.yaml: invalid dataset spec:\n  filters\.0\.keep: list"):
+        spec.load(no_keep)
     with pytest.raises(spec.SpecError, match="not a built-in spec"):
         spec.load("chexpurt")
 

@@ -178,6 +178,13 @@ class Spec(Part):
     age: Age | None = None
     labels: Labels
 
+    @model_validator(mode="after")
+    def _filters_keep(self) -> Spec:
+        for i, f in enumerate(self.filters):
+            if not f.keep:
+                raise ValueError(f"filters.{i}.keep: list the values of {f.column!r} to keep")
+        return self
+
     @property
     def official(self) -> bool:
         return self.split is not None or any(t.split for t in self.metadata)
@@ -248,7 +255,9 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"{key}: required but missing"
     msg = str(err["msg"]).removeprefix("Value error, ")
-    return f"{key}: {msg}" + ("" if err["type"] == "value_error" else f" (got {err.get('input')!r})")
+    if err["type"] == "value_error":  # the spec's own checks name their key ("labels.column: …")
+        return msg if not loc or msg.startswith(f"{loc[-1]}.") else f"{key}: {msg}"
+    return f"{key}: {msg} (got {err.get('input')!r})"
 
 
 def _keys() -> list[str]:
