@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import string
 from importlib import resources
 from typing import Any, Literal
 
@@ -185,9 +186,28 @@ class Spec(Part):
                 raise ValueError(f"filters.{i}.keep: list the values of {f.column!r} to keep")
         return self
 
-    @property
-    def official(self) -> bool:
-        return self.split is not None or any(t.split for t in self.metadata)
+    def needed_columns(self) -> dict[str, str]:
+        """Spec key → the column it names, for every column the rows must have."""
+        need: dict[str, str] = {}
+        if self.image.column:
+            need["image.column"] = self.image.column
+        else:
+            for _, name, _, _ in string.Formatter().parse(self.image.pattern or ""):
+                if name:
+                    need[f"image.pattern {{{name}}}"] = name
+        need["patient.column"] = self.patient.column
+        for key, part in (("study", self.study), ("view", self.view), ("sex", self.sex), ("age", self.age)):
+            if part is not None:
+                need[f"{key}.column"] = part.column
+        for i, f in enumerate(self.filters):
+            need[f"filters.{i}.column"] = f.column
+        lab = self.labels
+        if lab.encoding == "columns":
+            for name in lab.names:
+                need[f"labels.columns[{name}]"] = lab.column_of(name)
+        else:
+            need["labels.column"] = lab.column or ""
+        return need
 
 
 def locate(root: str, folder: str, names: list[str]) -> str | None:

@@ -124,41 +124,19 @@ def _join(df: pd.DataFrame, rel: str, other: pd.DataFrame, on: list[str], spec_k
                                 f"(columns: {list(frame.columns)})")
     other = other.drop(columns="_line", errors="ignore").drop_duplicates(on, keep="first")
     merged = df.merge(other, how="left", on=on, suffixes=("", f" ({rel})"), indicator="_joined")
-    unmatched = {int(i): f"no row in {rel} for " + ", ".join(f"{c}={merged[c].iat[i]}" for c in on)
+    keys = [merged[c].to_numpy(dtype=object) for c in on]
+    unmatched = {int(i): f"no row in {rel} for " + ", ".join(f"{c}={k[i]}" for c, k in zip(on, keys, strict=True))
                  for i in np.flatnonzero((merged["_joined"] == "left_only").to_numpy())}
     return merged.drop(columns="_joined").fillna(""), unmatched
 
 
 def _report_rows(out: pd.DataFrame, rows: dict[int, str], kind: str, keep: np.ndarray,
                  problems: list[Problem]) -> None:
+    files, lines, images = _at(out)
     for i, detail in rows.items():
         if keep[i] or kind == "missing_join":
-            problems.append(Problem(out["file"].iat[i], int(out["line"].iat[i]), out["image"].iat[i], kind, detail))
+            problems.append(Problem(files[i], int(lines[i]), images[i], kind, detail))
         keep[i] = False
-
-
-def _needed(spec: Spec) -> dict[str, str]:
-    """Spec key → the column it names, for every column the rows must have."""
-    need: dict[str, str] = {}
-    if spec.image.column:
-        need["image.column"] = spec.image.column
-    else:
-        for _, name, _, _ in string.Formatter().parse(spec.image.pattern or ""):
-            if name:
-                need[f"image.pattern {{{name}}}"] = name
-    need["patient.column"] = spec.patient.column
-    for key, part in (("study", spec.study), ("view", spec.view), ("sex", spec.sex), ("age", spec.age)):
-        if part is not None:
-            need[f"{key}.column"] = part.column
-    for i, f in enumerate(spec.filters):
-        need[f"filters.{i}.column"] = f.column
-    lab = spec.labels
-    if lab.encoding == "columns":
-        for name in lab.names:
-            need[f"labels.columns[{name}]"] = lab.column_of(name)
-    else:
-        need["labels.column"] = lab.column or ""
-    return need
 
 
 def _extract(values: pd.Series, regex: str | None) -> pd.Series:
@@ -205,7 +183,7 @@ def _tokens(text: str, encoding: str, delimiter: str) -> list[str] | str:
 
 
 def _label_matrix(spec: Spec, df: pd.DataFrame, problems: list[Problem], ignored: Counter,
-                  images: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+                  images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lab = spec.labels
     names = lab.names
     y = np.zeros((len(df), len(names)), dtype=np.float32)
@@ -228,7 +206,7 @@ def _label_matrix(spec: Spec, df: pd.DataFrame, problems: list[Problem], ignored
             y[:, j] = value[inverse]
             for i in np.flatnonzero(~known[inverse]):
                 ok[i] = False
-                problems.append(Problem(files[i], int(lines[i]), images.iat[i], "unknown_label_value",
+                problems.append(Problem(files[i], int(lines[i]), images[i], "unknown_label_value",
                                         f"{col} = {str(uniq[inverse[i]])!r} (codes: positive {lab.positive}, negative "
                                         f"{lab.negative}, uncertain {lab.uncertain})"))
         return y, ok
@@ -242,13 +220,13 @@ def _label_matrix(spec: Spec, df: pd.DataFrame, problems: list[Problem], ignored
         tokens = cache[text]
         if isinstance(tokens, str):
             ok[i] = False
-            problems.append(Problem(files[i], int(lines[i]), images.iat[i], "unparseable_labels",
+            problems.append(Problem(files[i], int(lines[i]), images[i], "unparseable_labels",
                                     f"{lab.column} = {text[:120]!r}: {tokens}"))
             continue
         unknown = [t for t in tokens if t not in vocab and t not in silent]
         if unknown and lab.unknown == "exclude":
             ok[i] = False
-            problems.append(Problem(files[i], int(lines[i]), images.iat[i], "unknown_label",
+            problems.append(Problem(files[i], int(lines[i]), images[i], "unknown_label",
                                     f"{lab.column}: unknown label(s) {unknown} in {text[:120]!r}"))
             continue
         ignored.update(unknown)
@@ -259,10 +237,15 @@ def _label_matrix(spec: Spec, df: pd.DataFrame, problems: list[Problem], ignored
 
 
 def _check_columns(spec: Spec, df: pd.DataFrame, source: str, files: list[str]) -> None:
-    missing = [f"{key}: column {col!r}" for key, col in _needed(spec).items() if col not in df.columns]
+    missing = [f"{key}: column {col!r}" for key, col in spec.needed_columns().items() if col not in df.columns]
     if missing:
         raise SpecError(f"{source}: {'; '.join(missing)} not in {' + '.join(files)} "
                         f"(columns: {[c for c in df.columns if not c.startswith('_')]})")
+
+
+def _at(out: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """File, line and image of every row, as arrays: a problem per row must not cost a pandas lookup."""
+    return out["file"].to_numpy(dtype=object), out["line"].to_numpy(), out["image"].to_numpy(dtype=object)
 
 
 def _row_checks(spec: Spec, df: pd.DataFrame, folder: str, problems: list[Problem]) -> tuple[pd.DataFrame, np.ndarray]:
@@ -272,32 +255,40 @@ def _row_checks(spec: Spec, df: pd.DataFrame, folder: str, problems: list[Proble
     out["study"] = _extract(df[spec.study.column], spec.study.regex) if spec.study else ""
     out["view"] = df[spec.view.column].str.strip() if spec.view else ""
     keep = np.ones(len(df), dtype=bool)
+    files, lines, images = _at(out)
+
+    def cells(column: str) -> np.ndarray:
+        return df[column].to_numpy(dtype=object)
 
     def report(mask: np.ndarray, kind: str, detail) -> None:  # detail: row index → text
         for i in np.flatnonzero(mask):
-            problems.append(Problem(out["file"].iat[i], int(out["line"].iat[i]), out["image"].iat[i], kind, detail(i)))
+            problems.append(Problem(files[i], int(lines[i]), images[i], kind, detail(i)))
         if kind in FATAL:
             keep[mask] = False
 
     report((out["image"] == "").to_numpy(), "bad_image_path", lambda i: "empty image path")
     dup = (out["image"].duplicated(keep="first") & (out["image"] != "")).to_numpy()
     report(dup, "duplicate_image", lambda i: "the same image as an earlier row; kept the first")
+    patient_cells = cells(spec.patient.column)
     report((out["patient"] == "").to_numpy(), "bad_patient_id",
-           lambda i: f"{spec.patient.column} = {df[spec.patient.column].iat[i]!r}"
+           lambda i: f"{spec.patient.column} = {patient_cells[i]!r}"
            + (f" does not match {spec.patient.regex!r}" if spec.patient.regex else ""))
     if spec.study:
+        study_cells = cells(spec.study.column)
         report((out["study"] == "").to_numpy(), "bad_study_id",
-               lambda i: f"{spec.study.column} = {df[spec.study.column].iat[i]!r}; recorded as unknown")
+               lambda i: f"{spec.study.column} = {study_cells[i]!r}; recorded as unknown")
     for part in ([spec.view] if spec.view and spec.view.keep else []) + list(spec.filters):
         values = df[part.column].str.strip()
+        shown = values.to_numpy(dtype=object)
         report((~values.isin(part.keep or [])).to_numpy(), "view_filtered",
-               lambda i, c=part.column, v=values, k=part.keep: f"{c} = {v.iat[i]!r}, not one of {k}")
+               lambda i, c=part.column, v=shown, k=part.keep: f"{c} = {v[i]!r}, not one of {k}")
     if spec.sex:
         raw = df[spec.sex.column].str.strip()
         out["sex"] = raw.map(spec.sex.values).fillna("")
+        sexes = raw.to_numpy(dtype=object)
         report((raw == "").to_numpy(), "missing_sex", lambda i: f"{spec.sex.column} is blank")
         report(((raw != "") & (out["sex"] == "")).to_numpy(), "unknown_sex",
-               lambda i: f"{spec.sex.column} = {raw.iat[i]!r}, not one of {list(spec.sex.values)}; recorded as unknown")
+               lambda i: f"{spec.sex.column} = {sexes[i]!r}, not one of {list(spec.sex.values)}; recorded as unknown")
     else:
         out["sex"] = ""
     if spec.age:
@@ -306,7 +297,8 @@ def _row_checks(spec: Spec, df: pd.DataFrame, folder: str, problems: list[Proble
         bad = (raw != "") & (age.isna() | (age < 0) | (age > spec.age.max))
         out["age"] = age.where(~bad)
         report((raw == "").to_numpy(), "missing_age", lambda i: f"{spec.age.column} is blank")
-        report(bad.to_numpy(), "unknown_age", lambda i: f"{spec.age.column} = {raw.iat[i]!r}; recorded as unknown")
+        ages = raw.to_numpy(dtype=object)
+        report(bad.to_numpy(), "unknown_age", lambda i: f"{spec.age.column} = {ages[i]!r}; recorded as unknown")
     else:
         out["age"] = np.nan
     return out, keep
@@ -342,9 +334,11 @@ def _official_splits(spec: Spec, root: str, folder: str, df: pd.DataFrame, out: 
         return df.assign(_official=split), False, f"no official split: no column {sp.column}"
     mapped = values.map(sp.values)
     unknown = mapped.isna().to_numpy() & keep
+    files_, lines, images = _at(out)
+    given = values.to_numpy(dtype=object)
     for i in np.flatnonzero(unknown):
-        problems.append(Problem(out["file"].iat[i], int(out["line"].iat[i]), out["image"].iat[i], "unknown_split",
-                                f"split {values.iat[i]!r} is not one of {list(sp.values)}"))
+        problems.append(Problem(files_[i], int(lines[i]), images[i], "unknown_split",
+                                f"split {given[i]!r} is not one of {list(sp.values)}"))
     keep &= ~unknown
     return df.assign(_official=mapped.fillna("")), True, ""
 
@@ -354,17 +348,18 @@ def _assign(out: pd.DataFrame, official: np.ndarray, has_official: bool, keep: n
     """Final split per row: official (a patient in two keeps its highest: test, val, train) + seeded val."""
     split = np.full(len(out), "", dtype=object)
     patients = out["patient"].to_numpy()
+    files, lines, images = _at(out)
     if has_official:
         rank = np.array([PRIORITY.get(s, 0) for s in official])
         best = pd.Series(np.where(keep, rank, 0)).groupby(patients).transform("max").to_numpy()
         leak = keep & (rank < best)
         for i in np.flatnonzero(leak):
-            problems.append(Problem(out["file"].iat[i], int(out["line"].iat[i]), out["image"].iat[i],
+            problems.append(Problem(files[i], int(lines[i]), images[i],
                                     "patient_in_two_splits", f"patient {patients[i]} is in official split "
                                     f"{official[i]} and another; kept only in the other (patient-disjoint splits)"))
         keep &= ~leak
         for i in np.flatnonzero(keep & (rank == 0)):  # a file without a split among files with one
-            problems.append(Problem(out["file"].iat[i], int(out["line"].iat[i]), out["image"].iat[i],
+            problems.append(Problem(files[i], int(lines[i]), images[i],
                                     "not_in_split", "no official split for this row"))
             keep[i] = False
         split[keep] = official[keep]
@@ -386,12 +381,13 @@ def _assign(out: pd.DataFrame, official: np.ndarray, has_official: bool, keep: n
 def _scan(root: str, out: pd.DataFrame, keep: np.ndarray, workers: int, problems: list[Problem]) -> None:
     """Rows whose image file does not exist under ROOT (decoding stays with `cxr prepare`)."""
     todo = np.flatnonzero(keep)
+    files, lines, images = _at(out)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        found = list(pool.map(lambda i: storage.exists(storage.join(root, out["image"].iat[i])), todo))
+        found = list(pool.map(lambda i: storage.exists(storage.join(root, images[i])), todo))
     for i, there in zip(todo, found, strict=True):
         if not there:
-            problems.append(Problem(out["file"].iat[i], int(out["line"].iat[i]), out["image"].iat[i], "missing_image",
-                                    f"no file {out['image'].iat[i]} under the root"))
+            problems.append(Problem(files[i], int(lines[i]), images[i], "missing_image",
+                                    f"no file {images[i]} under the root"))
             keep[i] = False
 
 
@@ -417,7 +413,7 @@ def load(spec: Spec, root: str, source: str = "", seed: int = 0, val_fraction: f
     out, keep = _row_checks(spec, df, folder, problems)
     _report_rows(out, dict(sorted(unmatched.items())), "missing_join", keep, problems)
     ignored: Counter = Counter()
-    y, labels_ok = _label_matrix(spec, df, problems, ignored, out["image"])
+    y, labels_ok = _label_matrix(spec, df, problems, ignored, out["image"].to_numpy(dtype=object))
     keep &= labels_ok
     df, has_official, note = _official_splits(spec, root, folder, df, out, keep, source, problems, files)
     if scan_images:
