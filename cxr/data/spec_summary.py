@@ -55,7 +55,8 @@ def summary(ds: TabularDataset) -> dict:
         "findings": list(names),
         "label_counts": positive,
         "uncertain_counts": uncertain,
-        "view_positions": {k: int(v) for k, v in t["view"].value_counts().sort_index().items()},
+        "view_positions": ({k: int(v) for k, v in t["view"].value_counts().sort_index().items()}
+                           if ds.spec.view else {}),
         "splits": splits,
         "patient_overlap": overlap,
         "ignored_labels": dict(ds.ignored_labels.most_common()),
