@@ -159,7 +159,10 @@ def _restore_latest(worker: Worker) -> int:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
-    with checkpoint.as_directory() as directory:
+    # A private copy per worker: as_directory() shares one temporary folder among the workers of a host, and a
+    # worker read optimizer.npz there while another was still writing it (EOFError in a two-node rehearsal).
+    with tempfile.TemporaryDirectory(prefix="cxr-restore-") as directory:
+        checkpoint.to_directory(directory)
         state = restore_checkpoint(directory, worker.steps.model, worker.optimizer)
     worker.steps.seed_dropout(state.get("dropout_draws"))  # each replica's masks continue where they were
     done = int(state["epoch"])
