@@ -147,6 +147,8 @@ def _decide(client: Any, score: _Scorer, cand: registry.Version, champ: registry
     if champ is not None and champ.version == cand.version:
         return Decision(name, cand.version, champ.version, False, ["it already is the champion: nothing changed"],
                         data, "", unchanged=True)
+    if champ is None and rules["min_auroc"] is None:  # nothing to compare or check: no evaluation needed
+        return _first(cand, None, data, cand.tags.get("test_fingerprint", ""), None)
     ev_cand = score(cand)
     fingerprint = ev_cand.report["data"]["fingerprint"]
     evaluated = cand.tags.get("test_fingerprint")
@@ -177,8 +179,8 @@ def _decide(client: Any, score: _Scorer, cand: registry.Version, champ: registry
 
 
 def _first(cand: registry.Version, ev: Any, data: str, fingerprint: str, min_auroc: float | None) -> Decision:
-    """The first model: champion without a comparison, unless it misses the optional floor."""
-    mean = ev.report["auroc"]["mean"]["auroc"]
+    """The first model: champion without a comparison, unless it misses the optional floor (`ev` scored it)."""
+    mean = None if ev is None else ev.report["auroc"]["mean"]["auroc"]
     promoted, reasons = True, ["the first registered model becomes champion (there is no champion to compare with)"]
     if min_auroc is not None:
         if mean is None or not mean >= min_auroc:
