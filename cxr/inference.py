@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from cxr import storage
-from cxr.labels import FINDINGS
 from cxr.redact import redact
 
 log = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.flatnonzero(batch["error"] == "")
-        probs = np.full((len(batch["error"]), len(FINDINGS)), np.nan, np.float32)
+        probs = np.full((len(batch["error"]), int(self.model.output_shape[-1])), np.nan, np.float32)
         for start in range(0, ok.size, self.batch_size):
             rows = ok[start:start + self.batch_size]
             x = batch["pixels"][rows].astype(np.float32)[..., None] / np.float32(255.0)
@@ -156,10 +155,10 @@ def predict(model_uri: str, spec: str, out: str, num_workers: int | None = None,
                     errors.append({"index": int(index), "path": redact(str(path)), "error": str(error)})
                 else:
                     rows.append({"index": int(index), "path": redact(str(path)),
-                                 **dict(zip(FINDINGS, map(float, probs), strict=True)), **provenance})
+                                 **dict(zip(loaded.findings, map(float, probs), strict=True)), **provenance})
             bar.update(len(batch["index"]))
     seconds = time.perf_counter() - t0
-    table = pd.DataFrame(rows, columns=["index", "path", *FINDINGS, *provenance]).sort_values("index")
+    table = pd.DataFrame(rows, columns=["index", "path", *loaded.findings, *provenance]).sort_values("index")
     _write(table.drop(columns="index"), out)
     errors_out = None
     if errors:

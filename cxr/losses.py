@@ -1,12 +1,14 @@
-"""The training objective: binary cross-entropy over the 14 findings, optionally Wang-weighted.
+"""The training objective: binary cross-entropy over the data's findings, optionally Wang-weighted, masked.
 
 Positives are rare (Hernia is ~0.2% of NIH images), so unweighted BCE lets a model score well by
 predicting "absent" everywhere. Wang et al. weight each finding's positive terms by
 beta_P = (|P| + |N|) / |P| and its negative terms by beta_N = (|P| + |N|) / |N|, with |P| and |N|
 counted on the training split. The loss is computed in float32 whatever the mixed-precision policy.
 
-The loss returns one value per example (mean over findings) so the distributed train step can scale
-it by the GLOBAL batch size (`tf.nn.compute_average_loss`).
+A label below 0 is not known (an uncertain label under the `ignore` policy, `data.uncertain`): its terms
+are masked out, so the model is never pushed either way by it. The loss returns one value per example, the
+sum of its labelled findings' terms over K (so with no masked label it is the plain mean over findings, as
+before), which the distributed train step scales by the GLOBAL batch size (`tf.nn.compute_average_loss`).
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ def binary_crossentropy(
 
     def per_example(y_true, y_prob):
         y_true = ops.cast(y_true, "float32")
+        known = ops.cast(y_true >= 0.0, "float32")  # -1: uncertain under the ignore policy, masked
+        y_true = y_true * known
         y_prob = ops.clip(ops.cast(y_prob, "float32"), EPSILON, 1.0 - EPSILON)
         pos_term = -y_true * ops.log(y_prob)
-        neg_term = -(1.0 - y_true) * ops.log(1.0 - y_prob)
+        neg_term = -(known - y_true) * ops.log(1.0 - y_prob)
         if beta_pos is not None:
             pos_term = pos_term * ops.convert_to_tensor(beta_pos, "float32")
             neg_term = neg_term * ops.convert_to_tensor(beta_neg, "float32")

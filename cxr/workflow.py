@@ -25,9 +25,8 @@ from cxr import storage
 from cxr.cluster import init_ray
 from cxr.data import source as sources
 from cxr.evaluation import figures, report
-from cxr.evaluation.metrics import SCORE, auroc_summary
+from cxr.evaluation.metrics import SCORE, auroc_summary, metric_name
 from cxr.evaluation.predict import predict_model
-from cxr.labels import FINDINGS
 from cxr.redact import redact
 from cxr.tracking import provenance, runs
 from cxr.tracking.handlers import EpochLogger
@@ -121,10 +120,10 @@ def _finished(cfg: cfgmod.Config, fingerprint: str) -> dict[str, Any] | None:
     return {**done, "already_finished": True, "run_path": redact(driver.run_path(cfg))}
 
 
-def _val_column(metrics: dict[str, Any]) -> dict[str, float | None]:
+def _val_column(metrics: dict[str, Any], findings: tuple[str, ...]) -> dict[str, float | None]:
     col: dict[str, float | None] = {}
-    for name in FINDINGS:
-        v = metrics.get(f"val_auroc/{name}")
+    for name in findings:
+        v = metrics.get(f"val_auroc/{metric_name(name)}")
         col[name] = None if v is None or not math.isfinite(float(v)) else float(v)
     col["mean"] = metrics.get(SCORE)
     return col
@@ -147,11 +146,12 @@ def _score_and_record(cfg: cfgmod.Config, source: sources.DataSource, result: An
     with best.as_directory() as ckpt:
         model = checkpoints.load_model(ckpt, cfg.model.name, cfg.data.image_size, cfg.model.dropout)
         skipped = checkpoints.read_state(ckpt).get("skipped", [])
+        findings = checkpoints.findings(ckpt)
     batch = cfg.optim.eval_batch_size or 2 * cfg.optim.batch_size
     preds = predict_model(model, cfg.data, test_split, batch, source)
     probs, labels = preds.present()
-    test = auroc_summary(labels, probs)
-    val = _val_column(best_metrics)
+    test = auroc_summary(labels, probs, findings)
+    val = _val_column(best_metrics, findings)
     table = report.auroc_text({"val": val, test_split: test})
 
     client = MlflowClient(uri)
@@ -159,8 +159,8 @@ def _score_and_record(cfg: cfgmod.Config, source: sources.DataSource, result: An
     for row in history:  # epochs rank 0 could not log live (server away, or a run from before)
         if int(row["epoch"]) not in on_record:
             runs.log_epoch(client, run_id, row)
-    mlflow.log_metrics({f"{test_split}_auroc/{k}": v for k, v in test.items() if v is not None and k != "mean"},
-                       step=best_epoch)
+    mlflow.log_metrics({f"{test_split}_auroc/{metric_name(k)}": v for k, v in test.items()
+                        if v is not None and k != "mean"}, step=best_epoch)
     mlflow.log_metrics({f"{test_split}_auroc_mean": test["mean"] if test["mean"] is not None else math.nan,
                         "best_epoch": float(best_epoch), "best_val_auroc_mean": float(best_metrics[SCORE])},
                        step=best_epoch)
@@ -168,11 +168,11 @@ def _score_and_record(cfg: cfgmod.Config, source: sources.DataSource, result: An
     runs.log_text(table + "\n", "auroc.txt")
     if skipped or preds.missing:
         runs.log_text(_skipped_text(skipped, preds.missing, test_split), "skipped_images.txt")
-    runs.log_figure(figures.roc_grid(labels, probs, f"{cfg.run.name}: {test_split} ROC (best epoch {best_epoch})"),
-                    f"roc_{test_split}.png")
+    runs.log_figure(figures.roc_grid(labels, probs, f"{cfg.run.name}: {test_split} ROC (best epoch {best_epoch})",
+                                     findings), f"roc_{test_split}.png")
     if history:
         runs.log_figure(figures.learning_curves(history), "learning_curves.png")
-    info = log_model(model, name=f"{cfg.run.name}-epoch{best_epoch}", step=best_epoch,
+    info = log_model(model, name=f"{cfg.run.name}-epoch{best_epoch}", step=best_epoch, findings=findings,
                      registered_model=cfg.tracking.model_name,
                      tags={**learned, "cxr.data.fingerprint": fingerprint, "best_epoch": str(best_epoch),
                            "val_auroc_mean": f"{best_metrics[SCORE]:.4f}",

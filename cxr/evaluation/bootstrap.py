@@ -134,9 +134,11 @@ def _apply(op: _Operator, x: np.ndarray) -> np.ndarray:
 
 
 def _replicates(y_true: np.ndarray, scores: np.ndarray, counts: np.ndarray, member: np.ndarray) -> np.ndarray:
-    """AUROC [R, K] of every finding under every row of per-column weights `counts` [R, n_cols]."""
+    """AUROC [R, K] of every finding under every row of per-column weights `counts` [R, n_cols]; an image whose
+    label is < 0 (unknown) is left out of that finding."""
     n_cols = counts.shape[1]
-    ops = [_operator(y_true[:, k] > 0, scores[:, k], member, n_cols) for k in range(y_true.shape[1])]
+    known = [y_true[:, k] >= 0 for k in range(y_true.shape[1])]
+    ops = [_operator(y_true[m, k] > 0, scores[m, k], member[m], n_cols) for k, m in enumerate(known)]
     out = np.full((counts.shape[0], y_true.shape[1]), np.nan)
     tallest = max([n_cols] + [3 * op.m + 1 for op in ops if op is not None])
     rows = max(1, CHUNK_BYTES // (8 * tallest))
@@ -180,16 +182,18 @@ def _checked(y_true: ArrayLike, scores: Sequence[ArrayLike], patients: ArrayLike
             raise ValueError("scores contain NaN or inf: the model diverged or predictions were not gathered")
     if p.shape != (len(y),):
         raise ValueError(f"patients {p.shape} must give one id per image ({len(y)})")
-    return (y > 0, *out, p)
+    return (np.where(y < 0, -1, y > 0).astype(np.int8), *out, p)
 
 
 def undefined_reason(y: np.ndarray) -> str | None:
-    """Why a finding's binary labels `y` have no ROC curve, or None if they have one."""
-    positives = int(np.count_nonzero(y))
+    """Why a finding's labels `y` (1, 0, < 0 unknown) have no ROC curve, or None if they have one."""
+    y = np.asarray(y)
+    known = y[y >= 0]
+    positives = int(np.count_nonzero(known))
     if positives == 0:
-        return "no positive image in the split"
-    if positives == len(y):
-        return "no negative image in the split"
+        return "no positive image in the split" + (" (the others are uncertain)" if len(known) < len(y) else "")
+    if positives == len(known):
+        return "no negative image in the split" + (" (the others are uncertain)" if len(known) < len(y) else "")
     return None
 
 

@@ -26,6 +26,8 @@ import numpy as np
 from cxr import storage
 from cxr.evaluation import figures, report
 from cxr.evaluation.bootstrap import AurocCI, auroc_ci
+from cxr.evaluation.labelsets import SharedFindings, shared_findings
+from cxr.evaluation.metrics import metric_name
 from cxr.evaluation.operating import evaluate_operating
 from cxr.evaluation.predict import Predictions, predict_model
 from cxr.labels import FINDINGS
@@ -52,6 +54,12 @@ class Evaluation:
     patients: np.ndarray  # patient id of each predicted image, in the order of `predictions.present()`
     ci: AurocCI
     out: str | None
+    mapping: SharedFindings | None = None  # model outputs ↔ data labels (identity for the same label set)
+
+    def present(self) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, labels) of the scored findings for the predicted images, as the report has them."""
+        probs, labels = self.predictions.present()
+        return self.mapping.take(probs, labels) if self.mapping is not None else (probs, labels)
 
 
 def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", val_split: str | None = "val",
@@ -73,15 +81,17 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
     data = sources.data_config(data_uri, loaded.image_size, loaded.tags, split_tags)
     source = sources.for_config(data)
     log.debug("evaluating %s on %s of %s", redact(model_uri), split, redact(data_uri))
+    mapping = shared_findings(loaded.findings, sources.findings(data))
     test = predict_model(loaded.model, data, split, batch_size, source)
     patients = source.patients(data, split)[test.seen]
-    probs, labels = test.present()
-    ci = auroc_ci(labels, probs, patients, resamples=resamples, confidence=confidence, seed=seed, names=FINDINGS)
+    probs, labels = mapping.take(*test.present())
+    names = mapping.names
+    ci = auroc_ci(labels, probs, patients, resamples=resamples, confidence=confidence, seed=seed, names=names)
     ops = []
     if val_split is not None:
         val = predict_model(loaded.model, data, val_split, batch_size, source)
-        val_probs, val_labels = val.present()
-        ops = evaluate_operating(val_labels, val_probs, labels, probs, names=FINDINGS)
+        val_probs, val_labels = mapping.take(*val.present())
+        ops = evaluate_operating(val_labels, val_probs, labels, probs, names=names)
     summary = {
         "model": {"uri": redact(model_uri), "run_id": loaded.run_id,
                   "registered": None if loaded.registered is None else
@@ -91,9 +101,13 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
                  "unreadable_images": test.missing, "preprocessing": _preprocessing(data)},
         "auroc": ci.to_dict(),
         "findings": {f.finding: f.to_dict() for f in ops},
-        "anchors": list(ANCHORS),
+        "label_map": mapping.describe(),
+        "unscored": mapping.unscored,
+        "anchors": list(ANCHORS) if names == FINDINGS else [],  # the published means are over NIH's 14
     }
-    evaluation = Evaluation(summary, test, patients, ci, out)
+    if mapping.unscored:
+        log.warning("findings not scored: %s", "; ".join(f"{u['finding']} ({u['reason']})" for u in mapping.unscored))
+    evaluation = Evaluation(summary, test, patients, ci, out, mapping)
     if out:
         write(evaluation, out)
     if record and loaded.run_id:
@@ -112,7 +126,8 @@ def _preprocessing(data: Any) -> dict[str, Any]:
 def write(evaluation: Evaluation, out: str) -> None:
     """report.json, report.md, the figures and the predictions, into a local folder or any fsspec URL."""
     rep = evaluation.report
-    probs, labels = evaluation.predictions.present()
+    probs, labels = evaluation.present()
+    names = tuple(rep["findings"]) or tuple(rep["auroc"]["findings"])
     split = rep["data"]["split"]
     with tempfile.TemporaryDirectory(prefix="cxr-eval-") as local:
         with open(os.path.join(local, "report.json"), "w") as fh:
@@ -121,8 +136,8 @@ def write(evaluation: Evaluation, out: str) -> None:
             fh.write(report.markdown(rep))
         title = f"{rep['model']['uri']} on {split}"
         figures.roc_grid_ci(labels, probs, evaluation.ci, f"{title}: ROC").savefig(os.path.join(local, "roc.png"))
-        figures.pr_grid(labels, probs, f"{title}: precision-recall").savefig(os.path.join(local, "pr.png"))
-        figures.reliability_grid(labels, probs, f"{title}: calibration").savefig(
+        figures.pr_grid(labels, probs, f"{title}: precision-recall", names).savefig(os.path.join(local, "pr.png"))
+        figures.reliability_grid(labels, probs, f"{title}: calibration", names=names).savefig(
             os.path.join(local, "reliability.png"))
         np.savez(os.path.join(local, PREDICTIONS), probs=probs, labels=labels, patients=evaluation.patients,
                  index=np.flatnonzero(evaluation.predictions.seen), fingerprint=rep["data"]["fingerprint"])
@@ -152,7 +167,8 @@ def _record(evaluation: Evaluation, loaded: Any, tracking_uri: str | None) -> No
     prefix, mean = (split if on_record else f"eval_{split}"), rep["auroc"]["mean"]
     metrics = {f"{prefix}_auroc_mean_ci_low": mean["low"], f"{prefix}_auroc_mean_ci_high": mean["high"]}
     if not on_record:
-        metrics.update({f"{prefix}_auroc/{name}": v["auroc"] for name, v in rep["auroc"]["findings"].items()})
+        metrics.update({f"{prefix}_auroc/{metric_name(name)}": v["auroc"]
+                        for name, v in rep["auroc"]["findings"].items()})
         metrics[f"{prefix}_auroc_mean"] = mean["auroc"]
     client.log_batch(loaded.run_id, metrics=[Metric(k, float(v), now, 0, model_id=model_id)
                                              for k, v in metrics.items() if v is not None])

@@ -42,11 +42,17 @@ def _frame(ax: Axes, xlabel: str, ylabel: str) -> None:
 
 
 def _arrays(y_true: ArrayLike, y_score: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(y_true) > 0
+    y = np.asarray(y_true)
     s = np.asarray(y_score, dtype=np.float64)
     if y.shape != s.shape or y.ndim != 2:
         raise ValueError(f"labels {y.shape} and scores {s.shape} must both be [N, findings]")
     return y, s
+
+
+def _known(y: np.ndarray, s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column k's binary labels and scores without its unknown (< 0, uncertain) labels."""
+    m = y[:, k] >= 0
+    return y[m, k] > 0, s[m, k]
 
 
 def pr_grid(y_true: ArrayLike, y_score: ArrayLike, title: str, names: Sequence[str] | None = None) -> Figure:
@@ -54,12 +60,13 @@ def pr_grid(y_true: ArrayLike, y_score: ArrayLike, title: str, names: Sequence[s
     y, s = _arrays(y_true, y_score)
     fig, axes = _grid(y.shape[1], title)
     for k, (ax, name) in enumerate(zip(axes, finding_names(y.shape[1], names), strict=True)):
-        ap = auprc(y[:, k], s[:, k])
+        yk, sk = _known(y, s, k)
+        ap = auprc(yk, sk)
         if ap is None:
             ax.set_title(f"{name}\nundefined: no positive image", fontsize=9)
         else:
-            precision, recall, _ = precision_recall_curve(y[:, k], s[:, k])
-            prevalence = float(y[:, k].mean())
+            precision, recall, _ = precision_recall_curve(yk, sk)
+            prevalence = float(yk.mean())
             ax.step(recall, precision, where="post", lw=1.5)
             ax.axhline(prevalence, color="0.6", lw=1, ls="--")
             ax.set_title(f"{name}\nAP {ap:.3f}  (prevalence {prevalence:.3f})", fontsize=9)
@@ -75,7 +82,8 @@ def reliability_grid(
     y, p = _arrays(y_true, y_prob)
     fig, axes = _grid(y.shape[1], title)
     for k, (ax, name) in enumerate(zip(axes, finding_names(y.shape[1], names), strict=True)):
-        cal = calibration(y[:, k], p[:, k], bins)
+        yk, pk = _known(y, p, k)
+        cal = calibration(yk, pk, bins)
         ax.plot([0, 1], [0, 1], color="0.8", lw=1)
         full = [b for b in cal.bins if b.count]
         if cal.ece is None:
@@ -84,8 +92,8 @@ def reliability_grid(
             ax.bar([b.lower for b in full], [b.observed for b in full], width=[b.upper - b.lower for b in full],
                    align="edge", color="tab:blue", alpha=0.35, edgecolor="tab:blue")
             ax.plot([b.confidence for b in full], [b.observed for b in full], marker="o", ms=3, lw=1, color="tab:blue")
-            note = "" if y[:, k].any() else ", no positive image"
-            ax.set_title(f"{name}\nECE {cal.ece:.3f}  (n={len(y)}{note})", fontsize=9)
+            note = "" if yk.any() else ", no positive image"
+            ax.set_title(f"{name}\nECE {cal.ece:.3f}  (n={len(yk)}{note})", fontsize=9)
         _frame(ax, "mean predicted probability", "fraction positive")
     fig.tight_layout()
     return fig
@@ -104,7 +112,7 @@ def roc_grid_ci(y_true: ArrayLike, y_score: ArrayLike, ci: AurocCI, title: str) 
         if f.auroc is None:
             ax.set_title(f"{name}\nundefined: {f.reason}", fontsize=9)
         else:
-            fpr, tpr, _ = roc_curve(y[:, k], s[:, k])
+            fpr, tpr, _ = roc_curve(*_known(y, s, k))
             ax.plot(fpr, tpr, lw=1.5)
             band = "" if f.low is None else f"  {level} CI {f.low:.3f}–{f.high:.3f}"
             ax.set_title(f"{name}\nAUROC {f.auroc:.3f}{band}", fontsize=9)
@@ -124,10 +132,11 @@ def roc_grid(y_true: ArrayLike, y_score: ArrayLike, title: str, names: Sequence[
     fig, axes = _grid(y.shape[1], title)
     for k, (ax, name) in enumerate(zip(axes, finding_names(y.shape[1], names), strict=True)):
         ax.plot([0, 1], [0, 1], color="0.8", lw=1)
-        if 0 < y[:, k].sum() < len(y):
-            fpr, tpr, _ = roc_curve(y[:, k], s[:, k])
+        yk, sk = _known(y, s, k)
+        if 0 < yk.sum() < len(yk):
+            fpr, tpr, _ = roc_curve(yk, sk)
             ax.plot(fpr, tpr, lw=1.5)
-            ax.set_title(f"{name}  AUROC {roc_auc_score(y[:, k], s[:, k]):.3f}", fontsize=9)
+            ax.set_title(f"{name}  AUROC {roc_auc_score(yk, sk):.3f}", fontsize=9)
         else:
             ax.set_title(f"{name}  undefined: one class only", fontsize=9)
         _frame(ax, "1 - specificity", "sensitivity")

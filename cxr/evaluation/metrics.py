@@ -3,7 +3,8 @@
 scikit-learn's `roc_auc_score` does the arithmetic (ties included), so our numbers are comparable
 with every paper that used it. A finding whose split has no positive (or no negative) image has no
 ROC curve: it is reported as NaN, never as 0.5, and left out of the mean, so a small validation
-split cannot make a model look better or worse than it is.
+split cannot make a model look better or worse than it is. A label below 0 is unknown (an uncertain label
+under the `ignore` policy): that image is left out of that finding's AUROC only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ SCORE = "val_auroc_mean"  # validation mean AUROC: picks the best epoch; every h
 
 
 def auroc_per_finding(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
-    """AUROC of each column of `y_score` [N, K] against binary `y_true` [N, K]; NaN where undefined."""
+    """AUROC of each column of `y_score` [N, K] against binary `y_true` [N, K] (< 0: unknown, left out); NaN where
+    undefined."""
     y_true = np.asarray(y_true)
     y_score = np.asarray(y_score, dtype=np.float64)
     if y_true.shape != y_score.shape or y_true.ndim != 2:
@@ -28,9 +30,10 @@ def auroc_per_finding(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
         raise ValueError("scores contain NaN or inf: the model diverged or predictions were not gathered")
     out = np.full(y_true.shape[1], np.nan)
     for k in range(y_true.shape[1]):
-        positives = int(np.count_nonzero(y_true[:, k]))
-        if 0 < positives < len(y_true):
-            out[k] = roc_auc_score(y_true[:, k] > 0, y_score[:, k])
+        known = y_true[:, k] >= 0
+        positives = int(np.count_nonzero(y_true[known, k]))
+        if 0 < positives < int(known.sum()):
+            out[k] = roc_auc_score(y_true[known, k] > 0, y_score[known, k])
     return out
 
 
@@ -48,19 +51,27 @@ def by_finding(aurocs: np.ndarray, names: tuple[str, ...] = FINDINGS) -> dict[st
     return {name: (float(a) if np.isfinite(a) else None) for name, a in zip(names, aurocs, strict=True)}
 
 
-def auroc_summary(y_true: np.ndarray, y_score: np.ndarray) -> dict[str, float | None]:
+def auroc_summary(y_true: np.ndarray, y_score: np.ndarray,
+                  names: tuple[str, ...] = FINDINGS) -> dict[str, float | None]:
     """Per-finding AUROC (None where undefined) and their mean under "mean": what a run reports per split."""
     aurocs = auroc_per_finding(y_true, y_score)
-    out = by_finding(aurocs)
+    out = by_finding(aurocs, names)
     mean = mean_auroc(aurocs)
     out["mean"] = None if math.isnan(mean) else mean
     return out
 
 
-def auroc_metrics(y_true: np.ndarray, y_score: np.ndarray, prefix: str) -> dict[str, float]:
+def auroc_metrics(y_true: np.ndarray, y_score: np.ndarray, prefix: str,
+                  names: tuple[str, ...] = FINDINGS) -> dict[str, float]:
     """`{prefix}_auroc_mean` and `{prefix}_auroc/{finding}` (NaN where undefined): metric names that group
     per split in the MLflow UI and line up across runs."""
     aurocs = auroc_per_finding(y_true, y_score)
     metrics = {f"{prefix}_auroc_mean": mean_auroc(aurocs)}
-    metrics.update({f"{prefix}_auroc/{name}": float(a) for name, a in zip(FINDINGS, aurocs, strict=True)})
+    metrics.update({f"{prefix}_auroc/{metric_name(name)}": float(a) for name, a in zip(names, aurocs, strict=True)})
     return metrics
+
+
+def metric_name(finding: str) -> str:
+    """A finding as an MLflow metric key part: MLflow allows letters, digits, `_ - . / :` and spaces only
+    (PadChest's "COPD signs" is fine; "pleural effusion (left)" is not)."""
+    return "".join(c if c.isalnum() or c in "_-. :" else "_" for c in finding)

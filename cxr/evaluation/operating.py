@@ -23,13 +23,15 @@ from cxr.evaluation.bootstrap import finding_names, undefined_reason
 
 
 def _binary(y_true: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(y_true).ravel() > 0
+    """Binary labels and their scores, images with an unknown label (< 0, uncertain under `ignore`) left out."""
+    y = np.asarray(y_true).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     if y.shape != s.shape:
         raise ValueError(f"{y.size} labels for {s.size} scores")
     if not np.all(np.isfinite(s)):
         raise ValueError("scores contain NaN or inf: the model diverged or predictions were not gathered")
-    return y, s
+    known = y >= 0
+    return y[known] > 0, s[known]
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -88,7 +90,7 @@ def choose_thresholds(
     y, s = _columns(y_val, scores_val)
     out = []
     for k, name in enumerate(finding_names(y.shape[1], names)):
-        reason = undefined_reason(y[:, k] > 0)
+        reason = undefined_reason(y[:, k])
         yj = youden_threshold(y[:, k], s[:, k]) if reason is None else None
         at = sensitivity_threshold(y[:, k], s[:, k], sensitivity) if reason is None else None
         out.append(Thresholds(name, yj[0] if yj else None, yj[1] if yj else None, sensitivity, at,
@@ -211,13 +213,14 @@ def evaluate_operating(
     chosen = choose_thresholds(yv, sv, sensitivity, labels)
     out = []
     for k, name in enumerate(labels):
-        y, s = yt[:, k] > 0, st[:, k]
+        y, s = yt[:, k], st[:, k]
+        known = y[y >= 0] > 0
         th = chosen[k]
         out.append(FindingOperating(
             finding=name,
-            prevalence=float(y.mean()) if len(y) else None,
+            prevalence=float(known.mean()) if len(known) else None,
             auprc=auprc(y, s),
-            auprc_reason=None if y.any() else "no positive image in the split",
+            auprc_reason=None if known.any() else "no positive image in the split",
             thresholds=th,
             at_youden=None if th.youden is None else operating_point(y, s, th.youden),
             at_sensitivity=None if th.at_sensitivity is None else operating_point(y, s, th.at_sensitivity),

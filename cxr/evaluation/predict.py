@@ -1,7 +1,7 @@
 """Predicting a split: the one routine behind validation (gathered across workers) and test scoring.
 
 Workers may hold different numbers of batches, so no collective runs per batch: each process predicts its
-part of the split into a zero [N + 1, 2·14 + 1] array at the images' positions (probabilities, labels, a
+part of the split into a zero [N + 1, K_out + K_labels + 1] array at the images' positions (probabilities, labels, a
 count), and one reduction (an all-reduce SUM across workers, or nothing in one process) gives every process
 all N rows. Every position must have been seen exactly once; row N collects positions outside 0..N-1, so a
 bad index is reported by every worker after the one reduction instead of hanging the others. Raw mode may
@@ -25,8 +25,8 @@ Reduce = Callable[[np.ndarray], np.ndarray]
 class Predictions:
     """A split's probabilities and labels by position; `seen` marks the rows that were predicted."""
 
-    probs: np.ndarray  # [N, 14] float32, NaN where unseen
-    labels: np.ndarray  # [N, 14] float32
+    probs: np.ndarray  # [N, model outputs] float32, NaN where unseen
+    labels: np.ndarray  # [N, data findings] float32 (< 0: unknown, an uncertain label under `ignore`)
     seen: np.ndarray  # [N] bool
 
     @property
@@ -39,10 +39,14 @@ class Predictions:
 
 
 def predict_split(predict: Callable[[Any], Any], batches: Iterable[tuple[Any, Any, Any]], n: int,
-                  reduce: Reduce | None = None, allow_missing: bool = False) -> Predictions:
-    """Run `predict` over (images, labels, index) batches of an N-image split and gather every row."""
-    k = NUM_FINDINGS
-    rows = np.zeros((n + 1, 2 * k + 1), np.float32)
+                  reduce: Reduce | None = None, allow_missing: bool = False, outputs: int = NUM_FINDINGS,
+                  label_count: int | None = None) -> Predictions:
+    """Run `predict` over (images, labels, index) batches of an N-image split and gather every row.
+
+    `outputs` is the model's, `label_count` the data's (default: the same); they differ when a model is
+    scored on another dataset's label set (external validation maps the shared findings afterwards)."""
+    k, kl = outputs, label_count if label_count is not None else outputs
+    rows = np.zeros((n + 1, k + kl + 1), np.float32)
     for images, labels, index in batches:
         idx = np.asarray(index).astype(np.int64)
         idx = np.where((idx >= 0) & (idx < n), idx, n)
@@ -61,7 +65,7 @@ def predict_split(predict: Callable[[Any], Any], batches: Iterable[tuple[Any, An
     seen = counts == 1
     probs = rows[:n, :k].copy()
     probs[~seen] = np.nan
-    return Predictions(probs, rows[:n, k:2 * k].copy(), seen)
+    return Predictions(probs, rows[:n, k:k + kl].copy(), seen)
 
 
 def predict_model(model: Any, data: Any, split: str, batch_size: int, source: Any = None) -> Predictions:
@@ -71,4 +75,5 @@ def predict_model(model: Any, data: Any, split: str, batch_size: int, source: An
     source = source or sources.for_config(data)
     n = int(source.split_size(data, split))
     batches = source.make_dataset(data, split, batch_size, training=False)
-    return predict_split(model.predict_on_batch, batches, n, allow_missing=source.may_skip)
+    return predict_split(model.predict_on_batch, batches, n, allow_missing=source.may_skip,
+                         outputs=int(model.output_shape[-1]), label_count=int(batches.element_spec[1].shape[-1]))

@@ -7,19 +7,21 @@ import itertools
 import math
 from collections.abc import Mapping
 
-from cxr import labels
-
 
 def auroc_text(columns: Mapping[str, Mapping[str, float | None]]) -> str:
     """A fixed-width table, one column per split (e.g. val, test), findings two to a row so it fits a screen,
     then the mean."""
-    def row(finding: str) -> str:
-        cells = [columns[n].get(finding) for n in columns]
-        return f"{finding:<19}" + "".join(f"{'undef':>9}" if v is None or (isinstance(v, float) and math.isnan(v))
-                                          else f"{v:>9.4f}" for v in cells)
+    names = dict.fromkeys(f for col in columns.values() for f in col if f != "mean")  # the model's label set
+    width = max([19, *(len(f) + 1 for f in names)])
 
-    head = f"{'finding':<19}" + "".join(f"{n:>9}" for n in columns)
-    rows = [row(f) for f in labels.FINDINGS]
+    def cell(v: float | None) -> str:
+        return f"{'undef':>9}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>9.4f}"
+
+    def row(finding: str) -> str:
+        return f"{finding:<{width}}" + "".join(cell(columns[n].get(finding)) for n in columns)
+
+    head = f"{'finding':<{width}}" + "".join(f"{n:>9}" for n in columns)
+    rows = [row(f) for f in names]
     pairs = [f"{a}   {b}".rstrip() for a, b in itertools.zip_longest(rows[0::2], rows[1::2], fillvalue="")]
     return "\n".join([f"{head}   {head}", *pairs, row("mean")])
 
@@ -43,8 +45,7 @@ def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
 def _operating(rep: dict, threshold: str, point: str) -> list[list[str]]:
     """One row per finding at a validation-chosen threshold: the rates it reached on the evaluated split."""
     rows = []
-    for name in labels.FINDINGS:
-        f = rep["findings"][name]
+    for name, f in rep["findings"].items():
         p = f[point] or {}
         found = f"{_num(p.get('sensitivity'))} ({p['tp']}/{p['tp'] + p['fn']})" if p else "–"
         rows.append([name, _num(f["thresholds"][threshold]), found, _num(p.get("specificity")), _num(p.get("ppv")),
@@ -75,7 +76,7 @@ def markdown(rep: dict) -> str:
              "## Discrimination", ""]
     lines += _table(["finding", f"AUROC [{pct} CI]", "AUPRC", "prevalence"], "lrrr",
                     [[n, _ci(au["findings"][n]), _num(rep["findings"][n]["auprc"]),
-                      _num(rep["findings"][n]["prevalence"], 4)] for n in labels.FINDINGS])
+                      _num(rep["findings"][n]["prevalence"], 4)] for n in rep["findings"]])
     operating = ["finding", "threshold", f"{split} sensitivity", f"{split} specificity", "PPV", "NPV", "F1"]
     reached = f"what it reached on {split} (true positives / positive images in brackets):"
     lines += ["", "## At the Youden threshold", "",
@@ -90,16 +91,17 @@ def markdown(rep: dict) -> str:
               "equal-width bins (see reliability.png).", ""]
     lines += _table(["finding", "ECE", "mean predicted probability", "observed frequency"], "lrrr",
                     [[n, _num(f["calibration"]["ece"]), _num(_mean_probability(f["calibration"]["bins"]), 4),
-                      _num(f["prevalence"], 4)] for n, f in ((n, rep["findings"][n]) for n in labels.FINDINGS)])
-    notes = []
-    for name in labels.FINDINGS:
-        a, f = au["findings"][name], rep["findings"][name]
+                      _num(f["prevalence"], 4)] for n, f in rep["findings"].items()])
+    notes = [f"- {u['finding']}: not scored, {u['reason']}." for u in rep.get("unscored", [])]
+    for name, f in rep["findings"].items():
+        a = au["findings"][name]
         for why in (a.get("reason"), f.get("auprc_reason"), f["thresholds"].get("reason")):
             if why:
                 notes.append(f"- {name}: {why}.")
     if notes:
         lines += ["", "## Undefined values", "", *dict.fromkeys(notes)]
-    lines += ["", "## Published results", "", "Mean AUROCs for orientation (other models, other test sets):", ""]
-    lines += _table(["model", "split", "mean AUROC"], "llr",
-                    [[a["model"], a["split"], f"{a['mean_auroc']:.3f}"] for a in rep["anchors"]])
+    if rep["anchors"]:
+        lines += ["", "## Published results", "", "Mean AUROCs for orientation (other models, other test sets):", ""]
+        lines += _table(["model", "split", "mean AUROC"], "llr",
+                        [[a["model"], a["split"], f"{a['mean_auroc']:.3f}"] for a in rep["anchors"]])
     return "\n".join(lines) + "\n"

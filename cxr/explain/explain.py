@@ -121,10 +121,15 @@ def explain(model_uri: str, out: str, data: str | None = None, images: str | Non
 
     if (data is None) == (images is None):
         raise ValueError("explain needs exactly one of --data (a dataset root with boxes) or --images")
-    unknown = [f for f in findings or () if f not in labels.INDEX]
-    if unknown:
-        raise ValueError(f"unknown finding(s) {', '.join(unknown)}; choose from {', '.join(labels.FINDINGS)}")
     loaded = models.load(model_uri, tracking_uri)
+    index = {f: i for i, f in enumerate(loaded.findings)}  # the model's own label set
+    unknown = [f for f in findings or () if f not in index]
+    if unknown:
+        raise ValueError(f"unknown finding(s) {', '.join(unknown)}; the model's findings are "
+                         f"{', '.join(loaded.findings)}")
+    if data is not None and loaded.findings != labels.FINDINGS:
+        raise ValueError(f"--data scores NIH's boxed findings against a model of NIH's 14; this model's are "
+                         f"{', '.join(loaded.findings)}: use --images")
     size = loaded.image_size
     if data is not None:
         targets, errors = targets_from_data(data, split, findings)
@@ -151,14 +156,14 @@ def explain(model_uri: str, out: str, data: str | None = None, images: str | Non
             x = np.stack([r[0] for _, r in ok]).astype(np.float32)[..., None] / np.float32(255.0)
             # Only files without named findings need the scores first (their top finding is explained).
             guess = None if all(t.findings for t, _ in ok) else np.asarray(loaded.model.predict_on_batch(x))
-            wanted = [t.findings or (labels.FINDINGS[int(np.argmax(guess[b]))],) for b, (t, _) in enumerate(ok)]
-            union = sorted({labels.INDEX[f] for fs in wanted for f in fs})
+            wanted = [t.findings or (loaded.findings[int(np.argmax(guess[b]))],) for b, (t, _) in enumerate(ok)]
+            union = sorted({index[f] for fs in wanted for f in fs})
             result = cam(x, union)  # the same forward pass gives the scores shown on the sheets
-            maps, probs = result.heatmaps, result.probabilities  # [F, B, S, S], [B, 14]
+            maps, probs = result.heatmaps, result.probabilities  # [F, B, S, S], [B, findings]
             for b, ((target, (image, hw)), fs) in enumerate(zip(ok, wanted, strict=True)):
                 frames[target.name] = hw
                 for f in fs:
-                    heat = maps[union.index(labels.INDEX[f]), b]
+                    heat = maps[union.index(index[f]), b]
                     boxes = loc.heatmap_boxes(heat, thresholds)
                     predictions[(target.name, f)] = [loc.to_image_frame(bx, size, hw) for bx in boxes]
                     items = sheet_items.setdefault(f, [])
@@ -171,7 +176,7 @@ def explain(model_uri: str, out: str, data: str | None = None, images: str | Non
                     with open(os.path.join(local, rel), "wb") as fh:
                         fh.write(overlay_png(image, heat, boxes[:1], true or None))
                     overlays.setdefault(f, []).append(rel)
-                    items.append(SheetItem(target.name, image, heat, float(probs[b, labels.INDEX[f]]), boxes[:1],
+                    items.append(SheetItem(target.name, image, heat, float(probs[b, index[f]]), boxes[:1],
                                            true or None))
             bar.update(len(chunk))
         sheets = {}

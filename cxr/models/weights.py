@@ -1,7 +1,10 @@
-"""Initial weights come only from a file the user names (local path or any fsspec URL); nothing is downloaded.
+"""Initial weights come only from what the user names (local path, fsspec URL, MLflow URI); nothing is downloaded.
 
-Either a whole-model weight file written by these models (e.g. a checkpoint's `model.weights.h5`), or a
-backbone-only file such as keras.applications' `*_notop.h5`, which is loaded into the backbone.
+Either a whole-model weight file written by these models (e.g. a checkpoint's `model.weights.h5`), a
+backbone-only file such as keras.applications' `*_notop.h5`, which is loaded into the backbone, or a trained
+model to fine-tune (`models:/NAME@champion`, `runs:/…`, a checkpoint folder): every layer but the head is
+taken over, and the head's column of each finding the two label sets share, so a hospital starting from the
+NIH champion keeps what the NIH model learned of Effusion and gets a new output for a finding NIH lacks.
 """
 
 from __future__ import annotations
@@ -13,23 +16,30 @@ import posixpath
 import tempfile
 import urllib.parse
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import keras
 
 from cxr import storage
-from cxr.models.zoo import BACKBONE
+from cxr.models.zoo import BACKBONE, HEAD
 from cxr.redact import redact
 
 log = logging.getLogger(__name__)
 
 
-def load_initial_weights(model: keras.Model, url: str) -> None:
-    """Load a whole-model or backbone-only weight file from a local path or fsspec URL.
+def load_initial_weights(model: keras.Model, url: str, findings: Sequence[str] = (),
+                         tracking_uri: str | None = None) -> None:
+    """Load a whole-model or backbone-only weight file, or a trained model's weights (module docstring).
 
     Raises FileNotFoundError if there is no such file, ValueError if it fits neither the model nor
     its backbone.
     """
+    if url.startswith(("models:/", "runs:/")) or _is_checkpoint(url):
+        from cxr.tracking.models import load  # a model URI: loaded as `cxr evaluate` loads one
+
+        source = load(url, tracking_uri)
+        fine_tune(source.model, source.findings, model, tuple(findings) or source.findings, redact(url))
+        return
     if not storage.exists(url):
         raise FileNotFoundError(f"initial weights {redact(url)!r}: no such file")
     with _local_copy(url) as path:
@@ -44,6 +54,47 @@ def load_initial_weights(model: keras.Model, url: str) -> None:
                 return
     details = "; ".join(f"{what}: {err}" for what, err in zip(("model", "backbone"), errors, strict=False))
     raise ValueError(f"initial weights {redact(url)!r} do not match model {model.name!r} ({details})")
+
+
+def _is_checkpoint(url: str) -> bool:
+    from cxr.training.checkpoints import CONFIG_FILE
+
+    return not url.endswith(".h5") and storage.exists(storage.join(url, CONFIG_FILE))
+
+
+def fine_tune(source: keras.Model, source_findings: Sequence[str], target: keras.Model,
+              target_findings: Sequence[str], where: str) -> None:
+    """Copy `source` into `target`: every layer but the head whole, the head per shared finding (by name).
+
+    The architectures must match below the head (the same model.name and image size); a head over the same
+    findings in the same order is copied whole, so the whole model continues.
+    """
+    mismatched = []
+    for layer in target.layers:
+        if layer.name == HEAD or not layer.weights:
+            continue
+        try:
+            src = source.get_layer(layer.name)
+            layer.set_weights(src.get_weights())
+        except ValueError as exc:
+            mismatched.append(f"{layer.name}: {str(exc).splitlines()[0]}")
+    if mismatched:
+        raise ValueError(f"initial model {where} ({source.name}, {source.input_shape[1]} px) does not fit "
+                         f"{target.name} at {target.input_shape[1]} px: {'; '.join(mismatched[:3])}")
+    kernel, bias = source.get_layer(HEAD).get_weights()
+    new_kernel, new_bias = target.get_layer(HEAD).get_weights()
+    index = {name: i for i, name in enumerate(source_findings)}
+    shared = [(j, index[name]) for j, name in enumerate(target_findings) if name in index]
+    for j, i in shared:
+        new_kernel[:, j], new_bias[j] = kernel[:, i], bias[i]
+    target.get_layer(HEAD).set_weights([new_kernel, new_bias])
+    if list(source_findings) == list(target_findings):
+        log.info("fine-tuning %s: the same %d findings, the whole model continues", where, len(target_findings))
+        return
+    new = [name for name in target_findings if name not in index]
+    log.info("fine-tuning %s: the label sets differ (%d findings -> %d); kept every layer below the head and "
+             "the head's %d shared finding(s); new outputs for %s", where, len(source_findings),
+             len(target_findings), len(shared), ", ".join(new) if new else "none")
 
 
 def _has_backbone(model: keras.Model) -> bool:

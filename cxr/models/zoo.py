@@ -1,4 +1,4 @@
-"""The architectures: a small CNN for CPU runs, and keras.applications backbones with a 14-sigmoid head.
+"""The architectures: a small CNN for CPU runs, and keras.applications backbones, with one sigmoid per finding.
 
 The last Dense and the sigmoid are float32 under any mixed-precision policy, so the loss and AUROC never see
 bfloat16/float16 rounding. The ImageNet backbones (always `weights=None`: nothing is downloaded) expect
@@ -57,15 +57,19 @@ def gray_to_imagenet(x, scale: list[float], offset: list[float]):
     return keras.layers.Rescaling(scale=scale, offset=offset, name="imagenet_norm", dtype="float32")(rgb)
 
 
-def _head(features, dropout: float):
-    """Pooled features -> dropout -> 14 float32 sigmoid outputs."""
+HEAD = "logits"  # the one layer sized by the label set: fine-tuning onto another set rebuilds only it
+
+
+def _head(features, dropout: float, findings: int):
+    """Pooled features -> dropout -> one float32 sigmoid output per finding of the data's label set."""
     if dropout > 0:
         features = keras.layers.Dropout(dropout, name="dropout")(features)
-    logits = keras.layers.Dense(NUM_FINDINGS, dtype="float32", name="logits")(features)
+    logits = keras.layers.Dense(findings, dtype="float32", name=HEAD)(features)
     return keras.layers.Activation("sigmoid", dtype="float32", name="findings")(logits)
 
 
-def small_cnn(image_size: int, dropout: float = 0.0, batch_norm: bool = True) -> keras.Model:
+def small_cnn(image_size: int, dropout: float = 0.0, batch_norm: bool = True,
+              findings: int = NUM_FINDINGS) -> keras.Model:
     """Five strided 3x3 conv blocks (conv, batch norm, ReLU), then average AND max pooling: fast on CPU at 128 px.
 
     Max pooling lets one small bright spot (a nodule is a few pixels at 128 px) drive an output that
@@ -87,27 +91,28 @@ def small_cnn(image_size: int, dropout: float = 0.0, batch_norm: bool = True) ->
         x = keras.layers.ReLU(name=f"relu{i}")(x)
     pooled = keras.layers.Concatenate(name="pool")([keras.layers.GlobalAveragePooling2D(name="avg")(x),
                                                     keras.layers.GlobalMaxPooling2D(name="max")(x)])
-    return keras.Model(inputs, _head(pooled, dropout), name="small_cnn")
+    return keras.Model(inputs, _head(pooled, dropout, findings), name="small_cnn")
 
 
-def imagenet_backbone_model(name: str, image_size: int, dropout: float = 0.0) -> keras.Model:
-    """keras.applications backbone (random init) + global average pooling + 14 sigmoids."""
+def imagenet_backbone_model(name: str, image_size: int, dropout: float = 0.0,
+                            findings: int = NUM_FINDINGS) -> keras.Model:
+    """keras.applications backbone (random init) + global average pooling + one sigmoid per finding."""
     constructor, (scale, offset) = BACKBONES[name]
     inputs = keras.Input((image_size, image_size, 1), name="image")
     backbone = constructor(include_top=False, weights=None, input_shape=(image_size, image_size, 3),
                            name=BACKBONE)
     x = backbone(gray_to_imagenet(inputs, scale, offset))
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    return keras.Model(inputs, _head(x, dropout), name=name)
+    return keras.Model(inputs, _head(x, dropout, findings), name=name)
 
 
-def mobilenet_v2(image_size: int, dropout: float = 0.0) -> keras.Model:
-    return imagenet_backbone_model("mobilenet_v2", image_size, dropout)
+def mobilenet_v2(image_size: int, dropout: float = 0.0, findings: int = NUM_FINDINGS) -> keras.Model:
+    return imagenet_backbone_model("mobilenet_v2", image_size, dropout, findings)
 
 
-def densenet121(image_size: int, dropout: float = 0.0) -> keras.Model:
-    return imagenet_backbone_model("densenet121", image_size, dropout)
+def densenet121(image_size: int, dropout: float = 0.0, findings: int = NUM_FINDINGS) -> keras.Model:
+    return imagenet_backbone_model("densenet121", image_size, dropout, findings)
 
 
-def efficientnet_b0(image_size: int, dropout: float = 0.0) -> keras.Model:
-    return imagenet_backbone_model("efficientnet_b0", image_size, dropout)
+def efficientnet_b0(image_size: int, dropout: float = 0.0, findings: int = NUM_FINDINGS) -> keras.Model:
+    return imagenet_backbone_model("efficientnet_b0", image_size, dropout, findings)

@@ -162,9 +162,8 @@ def _decide(client: Any, score: _Scorer, cand: registry.Version, champ: registry
     ev_champ = score(champ)
     _check_aligned(ev_champ, ev_cand, name, champ, cand)
     keep, counts, champ_fp = _unseen(client, ev_cand, cand, champ, fingerprint, data, rules["min_unseen"])
-    a, b = ev_champ.predictions, ev_cand.predictions
-    probs_a, labels = a.present()
-    probs_b, _ = b.present()
+    probs_a, labels = ev_champ.present()
+    probs_b, _ = ev_cand.present()
     paired = paired_difference(labels[keep], probs_a[keep], probs_b[keep], ev_cand.patients[keep],
                                resamples=ev_cand.ci.resamples, confidence=ev_cand.ci.confidence,
                                seed=ev_cand.ci.seed, names=list(ev_cand.report["auroc"]["findings"]))
@@ -195,6 +194,11 @@ def _first(cand: registry.Version, ev: Any, data: str, fingerprint: str, min_aur
 
 def _check_aligned(ev_a: Any, ev_b: Any, name: str, champ: registry.Version, cand: registry.Version) -> None:
     """The two evaluations must be of the same images, row for row, or the paired comparison means nothing."""
+    names_a, names_b = tuple(ev_a.report["auroc"]["findings"]), tuple(ev_b.report["auroc"]["findings"])
+    if names_a != names_b:
+        raise PromotionError(f"{name}: champion version {champ.version} scores {', '.join(names_a)} and candidate "
+                             f"version {cand.version} scores {', '.join(names_b)}: models of different label sets "
+                             "are not compared finding by finding; nothing was changed")
     a, b = ev_a.predictions, ev_b.predictions
     same = (ev_a.report["data"]["fingerprint"] == ev_b.report["data"]["fingerprint"] and a.seen.shape == b.seen.shape
             and bool((a.seen == b.seen).all()) and np.array_equal(a.labels, b.labels)
@@ -236,9 +240,10 @@ def _unseen(client: Any, ev: Any, cand: registry.Version, champ: registry.Versio
     if counts["scored"] < min_unseen * counts["test"] or counts["scored"] == 0:
         why = f"only {counts['scored']} of {counts['test']} test patients (below the floor of {min_unseen:.0%})"
     else:
-        _, labels = ev.predictions.present()
+        _, labels = ev.present()
+        positive = labels > 0
         lost = [n for j, n in enumerate(ev.report["auroc"]["findings"])
-                if labels[:, j].any() and not labels[keep, j].any()]
+                if positive[:, j].any() and not positive[keep, j].any()]
         if lost:
             why = f"no positive image left for {', '.join(lost)}"
     if why:

@@ -67,10 +67,17 @@ def history(checkpoint: Any) -> list[dict[str, Any]]:
         return list(read_state(directory).get("history", []))
 
 
+def findings(directory: str) -> tuple[str, ...]:
+    """The label set the checkpoint's model was trained on (its plan); NIH's 14 for checkpoints before label sets."""
+    from cxr.labels import FINDINGS
+
+    return tuple(read_state(directory).get("plan", {}).get("findings") or FINDINGS)
+
+
 def load_model(directory: str, model_name: str, image_size: int, dropout: float = 0.0) -> keras.Model:
     """The checkpoint's model, built under the current dtype policy with its weights loaded."""
     from cxr.models import build_model
 
-    model = build_model(model_name, image_size, dropout)
+    model = build_model(model_name, image_size, dropout, findings=findings(directory))
     model.load_weights(os.path.join(directory, MODEL_FILE))
     return model

@@ -48,7 +48,9 @@ def plan_run(cfg: cfgmod.Config, source: DataSource) -> RunPlan:
     positives = total = None
     if optim.weighted_loss:
         positives, total = source.label_counts(data, data.train_split)
-    return RunPlan(train_size, val_size, steps, positives, total)
+    from cxr.data.source import findings
+
+    return RunPlan(train_size, val_size, steps, positives, total, findings(data))
 
 
 def worker_resources(cfg: cfgmod.Config) -> dict[str, float]:

@@ -31,6 +31,7 @@ from cxr import config as cfgmod
 from cxr.data.source import DataSource
 from cxr.evaluation.metrics import SCORE, auroc_metrics
 from cxr.evaluation.predict import predict_split
+from cxr.labels import FINDINGS
 from cxr.losses import loss_from_counts, mean_loss
 from cxr.models import build_model
 from cxr.redact import install_log_filter
@@ -58,6 +59,7 @@ class RunPlan:
     steps_per_epoch: int
     positives: list[int] | None = None
     total: int | None = None
+    findings: tuple[str, ...] = FINDINGS  # the data's label set: sizes the head, names the metrics
 
 
 @dataclass
@@ -139,7 +141,8 @@ def _build_worker(cfg: cfgmod.Config, plan: RunPlan, source: DataSource, strateg
     keras.mixed_precision.set_global_policy(cfg.scaling.precision)
     keras.utils.set_random_seed(cfg.data.seed)
     with strategy.scope():
-        model = build_model(cfg.model.name, cfg.data.image_size, cfg.model.dropout, cfg.model.weights)
+        model = build_model(cfg.model.name, cfg.data.image_size, cfg.model.dropout, cfg.model.weights,
+                            findings=plan.findings, tracking_uri=cfg.tracking.tracking_uri)
         optimizer = make_optimizer(cfg.optim.lr, cfg.scaling.precision)
         optimizer.build(model.trainable_variables)
     loss_fn = loss_from_counts(cfg.optim.weighted_loss, plan.positives, plan.total)
@@ -263,10 +266,12 @@ def _validate_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
     steps = worker.steps
     steps.sync_moving_statistics()
     preds = predict_split(steps.predict, worker.val_data, worker.plan.val_size,
-                          reduce=lambda rows: all_reduce(steps.strategy, rows), allow_missing=worker.source.may_skip)
+                          reduce=lambda rows: all_reduce(steps.strategy, rows), allow_missing=worker.source.may_skip,
+                          outputs=len(worker.plan.findings))
     probs, labels = preds.present()
     metrics: dict[str, Any] = {"val_loss": mean_loss(steps.loss_fn, labels, probs),
-                               **auroc_metrics(labels, probs, "val"), "val_images_skipped": float(preds.missing)}
+                               **auroc_metrics(labels, probs, "val", worker.plan.findings),
+                               "val_images_skipped": float(preds.missing)}
     is_best = worker.schedule.update(epoch, metrics[SCORE])
     metrics.update(eval_time_s=time.perf_counter() - t0, is_best=is_best, next_lr=worker.schedule.lr,
                    best_epoch=worker.schedule.best_epoch, best_val_auroc_mean=worker.schedule.best_score,
