@@ -78,6 +78,14 @@ def _inspect_spec(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from cxr import synth
 
+    if args.layout != "nih":
+        s = synth.synthesize_layout(args.out_root, args.layout, patients=args.patients, size=args.size,
+                                    seed=args.seed, messy=args.messy, workers=args.workers)
+        print(f"wrote {s['images']:,} phantoms of {s['patients']:,} patients to {args.out_root} in the "
+              f"{args.layout} layout ({', '.join(s['files'])}) in {s['seconds']:.1f}s")
+        if args.messy:
+            print("quirks: " + ", ".join(f"{k} {v}" for k, v in s["quirks"].items()) + " (synth-quirks.json)")
+        return 0
     s = synth.synthesize(args.out_root, patients=args.patients, size=args.size, seed=args.seed,
                          messy=args.messy, workers=args.workers)
     print(f"wrote {s['images']:,} phantoms of {s['patients']:,} patients to {args.out_root} "
@@ -276,7 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--patients", type=int, default=550, help="patients (about 3.5 images each)")
     s.add_argument("--size", type=int, default=256, help="image side in pixels")
     s.add_argument("--seed", type=int, default=0, help="seed of everything drawn: the same seed, the same bytes")
-    s.add_argument("--messy", action="store_true", help="add one of each of the real release's defects")
+    s.add_argument("--layout", choices=["nih", "chexpert", "mimic-cxr-jpg", "padchest", "csv"], default="nih",
+                   help="the published layout to write, read by the built-in spec of that name (default nih)")
+    s.add_argument("--messy", action="store_true", help="add the real files' defects (nih: one of each; other "
+                   "layouts: each quirk at a count recorded in OUT/synth-quirks.json)")
     s.add_argument("--workers", type=int, default=None, help="drawing processes (default: one per CPU)")
     s.set_defaults(func=cmd_synth)
 

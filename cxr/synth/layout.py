@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -198,15 +198,16 @@ def _draw(job: _Job) -> tuple[int, dict[str, tuple[float, ...]]]:
     return job.index, boxes
 
 
-def _draw_all(jobs: list[_Job], workers: int, progress: bool) -> dict[int, dict[str, tuple[float, ...]]]:
-    """Draw every image, in worker processes when there is more than one worker."""
+def _draw_all(jobs: list[_Job], workers: int, progress: bool,
+              draw: Callable[[_Job], tuple[int, dict]] = _draw) -> dict[int, dict[str, tuple[float, ...]]]:
+    """Draw every image with `draw` (a module-level function), in worker processes when there are workers."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc="synth images", unit="img", disable=not progress, file=sys.stderr)
     boxes: dict[int, dict[str, tuple[float, ...]]] = {}
     try:
         if workers <= 1 or len(jobs) < 2:
-            results: Iterable[tuple[int, dict]] = map(_draw, jobs)
+            results: Iterable[tuple[int, dict]] = map(draw, jobs)
             for index, b in results:
                 boxes[index] = b
                 bar.update()
@@ -214,7 +215,7 @@ def _draw_all(jobs: list[_Job], workers: int, progress: bool) -> dict[int, dict[
         # spawn, not fork: the caller may hold threads (TensorFlow, Ray) that fork would copy mid-lock
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=heap.for_drawing) as pool:
             chunk = max(1, min(32, len(jobs) // (workers * 8)))
-            for index, b in pool.map(_draw, jobs, chunksize=chunk):
+            for index, b in pool.map(draw, jobs, chunksize=chunk):
                 boxes[index] = b
                 bar.update()
     finally:
