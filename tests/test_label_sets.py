@@ -110,3 +110,25 @@ def test_a_logged_model_carries_its_label_set(tmp_path) -> None:
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
     table = pyfunc.predict(np.zeros((2, 32, 32, 1), np.uint8))
     assert tuple(table.columns) == CHEX
+
+
+def test_an_nih_model_on_chexpert_labels_scores_the_shared_findings_and_lists_the_rest() -> None:
+    from cxr.evaluation.labelsets import shared_findings
+    from cxr.labels import FINDINGS
+
+    chex = ("No Finding", "Lung Lesion", "Cardiomegaly", "Pleural Effusion", "Edema")
+    plan = shared_findings(FINDINGS, chex)
+    assert plan.names == ("Cardiomegaly", "Effusion", "Edema")
+    assert plan.data_names == ("Cardiomegaly", "Pleural Effusion", "Edema")
+    unscored = {(u["side"], u["finding"]): u["reason"] for u in plan.unscored}
+    assert "Lung Lesion" in unscored[("model", "Mass")] and "no equivalent" in unscored[("data", "No Finding")]
+    assert len(unscored) == 11 + 2
+    probs = np.arange(2 * 14, dtype=np.float32).reshape(2, 14)
+    labels = np.array([[0, 1, 1, 0, -1], [1, 0, 0, 1, 1]], np.float32)
+    p, y = plan.take(probs, labels)
+    np.testing.assert_array_equal(p, probs[:, [1, 2, 9]])
+    np.testing.assert_array_equal(y, labels[:, [2, 3, 4]])
+    same = shared_findings(FINDINGS, FINDINGS)
+    assert same.identity and same.describe() is None
+    with pytest.raises(ValueError, match="share none"):
+        shared_findings(("Fracture",), ("Support Devices",))

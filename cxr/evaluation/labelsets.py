@@ -39,7 +39,7 @@ class SharedFindings:
 
 def shared_findings(model: tuple[str, ...], data: tuple[str, ...]) -> SharedFindings:
     """The scoring plan for a model of label set `model` on data labelled with `data`; refuses no overlap."""
-    from cxr.data import labelmap
+    from cxr import labelmap
 
     if tuple(model) == tuple(data):
         idx = tuple(range(len(model)))
@@ -47,13 +47,12 @@ def shared_findings(model: tuple[str, ...], data: tuple[str, ...]) -> SharedFind
     pairs = labelmap.shared(list(model), list(data))
     m_index = {n: i for i, n in enumerate(model)}
     d_index = {n: i for i, n in enumerate(data)}
-    matched_m, matched_d = {m for m, _ in pairs}, {d for _, d in pairs}
-    unscored = [{"finding": n, "side": "model", "reason": "the data has no label for it"}
-                for n in model if n not in matched_m]
-    unscored += [{"finding": n, "side": "data", "reason": "the model has no output for it"}
-                 for n in data if n not in matched_d]
+    unscored = [{"finding": n, "side": "model", "reason": f"the data has no label for it: {why}"}
+                for n, why in labelmap.reasons(model, data).items()]
+    unscored += [{"finding": n, "side": "data", "reason": f"the model has no output for it: {why}"}
+                 for n, why in labelmap.reasons(data, model).items()]
     if not pairs:
         raise ValueError(f"the model's findings ({', '.join(model)}) and the data's ({', '.join(data)}) share none: "
-                         "nothing to score (equivalences: cxr/data/labelmap.yaml)")
+                         "nothing to score (equivalences: cxr/labelmap.yaml)")
     return SharedFindings(tuple(m for m, _ in pairs), tuple(m_index[m] for m, _ in pairs),
                           tuple(d_index[d] for _, d in pairs), tuple(d for _, d in pairs), unscored)
