@@ -279,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--test-fraction", type=float, default=0.2, help="test patients when no official lists exist")
     q.set_defaults(func=cmd_inspect)
 
-    s = _parser(sub, "synth", "write a synthetic NIH-layout dataset of chest-radiograph phantoms", verbose)
-    s.add_argument("out_root", help="local folder to write (images/, Data_Entry CSV, BBox list, split lists)")
+    s = _parser(sub, "synth", "write a synthetic dataset of chest-radiograph phantoms (NIH's or another layout)",
+                verbose)
+    s.add_argument("out_root", help="local folder to write (nih: images/, Data_Entry CSV, BBox list, split lists)")
     s.add_argument("--patients", type=int, default=550, help="patients (about 3.5 images each)")
     s.add_argument("--size", type=int, default=256, help="image side in pixels")
     s.add_argument("--seed", type=int, default=0, help="seed of everything drawn: the same seed, the same bytes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import gzip
 import io
@@ -10,6 +11,7 @@ import os
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cxr import cli, labels
@@ -279,3 +281,29 @@ def test_cli_inspect_dataset_text_json_and_prepare_refuses(chexpert_root, tmp_pa
     assert ("dataset chexpert: preparing non-NIH label sets comes with label sets in the model (issue 21 §2); "
             "only `cxr inspect` reads it today") in err
     assert not out_dir.exists()
+
+
+PYTHON_LIST_CELLS = ["['a', 'b']", "[]", "['', ' ']", "[' atelectasis', 'exclude']", '["it\'s", \'say "hi"\']',
+                     "['a',]", "['a' 'b']", "[u'a']", "['a\\\\nb']", "['a',\xa0'b']", "['a\x00']", "('a', 'b')",
+                     "['pneumonia'", "nan", "", " ['a']", "['a'] ", "[1]"]
+
+
+@pytest.mark.parametrize("cell", PYTHON_LIST_CELLS)
+def test_python_list_cells_read_without_ast_exactly_as_literal_eval_reads_them(cell):
+    """The fast path for plain lists of string literals gives what ast.literal_eval gives, errors included."""
+    try:
+        value = ast.literal_eval(cell)
+        ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        want = ([t.strip() for t in value if t.strip()] or "no labels") if ok else "not a list of strings"
+    except (ValueError, SyntaxError):
+        want = "not a Python list literal"
+    assert tabular._tokens(cell, "python_list", "|") == want
+
+
+def test_image_pattern_by_columns_equals_str_format_row_by_row():
+    df = pd.DataFrame({"subject_id": [" 10000032", "19999987"], "study_id": ["50414267", "5"], "dicom_id": ["a", "b"],
+                       "x": ["{y}", "z"]})
+    pattern = "files/p{subject_id:.2}/p{subject_id}/s{study_id}/{dicom_id}.jpg{{1}}{x}"
+    want = [pattern.format(**{k: v.strip() for k, v in row.items()}) for row in df.to_dict("records")]
+    assert tabular._format(pattern, df).tolist() == want
+    assert tabular._format("{subject_id!s:>9}", df).tolist() == [" 10000032", " 19999987"]  # row by row

@@ -130,3 +130,14 @@ def test_an_unknown_layout_and_too_few_rows_for_the_quirks_are_refused(tmp_path)
     with pytest.raises(ValueError, match="messy padchest: needs at least"):
         synth.synthesize_layout(str(tmp_path), "padchest", 1, size=32, seed=1, messy=True, workers=1,
                                 progress=False)  # 2 images, 3 row quirks
+
+
+def test_a_messy_run_over_a_clean_root_removes_the_images_it_lists_as_missing(tmp_path):
+    """csv paths repeat from run to run (dicom/PATIENT/STUDY/N.dcm): a missing image must not survive."""
+    for messy in (False, True):
+        synth.synthesize_layout(str(tmp_path), "csv", PATIENTS, size=32, seed=2, messy=messy, workers=1,
+                                progress=False)
+    record = json.loads((tmp_path / layouts.QUIRKS_FILE).read_text())
+    assert not any(os.path.exists(tmp_path / image) for image in record["where"]["missing_image"])
+    s = spec_summary.inspect("csv", str(tmp_path), scan_images=True)
+    assert s["problem_counts"] == record["expected"]["problem_counts"] and s["problem_counts"]["missing_image"] == 2

@@ -7,7 +7,6 @@ column, since uncertain labels exist only in the spec-read datasets.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict
 
 import numpy as np
 
@@ -61,7 +60,7 @@ def summary(ds: TabularDataset) -> dict:
         "patient_overlap": overlap,
         "ignored_labels": dict(ds.ignored_labels.most_common()),
         "problem_counts": dict(sorted(Counter(p.kind for p in ds.problems).items())),
-        "problems": [asdict(p) for p in ds.problems],
+        "problems": [dict(vars(p)) for p in ds.problems],  # asdict's deep copies cost 3 s for 50,000 problems
     }
 
 

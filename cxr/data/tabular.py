@@ -143,32 +143,50 @@ def _extract(values: pd.Series, regex: str | None) -> pd.Series:
     values = values.str.strip()
     if regex is None:
         return values
-    pattern = re.compile(regex)
+    search = re.compile(regex).search
+    group = 1 if re.compile(regex).groups else 0
+    found = [search(text) for text in values.to_numpy(dtype=object)]  # a list: Series.map costs 3x
+    return pd.Series(["" if m is None else m.group(group) for m in found], index=values.index, dtype=object)
 
-    def one(text: str) -> str:
-        m = pattern.search(text)
-        return "" if m is None else (m.group(1) if pattern.groups else m.group(0))
 
-    return values.map(one)
+def _format(pattern: str, df: pd.DataFrame) -> pd.Series:
+    """`pattern.format(**row)` of every row (cells stripped): by whole columns where the pattern is plain fields
+    and `{col:.N}` prefixes, else row by row."""
+    parts = list(string.Formatter().parse(pattern))
+    if all(conv is None and re.fullmatch(r"(\.\d+)?", spec or "") and not re.search(r"[.\[]", name or "")
+           for _, name, spec, conv in parts):
+        out = pd.Series("", index=df.index, dtype=object)
+        for literal, name, spec, _ in parts:
+            out = out + literal  # Formatter.parse has undone {{ and }} already
+            if name:
+                cells = df[name].str.strip().to_numpy(dtype=object)
+                out = out + (pd.Series(cells).str.slice(0, int(spec[1:])).to_numpy(dtype=object) if spec else cells)
+        return out
+    cols = sorted({name for _, name, _, _ in parts if name})
+    return pd.Series([pattern.format(**dict(zip(cols, vals, strict=True)))
+                      for vals in zip(*(df[c].str.strip() for c in cols), strict=True)], index=df.index)
 
 
 def _image_paths(spec: Spec, df: pd.DataFrame, folder: str) -> pd.Series:
     img = spec.image
-    if img.column:
-        paths = df[img.column].str.strip()
-    else:
-        cols = sorted({name for _, name, _, _ in string.Formatter().parse(img.pattern or "") if name})
-        paths = pd.Series([img.pattern.format(**dict(zip(cols, vals, strict=True)))  # type: ignore[union-attr]
-                           for vals in zip(*(df[c].str.strip() for c in cols), strict=True)], index=df.index)
+    paths = df[img.column].str.strip() if img.column else _format(img.pattern or "", df)
     for prefix in img.strip_prefixes:
-        paths = paths.map(lambda p, pre=prefix: p[len(pre):] if p.startswith(pre) else p)
+        paths = paths.where(~paths.str.startswith(prefix), paths.str.slice(len(prefix)))
     paths = paths.str.lstrip("/")
-    return paths.map(lambda p: f"{folder}/{p}" if p and folder else p)
+    return paths.where(paths == "", folder + "/" + paths) if folder else paths
+
+
+# A list of string literals without escapes, prefixes or odd white space: each literal's text is its value.
+_QUOTED = re.compile(r"'([^'\\\r\n\x00]*)'|\"([^\"\\\r\n\x00]*)\"")
+_PLAIN_LIST = re.compile(rf"\[[ \t]*(?:(?:{_QUOTED.pattern})(?:[ \t]*,[ \t]*(?:{_QUOTED.pattern}))*)?[ \t]*\]")
 
 
 def _tokens(text: str, encoding: str, delimiter: str) -> list[str] | str:
     """The label tokens of a cell, or why it does not parse (never eval: ast.literal_eval reads literals only)."""
     if encoding == "python_list":
+        if _PLAIN_LIST.fullmatch(text):  # the usual cell, "['a', 'b']": read without ast, the same result
+            tokens = [(m.group(1) if m.group(1) is not None else m.group(2)).strip() for m in _QUOTED.finditer(text)]
+            return [t for t in tokens if t] or "no labels"
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -195,7 +213,7 @@ def _label_matrix(spec: Spec, df: pd.DataFrame, problems: list[Problem], ignored
                  **{v: np.nan for v in lab.uncertain}}
         for j, name in enumerate(names):
             col = lab.column_of(name)
-            uniq, inverse = np.unique(df[col].str.strip().to_numpy(dtype=str), return_inverse=True)
+            inverse, uniq = pd.factorize(df[col].str.strip().to_numpy(dtype=object))  # hashing: no string sort
             value = np.full(len(uniq), np.nan, dtype=np.float32)
             known = np.ones(len(uniq), dtype=bool)
             for u, text in enumerate(uniq):
@@ -213,26 +231,30 @@ def _label_matrix(spec: Spec, df: pd.DataFrame, problems: list[Problem], ignored
     index = {name: j for j, name in enumerate(names)}
     vocab = {**{n: n for n in names}, **lab.vocabulary}
     silent = set(lab.none) | set(lab.ignore)
-    cache: dict[str, list[str] | str] = {}
-    for i, text in enumerate(df[lab.column].to_numpy()):
-        if text not in cache:
-            cache[text] = _tokens(text, lab.encoding, lab.delimiter)
-        tokens = cache[text]
+    # each distinct cell parsed once (uniques in order of first appearance, so `ignored` keeps its order)
+    codes, uniq = pd.factorize(df[lab.column].to_numpy(dtype=object))
+    rows_of = np.bincount(codes, minlength=len(uniq))
+    y_of = np.zeros((len(uniq), len(names)), dtype=np.float32)
+    bad: dict[int, tuple[str, str]] = {}
+    for u, text in enumerate(uniq):
+        tokens = _tokens(text, lab.encoding, lab.delimiter)
         if isinstance(tokens, str):
-            ok[i] = False
-            problems.append(Problem(files[i], int(lines[i]), images[i], "unparseable_labels",
-                                    f"{lab.column} = {text[:120]!r}: {tokens}"))
+            bad[u] = ("unparseable_labels", f"{lab.column} = {text[:120]!r}: {tokens}")
             continue
         unknown = [t for t in tokens if t not in vocab and t not in silent]
         if unknown and lab.unknown == "exclude":
-            ok[i] = False
-            problems.append(Problem(files[i], int(lines[i]), images[i], "unknown_label",
-                                    f"{lab.column}: unknown label(s) {unknown} in {text[:120]!r}"))
+            bad[u] = ("unknown_label", f"{lab.column}: unknown label(s) {unknown} in {text[:120]!r}")
             continue
-        ignored.update(unknown)
+        for t in unknown:
+            ignored[t] += int(rows_of[u])
         for t in tokens:
             if t in vocab:
-                y[i, index[vocab[t]]] = 1.0
+                y_of[u, index[vocab[t]]] = 1.0
+    y = y_of[codes]
+    ok = ~np.isin(codes, list(bad))
+    for i in np.flatnonzero(~ok):
+        kind, detail = bad[int(codes[i])]
+        problems.append(Problem(files[i], int(lines[i]), images[i], kind, detail))
     return y, ok
 
 

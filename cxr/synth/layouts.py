@@ -7,6 +7,15 @@ the phantom shows it, so a model can learn it; a broader label when a finding it
 rate; any other label at a low rate). `messy=True` plants the real files' quirks, each at a known count, and
 `synth-quirks.json` records them with what `cxr inspect --dataset LAYOUT --scan-images` must then report.
 `cxr.synth.tables` writes each layout's files.
+
+synth-quirks.json (written by every non-NIH layout; `quirks` and `where` are empty without --messy):
+  {"layout", "messy", "seed", "patients", "size", "files": [metadata CSVs, relative to OUT], "images_written",
+   "quirks": {quirk: count}, "where": {quirk: [image paths relative to OUT]},
+   "expected": {"rows", "usable_rows", "problem_counts": {kind: n}, "label_counts": {name: n},
+                "uncertain_counts": {name: n}}}  (keys of `cxr inspect --json`, whose values they must equal)
+Quirks: lateral_view (extra lateral rows → view_filtered), uncertain_label (a -1 cell), blank_label (a blank
+cell where blank means uncertain: csv), unknown_sex, unparseable_labels (PadChest), missing_image (listed, not
+written), png_12bit (PadChest: values < 4096 in a 16-bit PNG), monochrome1 (csv: an inverted DICOM).
 """
 
 from __future__ import annotations
@@ -216,6 +225,9 @@ def synthesize(out_root: str, layout_name: str, patients: int, size: int = 256, 
     files = tables.WRITERS[layout_name](out_root, entries, names, np.random.default_rng([seed, 5]))
     jobs = [layout._Job(e.index, os.path.join(out_root, e.image), e.row.y, e.row.view, seed, size, e.kind)
             for e in entries if "missing_image" not in e.quirks]
+    for e in where.get("missing_image", []):  # an earlier run into OUT may have written it
+        if os.path.exists(os.path.join(out_root, e.image)):
+            os.remove(os.path.join(out_root, e.image))
     layout._draw_all(jobs, workers or os.cpu_count() or 1, progress, draw)
     record = {
         "layout": layout_name, "messy": messy, "seed": seed, "patients": patients, "size": size, "files": files,
