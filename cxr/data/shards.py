@@ -25,6 +25,7 @@ from cxr import labels, storage
 from cxr.data import images, metadata
 from cxr.data.manifest import CODECS
 from cxr.data.png import LIMITS, ImageLimits
+from cxr.data.tabular import TabularDataset
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,16 @@ def example(image: bytes, y: np.ndarray, row: dict) -> bytes:
 
 @dataclass(frozen=True)
 class ShardSpec:
+    """One shard's planned rows (image, path, patient, view, sex, age, y: the labels 1 / 0 / -1 uncertain).
+
+    `findings` is None for NIH, whose receipts stay as they were; a spec's label set otherwise.
+    """
+
     split: str
     index: int
     total: int
     rows: tuple[dict, ...]
+    findings: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -113,18 +120,41 @@ class ShardSpec:
         return f"{self.split}/{self.name}"
 
 
-def plan(ds: metadata.Dataset, params: Params) -> list[ShardSpec]:
+def patient_key(patient: str) -> int:
+    """A spec's patient id (text, e.g. "patient00001") as the stable int64 the shards and the bootstrap use."""
+    return int.from_bytes(hashlib.sha256(patient.encode()).digest()[:8], "big") >> 1
+
+
+def _records(ds: metadata.Dataset | TabularDataset, split: str) -> list[dict]:
+    """A split's rows in table order, each with its label vector `y` (int: 1, 0, -1 uncertain)."""
+    cols = ["image", "path", "patient", "view", "sex", "age"]
+    if isinstance(ds, metadata.Dataset):
+        part = ds.split(split)
+        y = part[list(labels.FINDINGS)].to_numpy(dtype=np.int64)
+        records = part[cols].to_dict("records")
+    else:
+        mask = (ds.table["split"] == split).to_numpy()
+        part = ds.table[mask]
+        y = np.nan_to_num(ds.y[mask], nan=-1.0).astype(np.int64)
+        records = part.assign(path=[storage.join(ds.root, i) for i in part["image"]],
+                              patient=[patient_key(p) for p in part["patient"]])[cols].to_dict("records")
+    for record, v in zip(records, y.tolist(), strict=True):
+        record["y"] = tuple(v)
+    return records
+
+
+def plan(ds: metadata.Dataset | TabularDataset, params: Params) -> list[ShardSpec]:
     """Deterministic shard contents: each split's rows in a seeded order, cut into equal runs."""
     specs: list[ShardSpec] = []
-    cols = ["image", "path", "patient", "view", "sex", "age", *labels.FINDINGS]
+    findings = None if isinstance(ds, metadata.Dataset) else tuple(ds.spec.labels.names)
     for split in metadata.SPLITS:
-        part = ds.split(split)[cols]
+        part = _records(ds, split)
         order = np.random.default_rng([params.seed, metadata.SPLITS.index(split)]).permutation(len(part))
-        records = part.iloc[order].to_dict("records")
+        records = [part[i] for i in order]
         total = max(1, -(-len(records) // params.images_per_shard)) if records else 0
         for k in range(total):
             chunk = records[k * params.images_per_shard:(k + 1) * params.images_per_shard]
-            specs.append(ShardSpec(split, k, total, tuple(chunk)))
+            specs.append(ShardSpec(split, k, total, tuple(chunk), findings))
     return specs
 
 
@@ -142,7 +172,9 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
     quarantined: list[dict] = []
     notes: list[dict] = []  # converted, but worth a look (a JPEG named .png)
     records = 0
-    label_counts = np.zeros(labels.NUM_FINDINGS, dtype=np.int64)
+    k = labels.NUM_FINDINGS if spec.findings is None else len(spec.findings)
+    label_counts = np.zeros(k, dtype=np.int64)
+    uncertain = np.zeros(k, dtype=np.int64)
     no_finding = 0
     patients: set[int] = set()
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,10 +189,11 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
                     continue
                 if (note := images.content_mismatch(row["path"], data)) is not None:
                     notes.append({"image": row["image"], "note": note})
-                y = np.array([row[f] for f in labels.FINDINGS], dtype=np.int64)
+                y = np.array(row["y"], dtype=np.int64)
                 writer.write(example(image, y, row))
                 records += 1
-                label_counts += y
+                label_counts += y == 1
+                uncertain += y < 0
                 no_finding += int(not y.any())
                 patients.add(int(row["patient"]))
         with open(local, "rb") as fh:
@@ -174,6 +207,8 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
         "quarantine": quarantined, "notes": notes,
         "params": params.as_dict(), "seconds": round(time.perf_counter() - t0, 3),
     }
+    if spec.findings is not None:  # NIH's receipts keep their keys: its labels are never uncertain
+        receipt["uncertain_counts"] = uncertain.tolist()
     storage.write_text(_receipt_url(out_uri, spec), json.dumps(receipt), context=context)
     return receipt
 
