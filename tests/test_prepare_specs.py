@@ -244,3 +244,18 @@ def test_config_dataset_and_uncertain_are_checked_before_anything_runs(tmp_path,
     assert cfg.data.dataset == str(tmp_path / "specs" / "mine.yaml")
     cfg = config.with_absolute_paths(load())
     assert cfg.data.dataset == "nih" and "dataset" not in cfg.data.model_fields_set
+
+
+def test_raw_mode_of_a_spec_root_matches_its_shards_patients_and_fingerprint(chexpert):
+    root, out, _, summary = chexpert
+    rawdata = config.Data(source="raw", root=root, dataset="chexpert")
+    shard_data = config.Data(manifest_uri=out)
+    for split in ("train", "test"):
+        patients = source.RAW.patients(rawdata, split)
+        assert patients.dtype == np.int64 and np.array_equal(patients, source.SHARDS.patients(shard_data, split))
+        assert np.array_equal(source.RAW.patient_ids(rawdata, split), source.SHARDS.patient_ids(shard_data, split))
+    m = json.loads(storage.read_text(summary["manifest"]))
+    assert source.fingerprint(rawdata) == m["source"]["fingerprint"]
+    tags = source.data_tags(rawdata)  # a raw run says how to read its root again
+    assert tags["cxr.data.dataset"] == "chexpert" and source.data_config(root, 32, tags).dataset == "chexpert"
+    assert "cxr.data.dataset" not in source.data_tags(config.Data(source="raw", root=root))

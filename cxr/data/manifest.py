@@ -5,7 +5,8 @@ seed), where they came from (the source root, redacted, and a fingerprint of its
 split the images, patients (count and ids), label counts and shards (name, records, sha256, bytes) in order. A shard's
 records are the split's images in the order the shard writer planned, so "image k of the split" is a
 stable address across workers, epochs and re-runs. `fingerprint` identifies the exact bytes a model was
-trained or evaluated on: a hash of every shard's checksum.
+trained or evaluated on: a hash of every shard's checksum. A root read with a dataset spec also records the
+spec (`dataset`) and per split the uncertain counts; a manifest without `dataset` is NIH's.
 """
 
 from __future__ import annotations

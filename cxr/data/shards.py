@@ -126,20 +126,21 @@ def patient_key(patient: str) -> int:
 
 
 def _records(ds: metadata.Dataset | TabularDataset, split: str) -> list[dict]:
-    """A split's rows in table order, each with its label vector `y` (int: 1, 0, -1 uncertain)."""
+    """A split's rows in table order, each with its label vector `y` (int8: 1, 0, -1 uncertain)."""
     cols = ["image", "path", "patient", "view", "sex", "age"]
     if isinstance(ds, metadata.Dataset):
         part = ds.split(split)
-        y = part[list(labels.FINDINGS)].to_numpy(dtype=np.int64)
+        y = part[list(labels.FINDINGS)].to_numpy(dtype=np.int8)
         records = part[cols].to_dict("records")
     else:
         mask = (ds.table["split"] == split).to_numpy()
         part = ds.table[mask]
-        y = np.nan_to_num(ds.y[mask], nan=-1.0).astype(np.int64)
+        y = np.nan_to_num(ds.y[mask], nan=-1.0).astype(np.int8)
         records = part.assign(path=[storage.join(ds.root, i) for i in part["image"]],
-                              patient=[patient_key(p) for p in part["patient"]])[cols].to_dict("records")
-    for record, v in zip(records, y.tolist(), strict=True):
-        record["y"] = tuple(v)
+                              patient=part["patient"].map({p: patient_key(p) for p in part["patient"].unique()}),
+                              )[cols].to_dict("records")
+    for record, v in zip(records, y, strict=True):  # a row of y: no Python int per label
+        record["y"] = v
     return records
 
 

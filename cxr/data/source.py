@@ -185,11 +185,13 @@ SPLIT_TAGS = ("cxr.split.seed", "cxr.split.val_fraction", "cxr.split.test_fracti
 
 
 def data_config(uri: str, image_size: int, tags: dict[str, str] | None = None,
-                split_tags: dict[str, str] | None = None) -> cfgmod.Data:
+                split_tags: dict[str, str] | None = None, dataset: str | None = None) -> cfgmod.Data:
     """The data section for scoring a model on `uri`: a manifest (or its folder), or else a dataset root.
 
     A raw root is split as `split_tags` say (default: the model's own run tags, `cxr.split.*`) and its images
-    are preprocessed as the model's were (`cxr.preprocessing.raw_size`); without tags, the defaults.
+    are preprocessed as the model's were (`cxr.preprocessing.raw_size`); without tags, the defaults. A raw
+    root is read as `dataset` says (a spec name or file), else as the model's run read its own
+    (`cxr.data.dataset`), else as NIH's.
     """
     from cxr import storage
     from cxr.data import manifest
@@ -200,7 +202,8 @@ def data_config(uri: str, image_size: int, tags: dict[str, str] | None = None,
     split = tags if split_tags is None else split_tags
     raw_size = tags.get("cxr.preprocessing.raw_size")
     return cfgmod.Data(source="raw", root=uri, image_size=image_size, allow_upsample=True,
-                       raw_size=int(raw_size) if raw_size else None, dataset=tags.get("cxr.data.dataset", "nih"),
+                       raw_size=int(raw_size) if raw_size else None,
+                       dataset=dataset or tags.get("cxr.data.dataset", "nih"),
                        split_seed=int(split.get("cxr.split.seed", 0)),
                        val_fraction=float(split.get("cxr.split.val_fraction", 0.1)),
                        test_fraction=float(split.get("cxr.split.test_fraction", 0.2)))
