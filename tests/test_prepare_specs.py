@@ -199,6 +199,11 @@ def test_csv_spec_root_of_dicom_16bit_png_and_jpeg(tmp_path):
     assert np.abs(got["img/b.dcm"] - (255 - p[1].astype(int))).max() <= 1  # MONOCHROME1: inverted, 12 bits
     assert np.abs(got["img/c.png"] - p[2]).max() <= 1  # rescaled from 12 bits, not from 16
     assert np.abs(got["img/d.jpg"] - p[3]).max() <= 8  # JPEG q95
+    # A label edited in the CSV: the re-run rewrites the shard that holds it, not keeps its stale labels.
+    (root / "labels.csv").write_text("\n".join([header, rows[0].replace(",1,0,-1,,0,0", ",1,0,1,,0,0"), *rows[1:]]))
+    again = prepare(str(root), out, shards.Params(size=48, codec="png"), num_workers=1, progress=False, dataset="csv")
+    assert again["shards_written"] == 1 and again["shards_kept"] == 2
+    assert all_records(out, json.loads(storage.read_text(again["manifest"])))["img/a.dcm"]["labels"][2] == 1
 
 
 def test_nih_prepare_output_keeps_its_keys(tmp_path):

@@ -119,6 +119,14 @@ class ShardSpec:
     def key(self) -> str:
         return f"{self.split}/{self.name}"
 
+    def labels_sha256(self) -> str:
+        """sha256 of the label set and every planned row's labels: a spec's receipt keeps it, so a re-run after
+        the labels (CSV or spec) changed rewrites the shard instead of keeping stale labels."""
+        h = hashlib.sha256("\0".join(self.findings or ()).encode())
+        for row in self.rows:
+            h.update(np.asarray(row["y"], dtype=np.int8).tobytes())
+        return h.hexdigest()
+
 
 def patient_key(patient: str) -> int:
     """A spec's patient id (text, e.g. "patient00001") as the stable int64 the shards and the bootstrap use."""
@@ -210,6 +218,7 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
     }
     if spec.findings is not None:  # NIH's receipts keep their keys: its labels are never uncertain
         receipt["uncertain_counts"] = uncertain.tolist()
+        receipt["labels_sha256"] = spec.labels_sha256()
     storage.write_text(_receipt_url(out_uri, spec), json.dumps(receipt), context=context)
     return receipt
 
@@ -234,6 +243,9 @@ def committed_receipt(out_uri: str, spec: ShardSpec, params: Params) -> dict | N
     quarantined = {q["image"] for q in receipt.get("quarantine", ())}
     if receipt.get("images") != [r["image"] for r in spec.rows if r["image"] not in quarantined]:
         log.info("%s: the dataset changed since it was written (other images planned); writing it again", shard)
+        return None
+    if spec.findings is not None and receipt.get("labels_sha256") != spec.labels_sha256():
+        log.info("%s: the labels changed since it was written; writing it again", shard)
         return None
     if not storage.exists(shard):
         log.warning("%s: receipt without its shard; writing the shard again", shard)
