@@ -58,10 +58,11 @@ def _positives(positives: np.ndarray, uncertain: np.ndarray, policy: str) -> lis
 def _manifest(data: cfgmod.Data) -> Any:
     """The config's manifest, refused if data.dataset was set to another dataset than the one it was prepared from."""
     from cxr.data import manifest, roots
+    from cxr.redact import redact
 
     m = manifest.load(data.manifest_uri)
     if "dataset" in data.model_fields_set and roots.name(data.dataset) != m.dataset_name:
-        raise ValueError(f"data.dataset is {data.dataset!r} but {data.manifest_uri} was prepared from dataset "
+        raise ValueError(f"data.dataset is {redact(data.dataset)!r} but {redact(m.url)} was prepared from dataset "
                          f"{m.dataset_name!r}: the manifest's label set wins; drop data.dataset or prepare again")
     return m
 
