@@ -96,19 +96,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    if args.dataset not in (None, "nih"):
-        raise ValueError(f"dataset {args.dataset}: preparing non-NIH label sets comes with label sets in the model "
-                         "(issue 21 §2); only `cxr inspect` reads it today")
     from cxr.data.prepare import prepare
     from cxr.data.shards import Params
 
     params = Params(size=args.size, codec=args.codec, quality=args.quality, images_per_shard=args.images_per_shard,
                     seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction)
-    s = prepare(args.data_root, args.out_uri, params, num_workers=args.num_workers)
+    s = prepare(args.data_root, args.out_uri, params, num_workers=args.num_workers, dataset=args.dataset)
+    kinds = ", ".join(f"{k} {v}" for k, v in s.get("excluded_counts", {}).items())
     print(f"prepared {s['images']:,} images into {redact(s['manifest'])}: converted {s['converted']:,} in "
           f"{s['shards_written']} new shards ({s['shards_kept']} kept from an earlier run), "
           f"{s['images_per_second']:,} img/s, {s['bytes'] / 1e6:,.1f} MB, quarantined {s['quarantined']}, "
-          f"excluded by metadata {s['excluded_by_metadata']}, {s['seconds']}s")
+          f"excluded by metadata {s['excluded_by_metadata']}{f' ({kinds})' if kinds else ''}, {s['seconds']}s")
     return 0
 
 
@@ -293,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     r = _parser(sub, "prepare", "convert a dataset root into resized TFRecord shards + manifest.json", verbose)
-    r.add_argument("data_root", help="local path or fsspec URL laid out like the NIH release")
+    r.add_argument("data_root", help="local path or fsspec URL laid out like the NIH release or as --dataset says")
     r.add_argument("out_uri", help="where shards and manifest.json go (local path, file://, s3://)")
     _dataset_argument(r)
     r.add_argument("--size", type=int, default=256, help="stored image side in pixels")

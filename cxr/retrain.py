@@ -99,7 +99,7 @@ def _round(cfg: cfgmod.Config, slot: str, name: str, prepare: tuple[str, str] | 
         from cxr.data.shards import Params
 
         root, out = prepare
-        summary = run_prepare(root, out, Params(**prepare_params), progress=False)
+        summary = run_prepare(root, out, Params(**prepare_params), progress=False, dataset=cfg.data.dataset)
         log.info("prepared %s: %d new shards, %d kept", redact(out), summary["shards_written"], summary["shards_kept"])
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest_uri": summary["manifest"],
                                                                           "source": "shards"})})

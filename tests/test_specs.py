@@ -263,7 +263,7 @@ def test_nih_inspect_output_is_unchanged_by_dataset_nih(tmp_path, capsys):
     assert s["label_counts"] == {k: v for k, v in metadata.summary(ds)["label_counts"].items() if k in s["findings"]}
 
 
-def test_cli_inspect_dataset_text_json_and_prepare_refuses(chexpert_root, tmp_path, capsys):
+def test_cli_inspect_dataset_text_json_and_prepare_without_images_says_why(chexpert_root, tmp_path, capsys):
     assert cli.main(["inspect", str(chexpert_root), "--dataset", "chexpert"]) == 0
     out = capsys.readouterr().out
     assert "(dataset chexpert: CheXpert-v1.0-small/train.csv.gz, CheXpert-v1.0-small/valid.csv)" in out
@@ -278,8 +278,9 @@ def test_cli_inspect_dataset_text_json_and_prepare_refuses(chexpert_root, tmp_pa
     out_dir = tmp_path / "shards"
     assert cli.main(["prepare", str(chexpert_root), str(out_dir), "--dataset", "chexpert"]) == 2
     err = capsys.readouterr().err
-    assert ("dataset chexpert: preparing non-NIH label sets comes with label sets in the model (issue 21 §2); "
-            "only `cxr inspect` reads it today") in err
+    assert ("no usable rows in CheXpert-v1.0-small/train.csv.gz + CheXpert-v1.0-small/valid.csv with built-in spec "
+            "chexpert (cxr/data/specs/chexpert.yaml) (missing_image 6, unknown_label_value 1, view_filtered 1); "
+            "nothing to read") in err
     assert not out_dir.exists()
 
 

@@ -5,7 +5,8 @@ seed), where they came from (the source root, redacted, and a fingerprint of its
 split the images, patients (count and ids), label counts and shards (name, records, sha256, bytes) in order. A shard's
 records are the split's images in the order the shard writer planned, so "image k of the split" is a
 stable address across workers, epochs and re-runs. `fingerprint` identifies the exact bytes a model was
-trained or evaluated on: a hash of every shard's checksum.
+trained or evaluated on: a hash of every shard's checksum. A root read with a dataset spec also records the
+spec (`dataset`) and per split the uncertain counts; a manifest without `dataset` is NIH's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,7 @@ import numpy as np
 
 from cxr import labels, storage
 from cxr.data import metadata
+from cxr.data.tabular import TabularDataset
 from cxr.redact import redact
 
 FORMAT = "cxr-shards/1"
@@ -79,13 +82,33 @@ class Manifest:
     def images(self, split: str) -> int:
         return int(self._split(split)["images"])
 
+    @property
+    def findings(self) -> tuple[str, ...]:
+        """The label set, in the order of the shards' `labels` feature (NIH's 14 in a manifest without one)."""
+        return tuple(self.data.get("labels") or labels.FINDINGS)
+
+    @property
+    def dataset(self) -> dict[str, Any] | None:
+        """{"name", "source", "spec"} of a root read with a dataset spec; None for NIH's."""
+        return self.data.get("dataset")
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset["name"] if self.dataset else "nih"
+
     def label_counts(self, split: str) -> tuple[list[int], int]:
-        """(positives per finding in canonical order, images) of a split: what the weighted loss needs."""
+        """(positives per finding in `findings` order, images) of a split: what the weighted loss needs."""
         part = self._split(split)
-        return [int(part["label_counts"][name]) for name in labels.FINDINGS], int(part["images"])
+        return [int(part["label_counts"][name]) for name in self.findings], int(part["images"])
+
+    def uncertain_counts(self, split: str) -> list[int]:
+        """Uncertain labels per finding in `findings` order (zeros where none were recorded: NIH's)."""
+        counts = self._split(split).get("uncertain_counts", {})
+        return [int(counts.get(name, 0)) for name in self.findings]
 
     def patient_ids(self, split: str) -> list[int] | None:
-        """The split's distinct patient ids (None in a manifest written before they were recorded)."""
+        """The split's distinct patient ids (None in a manifest written before they were recorded); a spec's
+        text ids are stored as `shards.patient_key` ints, the ids the shards' `patient` feature holds."""
         ids = self._split(split).get("patient_ids")
         return None if ids is None else [int(p) for p in ids]
 
@@ -129,14 +152,16 @@ def source_fingerprint(ds: metadata.Dataset) -> str:
     return h.hexdigest()
 
 
-def build(ds: metadata.Dataset, preprocessing: dict[str, Any], receipts: list[dict]) -> dict[str, Any]:
-    """The manifest of a prepared root: vocabulary, preprocessing, source, per split and shard counts."""
+def _splits(receipts: list[dict], findings: tuple[str, ...], nih: bool) -> dict[str, dict]:
+    """Per split: images, patients, label counts (NIH's with its No Finding count, a spec's with uncertain
+    counts instead: a spec may name a finding "No Finding") and shards in order."""
     splits: dict[str, dict] = {}
     for split in metadata.SPLITS:
         mine = sorted((r for r in receipts if r["split"] == split), key=lambda r: r["name"])
-        counts = np.sum([r["label_counts"] for r in mine], axis=0) if mine else np.zeros(labels.NUM_FINDINGS)
-        label_counts = {name: int(c) for name, c in zip(labels.FINDINGS, counts, strict=True)}
-        label_counts[labels.NO_FINDING] = sum(r["no_finding"] for r in mine)
+        counts = np.sum([r["label_counts"] for r in mine], axis=0) if mine else np.zeros(len(findings))
+        label_counts = {name: int(c) for name, c in zip(findings, counts, strict=True)}
+        if nih:
+            label_counts[labels.NO_FINDING] = sum(r["no_finding"] for r in mine)
         splits[split] = {
             "images": sum(r["records"] for r in mine),
             "patients": len({p for r in mine for p in r["patients"]}),
@@ -144,8 +169,21 @@ def build(ds: metadata.Dataset, preprocessing: dict[str, Any], receipts: list[di
             "label_counts": label_counts,
             "shards": [{k: r[k] for k in ("name", "records", "sha256", "bytes")} for r in mine],
         }
+        if not nih:
+            uncertain = np.sum([r["uncertain_counts"] for r in mine], axis=0) if mine else np.zeros(len(findings))
+            splits[split]["uncertain_counts"] = {name: int(c) for name, c in zip(findings, uncertain, strict=True)}
+    return splits
+
+
+def _outcomes(receipts: list[dict]) -> tuple[list[dict], list[dict]]:
     quarantine = sorted((q for r in receipts for q in r["quarantine"]), key=lambda q: q["image"])
     notes = sorted((n for r in receipts for n in r.get("notes", ())), key=lambda n: n["image"])
+    return quarantine, notes
+
+
+def build(ds: metadata.Dataset, preprocessing: dict[str, Any], receipts: list[dict]) -> dict[str, Any]:
+    """The manifest of a prepared root: vocabulary, preprocessing, source, per split and shard counts."""
+    quarantine, notes = _outcomes(receipts)
     return {
         "format": FORMAT,
         "labels": list(labels.FINDINGS),
@@ -154,11 +192,44 @@ def build(ds: metadata.Dataset, preprocessing: dict[str, Any], receipts: list[di
             "root": redact(ds.root), "csv": ds.csv_name, "fingerprint": source_fingerprint(ds),
             "rows_read": ds.rows_read, "usable_rows": len(ds.table), "official_split": ds.official_split,
         },
-        "splits": splits,
+        "splits": _splits(receipts, labels.FINDINGS, nih=True),
         "quarantine": quarantine,
         "notes": notes,
         "excluded_by_metadata": [{"image": p.image, "kind": p.kind, "detail": p.detail}
                                  for p in ds.problems if p.fatal],
+    }
+
+
+def spec_fingerprint(ds: TabularDataset) -> str:
+    """sha256 over the metadata files a spec read (labels, joins, split CSVs), in the order it read them."""
+    h = hashlib.sha256()
+    for rel in ds.files:
+        h.update(rel.encode() + b"\0" + storage.read_bytes(storage.join(ds.root, rel)))
+    return h.hexdigest()
+
+
+def build_spec(ds: TabularDataset, preprocessing: dict[str, Any], receipts: list[dict]) -> dict[str, Any]:
+    """The manifest of a root read with a dataset spec: NIH's keys, the spec itself under "dataset", uncertain
+    counts per split, and each excluded row's file and line."""
+    findings = tuple(ds.spec.labels.names)
+    quarantine, notes = _outcomes(receipts)
+    excluded = [p for p in ds.problems if p.fatal]
+    return {
+        "format": FORMAT,
+        "labels": list(findings),
+        "dataset": {"name": ds.spec.name, "source": redact(ds.source), "spec": ds.spec.model_dump(mode="json")},
+        "preprocessing": preprocessing,
+        "source": {
+            "root": redact(ds.root), "csv": ds.files[0], "files": list(ds.files), "fingerprint": spec_fingerprint(ds),
+            "rows_read": ds.rows_read, "usable_rows": len(ds.table), "official_split": ds.official_split,
+            "split_note": ds.split_note,
+        },
+        "splits": _splits(receipts, findings, nih=False),
+        "quarantine": quarantine,
+        "notes": notes,
+        "excluded_counts": dict(sorted(Counter(p.kind for p in excluded).items())),
+        "excluded_by_metadata": [{"image": p.image, "kind": p.kind, "detail": p.detail, "file": p.file,
+                                  "line": p.line} for p in excluded],
     }
 
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from cxr import storage
 from cxr.cluster import init_ray
-from cxr.data import manifest, metadata
+from cxr.data import manifest, metadata, roots
 from cxr.data.shards import Params, ShardSpec, committed_receipt, plan, write_shard
 
 log = logging.getLogger(__name__)
@@ -21,19 +21,18 @@ RESUME_THREADS = 8  # committed shards are hashed on the driver, this many at a 
 
 
 def prepare(data_root: str, out_uri: str, params: Params, num_workers: int | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, dataset: str | None = None) -> dict:
     """Convert every usable image of `data_root` into shards under `out_uri`; returns a summary.
 
     Shards already committed by an earlier run with the same parameters (and whose bytes still match their
     receipt's sha256) are kept, so a re-run after a crash converts only what is missing and ends with the
     same manifest. A shard that cannot be read or written fails the run, naming the object and the shard.
+    `dataset`: a built-in spec name or a spec YAML (None or "nih": NIH's reader, output as it always was).
     """
     t0 = time.perf_counter()
     storage.limits()  # a malformed CXR_STORAGE_* value fails here, not in every Ray task
-    ds = metadata.load(data_root, seed=params.seed, val_fraction=params.val_fraction,
-                       test_fraction=params.test_fraction)
-    if not ds.images_present:
-        raise FileNotFoundError(f"{data_root}: no images/ or images_0NN/images/ folder; nothing to prepare")
+    ds = roots.read(data_root, dataset, seed=params.seed, val_fraction=params.val_fraction,
+                    test_fraction=params.test_fraction)
     specs = plan(ds, params)
     for path in storage.remove_partial_writes(out_uri):
         log.info("removed a partial file of an interrupted run: %s", path)
@@ -84,7 +83,10 @@ def prepare(data_root: str, out_uri: str, params: Params, num_workers: int | Non
     if failures:
         raise _run_failed(failures, committed=len(receipts) - skipped)
 
-    built = manifest.build(ds, params.as_dict(), receipts)
+    if isinstance(ds, metadata.Dataset):
+        built = manifest.build(ds, params.as_dict(), receipts)
+    else:
+        built = manifest.build_spec(ds, params.as_dict(), receipts)
     url = manifest.write(out_uri, built)
     seconds = time.perf_counter() - t0
     written = receipts[skipped:]
@@ -101,6 +103,7 @@ def prepare(data_root: str, out_uri: str, params: Params, num_workers: int | Non
         "excluded_by_metadata": len(built["excluded_by_metadata"]),
         "seconds": round(seconds, 2),
         "images_per_second": round(converted / seconds, 1) if seconds else 0.0,
+        **({"excluded_counts": built["excluded_counts"]} if "excluded_counts" in built else {}),
     }
 
 

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from cxr import labels, storage
-from cxr.data import images, metadata
+from cxr import storage
+from cxr.data import images, metadata, roots
 from cxr.data.png import LIMITS, ImageLimits
 from cxr.data.reader import CorruptImageError, Stats, ordered_map
 
@@ -25,30 +25,29 @@ Row = tuple[str, np.ndarray, int]  # url, labels, position in the split
 
 
 def _split_records(data_root: str, split: str, split_seed: int, val_fraction: float,
-                   test_fraction: float) -> tuple[dict, ...]:
+                   test_fraction: float, dataset: str = "nih") -> tuple[dict, ...]:
     """The metadata rows of a split in position order: the order `cxr prepare` with the same seed writes."""
     from cxr.data import shards
 
     if split not in metadata.SPLITS:
         raise ValueError(f"split must be one of {metadata.SPLITS}, got {split!r}")
-    ds = metadata.load(data_root, seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    if not ds.images_present:
-        raise FileNotFoundError(f"{data_root}: no images/ or images_0NN/images/ folder")
+    ds = roots.read(data_root, dataset, seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
     params = shards.Params(seed=split_seed, images_per_shard=max(1, len(ds.table)))
     return next((spec.rows for spec in shards.plan(ds, params) if spec.split == split), ())
 
 
 def split_rows(data_root: str, split: str, split_seed: int = 0, val_fraction: float = 0.1,
-               test_fraction: float = 0.2) -> list[tuple[str, np.ndarray]]:
-    """(url, labels) of a split in position order: the order `cxr prepare` with the same seed writes shards in."""
-    rows = _split_records(data_root, split, split_seed, val_fraction, test_fraction)
-    return [(r["path"], np.array([r[f] for f in labels.FINDINGS], dtype=np.float32)) for r in rows]
+               test_fraction: float = 0.2, dataset: str = "nih") -> list[tuple[str, np.ndarray]]:
+    """(url, labels: 1, 0, -1 uncertain) of a split in position order: the order `cxr prepare` with the same
+    seed writes shards in."""
+    rows = _split_records(data_root, split, split_seed, val_fraction, test_fraction, dataset)
+    return [(r["path"], np.array(r["y"], dtype=np.float32)) for r in rows]
 
 
 def split_patients(data_root: str, split: str, split_seed: int = 0, val_fraction: float = 0.1,
-                   test_fraction: float = 0.2) -> np.ndarray:
+                   test_fraction: float = 0.2, dataset: str = "nih") -> np.ndarray:
     """Each image's patient id, by position in the split: the unit a bootstrap resamples."""
-    rows = _split_records(data_root, split, split_seed, val_fraction, test_fraction)
+    rows = _split_records(data_root, split, split_seed, val_fraction, test_fraction, dataset)
     return np.array([int(r["patient"]) for r in rows], dtype=np.int64)
 
 

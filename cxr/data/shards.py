@@ -25,6 +25,7 @@ from cxr import labels, storage
 from cxr.data import images, metadata
 from cxr.data.manifest import CODECS
 from cxr.data.png import LIMITS, ImageLimits
+from cxr.data.tabular import TabularDataset
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,16 @@ def example(image: bytes, y: np.ndarray, row: dict) -> bytes:
 
 @dataclass(frozen=True)
 class ShardSpec:
+    """One shard's planned rows (image, path, patient, view, sex, age, y: the labels 1 / 0 / -1 uncertain).
+
+    `findings` is None for NIH, whose receipts stay as they were; a spec's label set otherwise.
+    """
+
     split: str
     index: int
     total: int
     rows: tuple[dict, ...]
+    findings: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -112,19 +119,51 @@ class ShardSpec:
     def key(self) -> str:
         return f"{self.split}/{self.name}"
 
+    def labels_sha256(self) -> str:
+        """sha256 of the label set and every planned row's labels: a spec's receipt keeps it, so a re-run after
+        the labels (CSV or spec) changed rewrites the shard instead of keeping stale labels."""
+        h = hashlib.sha256("\0".join(self.findings or ()).encode())
+        for row in self.rows:
+            h.update(np.asarray(row["y"], dtype=np.int8).tobytes())
+        return h.hexdigest()
 
-def plan(ds: metadata.Dataset, params: Params) -> list[ShardSpec]:
+
+def patient_key(patient: str) -> int:
+    """A spec's patient id (text, e.g. "patient00001") as the stable int64 the shards and the bootstrap use."""
+    return int.from_bytes(hashlib.sha256(patient.encode()).digest()[:8], "big") >> 1
+
+
+def _records(ds: metadata.Dataset | TabularDataset, split: str) -> list[dict]:
+    """A split's rows in table order, each with its label vector `y` (int8: 1, 0, -1 uncertain)."""
+    cols = ["image", "path", "patient", "view", "sex", "age"]
+    if isinstance(ds, metadata.Dataset):
+        part = ds.split(split)
+        y = part[list(labels.FINDINGS)].to_numpy(dtype=np.int8)
+        records = part[cols].to_dict("records")
+    else:
+        mask = (ds.table["split"] == split).to_numpy()
+        part = ds.table[mask]
+        y = np.nan_to_num(ds.y[mask], nan=-1.0).astype(np.int8)
+        records = part.assign(path=[storage.join(ds.root, i) for i in part["image"]],
+                              patient=part["patient"].map({p: patient_key(p) for p in part["patient"].unique()}),
+                              )[cols].to_dict("records")
+    for record, v in zip(records, y, strict=True):  # a row of y: no Python int per label
+        record["y"] = v
+    return records
+
+
+def plan(ds: metadata.Dataset | TabularDataset, params: Params) -> list[ShardSpec]:
     """Deterministic shard contents: each split's rows in a seeded order, cut into equal runs."""
     specs: list[ShardSpec] = []
-    cols = ["image", "path", "patient", "view", "sex", "age", *labels.FINDINGS]
+    findings = None if isinstance(ds, metadata.Dataset) else tuple(ds.spec.labels.names)
     for split in metadata.SPLITS:
-        part = ds.split(split)[cols]
+        part = _records(ds, split)
         order = np.random.default_rng([params.seed, metadata.SPLITS.index(split)]).permutation(len(part))
-        records = part.iloc[order].to_dict("records")
+        records = [part[i] for i in order]
         total = max(1, -(-len(records) // params.images_per_shard)) if records else 0
         for k in range(total):
             chunk = records[k * params.images_per_shard:(k + 1) * params.images_per_shard]
-            specs.append(ShardSpec(split, k, total, tuple(chunk)))
+            specs.append(ShardSpec(split, k, total, tuple(chunk), findings))
     return specs
 
 
@@ -142,7 +181,9 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
     quarantined: list[dict] = []
     notes: list[dict] = []  # converted, but worth a look (a JPEG named .png)
     records = 0
-    label_counts = np.zeros(labels.NUM_FINDINGS, dtype=np.int64)
+    k = labels.NUM_FINDINGS if spec.findings is None else len(spec.findings)
+    label_counts = np.zeros(k, dtype=np.int64)
+    uncertain = np.zeros(k, dtype=np.int64)
     no_finding = 0
     patients: set[int] = set()
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,10 +198,11 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
                     continue
                 if (note := images.content_mismatch(row["path"], data)) is not None:
                     notes.append({"image": row["image"], "note": note})
-                y = np.array([row[f] for f in labels.FINDINGS], dtype=np.int64)
+                y = np.array(row["y"], dtype=np.int64)
                 writer.write(example(image, y, row))
                 records += 1
-                label_counts += y
+                label_counts += y == 1
+                uncertain += y < 0
                 no_finding += int(not y.any())
                 patients.add(int(row["patient"]))
         with open(local, "rb") as fh:
@@ -174,6 +216,9 @@ def write_shard(spec: ShardSpec, out_uri: str, params: Params) -> dict:
         "quarantine": quarantined, "notes": notes,
         "params": params.as_dict(), "seconds": round(time.perf_counter() - t0, 3),
     }
+    if spec.findings is not None:  # NIH's receipts keep their keys: its labels are never uncertain
+        receipt["uncertain_counts"] = uncertain.tolist()
+        receipt["labels_sha256"] = spec.labels_sha256()
     storage.write_text(_receipt_url(out_uri, spec), json.dumps(receipt), context=context)
     return receipt
 
@@ -198,6 +243,9 @@ def committed_receipt(out_uri: str, spec: ShardSpec, params: Params) -> dict | N
     quarantined = {q["image"] for q in receipt.get("quarantine", ())}
     if receipt.get("images") != [r["image"] for r in spec.rows if r["image"] not in quarantined]:
         log.info("%s: the dataset changed since it was written (other images planned); writing it again", shard)
+        return None
+    if spec.findings is not None and receipt.get("labels_sha256") != spec.labels_sha256():
+        log.info("%s: the labels changed since it was written; writing it again", shard)
         return None
     if not storage.exists(shard):
         log.warning("%s: receipt without its shard; writing the shard again", shard)

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from cxr import config as cfgmod
-from cxr import labels
 
 # make_dataset(data, split, batch_size, worker_index=, num_workers=, training=, epoch=) -> batches
 DatasetFn = Callable[..., Any]  # a tf.data.Dataset
@@ -41,16 +40,42 @@ def for_config(data: cfgmod.Data) -> DataSource:
     return RAW if data.source == "raw" else SHARDS
 
 
+def findings(data: cfgmod.Data) -> tuple[str, ...]:
+    """The finding names of the data, in label order: the manifest's (shards) or data.dataset's (raw)."""
+    from cxr.data import roots
+
+    return _manifest(data).findings if data.source == "shards" else roots.findings(data.dataset)
+
+
+def _positives(positives: np.ndarray, uncertain: np.ndarray, policy: str) -> list[int]:
+    """Positives per finding as training sees them: under `ones` an uncertain label is one more positive."""
+    return [int(c) for c in (positives + uncertain if policy == "ones" else positives)]
+
+
 # ------------------------------------------------------------------------------------------------ shards
+
+
+def _manifest(data: cfgmod.Data) -> Any:
+    """The config's manifest, refused if data.dataset was set to another dataset than the one it was prepared from."""
+    from cxr.data import manifest, roots
+    from cxr.redact import redact
+
+    m = manifest.load(data.manifest_uri)
+    if "dataset" in data.model_fields_set and roots.name(data.dataset) != m.dataset_name:
+        raise ValueError(f"data.dataset is {redact(data.dataset)!r} but {redact(m.url)} was prepared from dataset "
+                         f"{m.dataset_name!r}: the manifest's label set wins; drop data.dataset or prepare again")
+    return m
 
 
 def _shard_dataset(data: cfgmod.Data, split: str, batch_size: int, worker_index: int = 0, num_workers: int = 1,
                    training: bool = False, epoch: int = 0) -> Any:
     from cxr.data import pipeline
 
+    _manifest(data)
     return pipeline.make_dataset(data.manifest_uri, split, batch_size, worker_index=worker_index,
                                  num_workers=num_workers, training=training, seed=data.seed, epoch=epoch,
-                                 image_size=data.image_size, augment=data.augment if training else None)
+                                 image_size=data.image_size, augment=data.augment if training else None,
+                                 uncertain=data.uncertain)
 
 
 def _shard_size(data: cfgmod.Data, split: str) -> int:
@@ -60,9 +85,9 @@ def _shard_size(data: cfgmod.Data, split: str) -> int:
 
 
 def _shard_counts(data: cfgmod.Data, split: str) -> tuple[list[int], int]:
-    from cxr.data import manifest
-
-    return manifest.load(data.manifest_uri).label_counts(split)
+    m = _manifest(data)
+    positives, images = m.label_counts(split)
+    return _positives(np.array(positives), np.array(m.uncertain_counts(split)), data.uncertain), images
 
 
 def _shard_stored_size(data: cfgmod.Data) -> int:
@@ -92,15 +117,15 @@ SHARDS = DataSource(_shard_dataset, _shard_size, _shard_counts, _shard_stored_si
 
 
 @functools.lru_cache(maxsize=8)
-def _rows(root: str, split: str, seed: int, val_fraction: float, test_fraction: float) -> tuple:
+def _rows(root: str, split: str, seed: int, val_fraction: float, test_fraction: float, dataset: str) -> tuple:
     from cxr.data import raw
 
-    return tuple(raw.split_rows(root, split, seed, val_fraction, test_fraction))
+    return tuple(raw.split_rows(root, split, seed, val_fraction, test_fraction, dataset))
 
 
 def raw_rows(data: cfgmod.Data, split: str) -> tuple:
-    """(url, labels) of a raw root's split, in prepare's order (read once per process)."""
-    return _rows(data.root, split, data.split_seed, data.val_fraction, data.test_fraction)
+    """(url, labels: 1, 0, -1 uncertain) of a raw root's split, in prepare's order (read once per process)."""
+    return _rows(data.root, split, data.split_seed, data.val_fraction, data.test_fraction, data.dataset)
 
 
 def _raw_dataset(data: cfgmod.Data, split: str, batch_size: int, worker_index: int = 0, num_workers: int = 1,
@@ -111,7 +136,8 @@ def _raw_dataset(data: cfgmod.Data, split: str, batch_size: int, worker_index: i
         data.root, split, batch_size, worker_index=worker_index, num_workers=num_workers, training=training,
         seed=data.seed, epoch=epoch, image_size=data.image_size, augment=data.augment if training else None,
         on_corrupt="skip", raw_size=_raw_stored_size(data), split_seed=data.split_seed,
-        val_fraction=data.val_fraction, test_fraction=data.test_fraction)
+        val_fraction=data.val_fraction, test_fraction=data.test_fraction, dataset=data.dataset,
+        uncertain=data.uncertain)
 
 
 def _raw_size(data: cfgmod.Data, split: str) -> int:
@@ -120,8 +146,8 @@ def _raw_size(data: cfgmod.Data, split: str) -> int:
 
 def _raw_counts(data: cfgmod.Data, split: str) -> tuple[list[int], int]:
     rows = raw_rows(data, split)
-    y = np.stack([r[1] for r in rows]) if rows else np.zeros((0, labels.NUM_FINDINGS))
-    return [int(c) for c in y.sum(axis=0)], len(rows)
+    y = np.stack([r[1] for r in rows]) if rows else np.zeros((0, len(findings(data))))
+    return _positives((y == 1).sum(axis=0), (y < 0).sum(axis=0), data.uncertain), len(rows)
 
 
 def _raw_stored_size(data: cfgmod.Data) -> int:
@@ -131,7 +157,8 @@ def _raw_stored_size(data: cfgmod.Data) -> int:
 def _raw_patients(data: cfgmod.Data, split: str) -> np.ndarray:
     from cxr.data import raw
 
-    return raw.split_patients(data.root, split, data.split_seed, data.val_fraction, data.test_fraction)
+    return raw.split_patients(data.root, split, data.split_seed, data.val_fraction, data.test_fraction,
+                              data.dataset)
 
 
 RAW = DataSource(_raw_dataset, _raw_size, _raw_counts, _raw_stored_size, may_skip=True, patients=_raw_patients,
@@ -150,6 +177,8 @@ def data_tags(data: cfgmod.Data, redacted: bool = True) -> dict[str, str]:
         tags.update({"cxr.split.seed": str(data.split_seed), "cxr.split.val_fraction": str(data.val_fraction),
                      "cxr.split.test_fraction": str(data.test_fraction),
                      "cxr.preprocessing.raw_size": str(_raw_stored_size(data))})
+        if data.dataset != "nih":  # how to read the root again; a manifest records its own
+            tags["cxr.data.dataset"] = redact(data.dataset) if redacted else data.dataset
     return tags
 
 
@@ -157,11 +186,13 @@ SPLIT_TAGS = ("cxr.split.seed", "cxr.split.val_fraction", "cxr.split.test_fracti
 
 
 def data_config(uri: str, image_size: int, tags: dict[str, str] | None = None,
-                split_tags: dict[str, str] | None = None) -> cfgmod.Data:
+                split_tags: dict[str, str] | None = None, dataset: str | None = None) -> cfgmod.Data:
     """The data section for scoring a model on `uri`: a manifest (or its folder), or else a dataset root.
 
     A raw root is split as `split_tags` say (default: the model's own run tags, `cxr.split.*`) and its images
-    are preprocessed as the model's were (`cxr.preprocessing.raw_size`); without tags, the defaults.
+    are preprocessed as the model's were (`cxr.preprocessing.raw_size`); without tags, the defaults. A raw
+    root is read as `dataset` says (a spec name or file), else as the model's run read its own
+    (`cxr.data.dataset`), else as NIH's.
     """
     from cxr import storage
     from cxr.data import manifest
@@ -173,6 +204,7 @@ def data_config(uri: str, image_size: int, tags: dict[str, str] | None = None,
     raw_size = tags.get("cxr.preprocessing.raw_size")
     return cfgmod.Data(source="raw", root=uri, image_size=image_size, allow_upsample=True,
                        raw_size=int(raw_size) if raw_size else None,
+                       dataset=dataset or tags.get("cxr.data.dataset", "nih"),
                        split_seed=int(split.get("cxr.split.seed", 0)),
                        val_fraction=float(split.get("cxr.split.val_fraction", 0.1)),
                        test_fraction=float(split.get("cxr.split.test_fraction", 0.2)))
@@ -180,10 +212,14 @@ def data_config(uri: str, image_size: int, tags: dict[str, str] | None = None,
 
 def fingerprint(data: cfgmod.Data) -> str:
     """What identifies the data a model saw: the manifest's shard checksums, or a raw root's metadata files."""
-    from cxr.data import manifest, metadata
+    from cxr.data import manifest, metadata, roots
 
     if data.source == "shards":
         return manifest.load(data.manifest_uri).fingerprint
-    ds = metadata.load(data.root, seed=data.split_seed, val_fraction=data.val_fraction,
-                       test_fraction=data.test_fraction)
-    return manifest.source_fingerprint(ds)
+    if roots.is_nih(data.dataset):
+        return manifest.source_fingerprint(metadata.load(data.root, seed=data.split_seed,
+                                                         val_fraction=data.val_fraction,
+                                                         test_fraction=data.test_fraction))
+    return manifest.spec_fingerprint(roots.read(data.root, data.dataset, seed=data.split_seed,  # type: ignore[arg-type]
+                                                val_fraction=data.val_fraction, test_fraction=data.test_fraction,
+                                                scan_images=False))
