@@ -74,17 +74,18 @@ class Data(Section):
     split_seed: int = Field(0, description="raw mode: the patient split's seed (`cxr inspect --seed`)")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="raw mode: as `cxr inspect --val-fraction`")
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="raw mode, no official lists: test patients")
-    dataset: str = Field("nih", description="a built-in dataset spec or a spec YAML: how raw mode reads data.root; "
-                         "shards carry their manifest's (a different one set here is refused)")
+    dataset: str | None = Field(None, description="a built-in dataset spec or a spec YAML: how raw mode reads "
+                                "data.root (default nih); shards carry their manifest's (another one set here is "
+                                "refused)")
     uncertain: Literal["ignore", "ones", "zeros"] = Field("ignore", description=(
         "uncertain labels: ignore (label -1, masked in the loss and metrics), ones (positive) or zeros (negative)"))
 
     @field_validator("dataset")
     @classmethod
-    def _spec_name(cls, dataset: str) -> str:
+    def _spec_name(cls, dataset: str | None) -> str | None:
         from cxr.data.spec import builtin_names
 
-        if dataset not in builtin_names() and not dataset.endswith((".yaml", ".yml")):
+        if dataset is not None and dataset not in builtin_names() and not dataset.endswith((".yaml", ".yml")):
             raise ValueError(f"{dataset!r} is neither a built-in dataset spec ({', '.join(builtin_names())}) "
                              "nor a spec file (.yaml)")
         return dataset
@@ -272,11 +273,11 @@ def _suggest(loc: list[str]) -> str:
     return f" (did you mean {'.'.join([*loc[:-1], close[0]])}?)" if close else ""
 
 
-def _absolute_spec(dataset: str) -> dict[str, str]:
+def _absolute_spec(dataset: str | None) -> dict[str, str]:
     """A local spec file's path made absolute (a built-in name stays a name, and stays unset if it was)."""
     from cxr.data.spec import builtin_names
 
-    if dataset in builtin_names() or "://" in dataset:
+    if dataset is None or dataset in builtin_names() or "://" in dataset:
         return {}
     return {"dataset": os.path.abspath(dataset)}
 

@@ -248,7 +248,10 @@ def test_config_dataset_and_uncertain_are_checked_before_anything_runs(tmp_path,
     cfg = config.with_absolute_paths(load("data.dataset=specs/mine.yaml"))
     assert cfg.data.dataset == str(tmp_path / "specs" / "mine.yaml")
     cfg = config.with_absolute_paths(load())
-    assert cfg.data.dataset == "nih" and "dataset" not in cfg.data.model_fields_set
+    assert cfg.data.dataset is None  # unset: the manifest's (shards) or nih (raw)
+    # The resolved config travels to the workers as plain data: unset must stay unset there (it was "nih" once,
+    # which the workers then read as a contradiction of a CheXpert manifest).
+    assert config.validate(cfg.model_dump(mode="json")).data.dataset is None
 
 
 def test_raw_mode_of_a_spec_root_matches_its_shards_patients_and_fingerprint(chexpert):

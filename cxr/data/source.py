@@ -61,7 +61,7 @@ def _manifest(data: cfgmod.Data) -> Any:
     from cxr.redact import redact
 
     m = manifest.load(data.manifest_uri)
-    if "dataset" in data.model_fields_set and roots.name(data.dataset) != m.dataset_name:
+    if data.dataset is not None and roots.name(data.dataset) != m.dataset_name:
         raise ValueError(f"data.dataset is {redact(data.dataset)!r} but {redact(m.url)} was prepared from dataset "
                          f"{m.dataset_name!r}: the manifest's label set wins; drop data.dataset or prepare again")
     return m
@@ -177,7 +177,7 @@ def data_tags(data: cfgmod.Data, redacted: bool = True) -> dict[str, str]:
         tags.update({"cxr.split.seed": str(data.split_seed), "cxr.split.val_fraction": str(data.val_fraction),
                      "cxr.split.test_fraction": str(data.test_fraction),
                      "cxr.preprocessing.raw_size": str(_raw_stored_size(data))})
-        if data.dataset != "nih":  # how to read the root again; a manifest records its own
+        if data.dataset not in (None, "nih"):  # how to read the root again; a manifest records its own
             tags["cxr.data.dataset"] = redact(data.dataset) if redacted else data.dataset
     return tags
 
@@ -204,7 +204,7 @@ def data_config(uri: str, image_size: int, tags: dict[str, str] | None = None,
     raw_size = tags.get("cxr.preprocessing.raw_size")
     return cfgmod.Data(source="raw", root=uri, image_size=image_size, allow_upsample=True,
                        raw_size=int(raw_size) if raw_size else None,
-                       dataset=dataset or tags.get("cxr.data.dataset", "nih"),
+                       dataset=dataset or tags.get("cxr.data.dataset"),
                        split_seed=int(split.get("cxr.split.seed", 0)),
                        val_fraction=float(split.get("cxr.split.val_fraction", 0.1)),
                        test_fraction=float(split.get("cxr.split.test_fraction", 0.2)))
