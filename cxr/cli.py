@@ -9,38 +9,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cxr import labels, quiet
+from cxr import quiet
 from cxr.redact import install_log_filter, redact
 from cxr.storage import StorageError
-
-
-def _print_inspect(s: dict) -> None:
-    print(f"{s['root']}  ({s['csv']})")
-    print(f"  rows {s['rows']:,}  usable {s['usable_rows']:,}  excluded {s['excluded_rows']:,}  "
-          f"patients {s['patients']:,}  images present: {'yes' if s['images_present'] else 'no (metadata only)'}")
-    split_kind = "official lists + patient-grouped val" if s["official_split"] else "patient-grouped, seeded"
-    print(f"  splits ({split_kind}); patients in more than one split: {s['patient_overlap']}")
-    names = [*labels.FINDINGS, labels.NO_FINDING]
-    header = f"  {'finding':<20}{'all':>9}" + "".join(f"{n:>9}" for n in s["splits"])
-    print(header)
-    for name in names:
-        row = f"  {name:<20}{s['label_counts'][name]:>9,}"
-        row += "".join(f"{part['label_counts'][name]:>9,}" for part in s["splits"].values())
-        print(row)
-    print(f"  {'images':<20}{s['usable_rows']:>9,}" + "".join(f"{p['images']:>9,}" for p in s["splits"].values()))
-    print(f"  {'patients':<20}{s['patients']:>9,}" + "".join(f"{p['patients']:>9,}" for p in s["splits"].values()))
-    b = s["bboxes"]
-    if b["total"]:
-        per = ", ".join(f"{k} {v}" for k, v in b["per_finding"].items() if v)
-        print(f"  bounding boxes: {b['total']} on {b['images']} images ({per})")
-    if s["problems"]:
-        print(f"  problems: {len(s['problems'])} ({', '.join(f'{k} {v}' for k, v in s['problem_counts'].items())})")
-        for p in s["problems"][:20]:
-            print(f"    {p['kind']:<22} {p['image']:<18} {p['detail']}")
-        if len(s["problems"]) > 20:
-            print(f"    … {len(s['problems']) - 20} more (use --json for all)")
-    else:
-        print("  problems: none")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -56,7 +27,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         json.dump(s, sys.stdout, default=str)
         sys.stdout.write("\n")
     else:
-        _print_inspect(s)
+        from cxr.data.spec_summary import render_nih
+
+        print(render_nih(s))
     if args.strict and s["problems"]:
         print(f"--strict: {len(s['problems'])} problem(s) found", file=sys.stderr)
         return 1
@@ -155,26 +128,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cxr.evaluation import report
     from cxr.evaluation.evaluate import evaluate
 
     ev = evaluate(args.model, args.data, split=args.split, val_split=args.val_split, out=args.out,
                   resamples=args.resamples, confidence=args.confidence, seed=args.seed, batch_size=args.batch_size,
                   tracking_uri=args.tracking_uri, record=not args.no_record)
     rep = ev.report
-    mean = rep["auroc"]["mean"]
-    print(f"{rep['model']['uri']} on {rep['data']['split']} of {rep['data']['uri']}: {rep['data']['images']:,} images "
-          f"of {rep['data']['patients']:,} patients")
-    print(f"{'finding':<20}{'AUROC':>8}  {int(100 * args.confidence)}% CI (patients)   {'AUPRC':>6}  {'ECE':>6}")
-    for name, a in rep["auroc"]["findings"].items():
-        f = rep["findings"][name]
-        if a["auroc"] is None:
-            print(f"{name:<20}{'undefined':>8}  {a['reason']}")
-            continue
-        auprc = "–" if f["auprc"] is None else f"{f['auprc']:.3f}"
-        ece = "–" if f["calibration"]["ece"] is None else f"{f['calibration']['ece']:.3f}"
-        print(f"{name:<20}{a['auroc']:>8.4f}  [{a['low']:.4f}, {a['high']:.4f}]   {auprc:>6}  {ece:>6}")
-    if mean["auroc"] is not None:
-        print(f"{'mean':<20}{mean['auroc']:>8.4f}  [{mean['low']:.4f}, {mean['high']:.4f}]")
+    print(report.console(rep))
     if args.out:
         print(f"report: {redact(args.out)}/report.md (and report.json, roc.png, pr.png, reliability.png)")
     if rep["model"]["run_id"] and not args.no_record:
@@ -225,10 +186,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
-DESCRIPTION = """cxr trains multi-label chest X-ray classifiers (the 14 NIH ChestX-ray14 findings) on Ray, streaming
-prepared shards from object storage, and records every run in MLflow. A typical session:
+DESCRIPTION = """cxr trains multi-label chest X-ray classifiers on Ray (NIH ChestX-ray14's 14 findings, or any label set
+a dataset spec names: --dataset chexpert, mimic-cxr-jpg, padchest, csv or your own YAML), streaming prepared shards
+from object storage, and records every run in MLflow. A typical session:
 
-  cxr inspect DATA_ROOT                  check a dataset root laid out like the NIH release
+  cxr inspect DATA_ROOT [--dataset SPEC] check a dataset root (NIH's layout by default)
   cxr prepare DATA_ROOT s3://bucket/x    decode every image once into shards + manifest.json
   cxr train --config CONFIG key=value    train, score the best epoch on test, log it all to MLflow
   cxr evaluate --model models:/NAME@champion --out DIR    the test report, with confidence intervals

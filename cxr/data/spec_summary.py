@@ -1,6 +1,6 @@
 """What `cxr inspect --dataset SPEC` reports about a root read with a spec: plain data, and the text table.
 
-Same layout as NIH's inspect table (cli._print_inspect), with the spec's own finding names and an uncertain
+Same layout as NIH's inspect table (`render_nih`), with the spec's own finding names and an uncertain
 column, since uncertain labels exist only in the spec-read datasets.
 """
 
@@ -10,6 +10,7 @@ from collections import Counter
 
 import numpy as np
 
+from cxr import labels
 from cxr.data import spec, tabular
 from cxr.data.tabular import SPLITS, TabularDataset
 
@@ -97,6 +98,39 @@ def render(s: dict) -> str:
             lines.append(f"    {p['kind']:<22} {p['file']}:{p['line']:<6} {p['image'] or '-'}  {p['detail']}")
         if len(problems) > MAX_SHOWN:
             lines.append(f"    … {len(problems) - MAX_SHOWN} more (use --json for all)")
+    else:
+        lines.append("  problems: none")
+    return "\n".join(lines)
+
+
+def render_nih(s: dict) -> str:
+    """NIH's inspect summary (`cxr.data.metadata.summary`) as text: the same columns as `render`'s."""
+    lines: list[str] = []
+    lines.append(f"{s['root']}  ({s['csv']})")
+    lines.append(f"  rows {s['rows']:,}  usable {s['usable_rows']:,}  excluded {s['excluded_rows']:,}  "
+          f"patients {s['patients']:,}  images present: {'yes' if s['images_present'] else 'no (metadata only)'}")
+    split_kind = "official lists + patient-grouped val" if s["official_split"] else "patient-grouped, seeded"
+    lines.append(f"  splits ({split_kind}); patients in more than one split: {s['patient_overlap']}")
+    names = [*labels.FINDINGS, labels.NO_FINDING]
+    lines.append(f"  {'finding':<20}{'all':>9}" + "".join(f"{n:>9}" for n in s["splits"]))
+    for name in names:
+        row = f"  {name:<20}{s['label_counts'][name]:>9,}"
+        row += "".join(f"{part['label_counts'][name]:>9,}" for part in s["splits"].values())
+        lines.append(row)
+    parts = s["splits"].values()
+    lines.append(f"  {'images':<20}{s['usable_rows']:>9,}" + "".join(f"{p['images']:>9,}" for p in parts))
+    lines.append(f"  {'patients':<20}{s['patients']:>9,}" + "".join(f"{p['patients']:>9,}" for p in parts))
+    b = s["bboxes"]
+    if b["total"]:
+        per = ", ".join(f"{k} {v}" for k, v in b["per_finding"].items() if v)
+        lines.append(f"  bounding boxes: {b['total']} on {b['images']} images ({per})")
+    if s["problems"]:
+        kinds = ", ".join(f"{k} {v}" for k, v in s["problem_counts"].items())
+        lines.append(f"  problems: {len(s['problems'])} ({kinds})")
+        for p in s["problems"][:20]:
+            lines.append(f"    {p['kind']:<22} {p['image']:<18} {p['detail']}")
+        if len(s["problems"]) > 20:
+            lines.append(f"    … {len(s['problems']) - 20} more (use --json for all)")
     else:
         lines.append("  problems: none")
     return "\n".join(lines)

@@ -105,3 +105,34 @@ def markdown(rep: dict) -> str:
         lines += _table(["model", "split", "mean AUROC"], "llr",
                         [[a["model"], a["split"], f"{a['mean_auroc']:.3f}"] for a in rep["anchors"]])
     return "\n".join(lines) + "\n"
+
+
+def console(rep: dict) -> str:
+    """The evaluation as `cxr evaluate` prints it: per finding AUROC [CI], AUPRC, ECE, the mean, what was not
+    scored (another dataset's label set) and why."""
+    data, au = rep["data"], rep["auroc"]
+    width = max([20, *(len(n) + 2 for n in au["findings"])])
+    pct = f"{100 * au['confidence']:g}%"
+    lines = [f"{rep['model']['uri']} on {data['split']} of {data['uri']}: {data['images']:,} images of "
+             f"{data['patients']:,} patients",
+             f"{'finding':<{width}}{'AUROC':>8}  {pct} CI (patients)   {'AUPRC':>6}  {'ECE':>6}"]
+    mapped = rep.get("label_map") or {}
+    for name, a in au["findings"].items():
+        f = rep["findings"].get(name)
+        if a["auroc"] is None:
+            lines.append(f"{name:<{width}}{'undefined':>8}  {a['reason']}")
+            continue
+        auprc = "–" if not f or f["auprc"] is None else f"{f['auprc']:.3f}"
+        ece = "–" if not f or f["calibration"]["ece"] is None else f"{f['calibration']['ece']:.3f}"
+        scored_as = f"  (data: {mapped[name]})" if mapped.get(name, name) != name else ""
+        lines.append(f"{name:<{width}}{a['auroc']:>8.4f}  [{a['low']:.4f}, {a['high']:.4f}]   {auprc:>6}  {ece:>6}"
+                     + scored_as)
+    mean = au["mean"]
+    if mean["auroc"] is not None:
+        lines.append(f"{'mean':<{width}}{mean['auroc']:>8.4f}  [{mean['low']:.4f}, {mean['high']:.4f}]")
+    for side in ("model", "data"):
+        names = [u["finding"] for u in rep.get("unscored", []) if u["side"] == side]
+        if names:
+            lines.append(f"not scored ({'no label in the data' if side == 'model' else 'no model output'}): "
+                         + ", ".join(names) + " (reasons in report.md)")
+    return "\n".join(lines)
