@@ -81,6 +81,8 @@ def test_the_head_is_sized_by_the_label_set_and_fine_tuning_keeps_shared_finding
     src_k, src_b = nih.get_layer("logits").get_weights()
     k, b = chex.get_layer("logits").get_weights()
     np.testing.assert_array_equal(k[:, 1], src_k[:, 12])  # Cardiomegaly: the same name, its column carried over
+    np.testing.assert_array_equal(k[:, 2], src_k[:, 13])  # Pleural Effusion = NIH Effusion (cxr/labelmap.yaml)
+    assert b[2] == src_b[13]
     assert not np.array_equal(k[:, 0], src_k[:, 0])  # No Finding: a new output
     np.testing.assert_array_equal(chex.get_layer("conv0").get_weights()[0], nih.get_layer("conv0").get_weights()[0])
     with pytest.raises(ValueError, match="does not fit"):

@@ -3,8 +3,9 @@
 Either a whole-model weight file written by these models (e.g. a checkpoint's `model.weights.h5`), a
 backbone-only file such as keras.applications' `*_notop.h5`, which is loaded into the backbone, or a trained
 model to fine-tune (`models:/NAME@champion`, `runs:/…`, a checkpoint folder): every layer but the head is
-taken over, and the head's column of each finding the two label sets share, so a hospital starting from the
-NIH champion keeps what the NIH model learned of Effusion and gets a new output for a finding NIH lacks.
+taken over, and the head's column of each finding the two label sets share (`cxr/labelmap.yaml`), so a
+hospital starting from the NIH champion keeps what the NIH model learned of Effusion (its "Pleural Effusion")
+and gets a new output for a finding NIH lacks.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _is_checkpoint(url: str) -> bool:
 
 def fine_tune(source: keras.Model, source_findings: Sequence[str], target: keras.Model,
               target_findings: Sequence[str], where: str) -> None:
-    """Copy `source` into `target`: every layer but the head whole, the head per shared finding (by name).
+    """Copy `source` into `target`: every layer but the head whole, the head per shared finding (`cxr.labelmap`).
 
     The architectures must match below the head (the same model.name and image size); a head over the same
     findings in the same order is copied whole, so the whole model continues.
@@ -81,20 +82,25 @@ def fine_tune(source: keras.Model, source_findings: Sequence[str], target: keras
     if mismatched:
         raise ValueError(f"initial model {where} ({source.name}, {source.input_shape[1]} px) does not fit "
                          f"{target.name} at {target.input_shape[1]} px: {'; '.join(mismatched[:3])}")
+    from cxr import labelmap
+
     kernel, bias = source.get_layer(HEAD).get_weights()
     new_kernel, new_bias = target.get_layer(HEAD).get_weights()
     index = {name: i for i, name in enumerate(source_findings)}
-    shared = [(j, index[name]) for j, name in enumerate(target_findings) if name in index]
-    for j, i in shared:
+    position = {name: j for j, name in enumerate(target_findings)}
+    pairs = labelmap.shared(list(target_findings), list(source_findings))  # NIH Effusion → Pleural Effusion too
+    for name, source_name in pairs:
+        j, i = position[name], index[source_name]
         new_kernel[:, j], new_bias[j] = kernel[:, i], bias[i]
     target.get_layer(HEAD).set_weights([new_kernel, new_bias])
     if list(source_findings) == list(target_findings):
         log.info("fine-tuning %s: the same %d findings, the whole model continues", where, len(target_findings))
         return
-    new = [name for name in target_findings if name not in index]
+    carried = {name for name, _ in pairs}
+    new = [name for name in target_findings if name not in carried]
     log.info("fine-tuning %s: the label sets differ (%d findings -> %d); kept every layer below the head and "
              "the head's %d shared finding(s); new outputs for %s", where, len(source_findings),
-             len(target_findings), len(shared), ", ".join(new) if new else "none")
+             len(target_findings), len(pairs), ", ".join(new) if new else "none")
 
 
 def _has_backbone(model: keras.Model) -> bool:
