@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from cxr import config as cfgmod
+from cxr.labels import FINDINGS
 
 # make_dataset(data, split, batch_size, worker_index=, num_workers=, training=, epoch=) -> batches
 DatasetFn = Callable[..., Any]  # a tf.data.Dataset
@@ -21,6 +22,7 @@ SizeFn = Callable[[cfgmod.Data, str], int]
 CountsFn = Callable[[cfgmod.Data, str], tuple[list[int], int]]
 StoredSizeFn = Callable[[cfgmod.Data], int | None]
 PatientsFn = Callable[[cfgmod.Data, str], np.ndarray]
+FindingsFn = Callable[[cfgmod.Data], tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class DataSource:
     may_skip: bool = False  # unreadable images are skipped and reported (raw mode), not a failure
     patients: PatientsFn | None = None  # each image's patient id by split position (for patient-level CIs)
     patient_ids: PatientsFn | None = None  # a split's distinct patient ids, sorted (what a model learned from)
+    findings: FindingsFn = lambda data: FINDINGS  # the label set, in label order: sizes the head, names metrics
 
 
 def for_config(data: cfgmod.Data) -> DataSource:
@@ -42,9 +45,13 @@ def for_config(data: cfgmod.Data) -> DataSource:
 
 def findings(data: cfgmod.Data) -> tuple[str, ...]:
     """The finding names of the data, in label order: the manifest's (shards) or data.dataset's (raw)."""
+    return for_config(data).findings(data)
+
+
+def _raw_findings(data: cfgmod.Data) -> tuple[str, ...]:
     from cxr.data import roots
 
-    return _manifest(data).findings if data.source == "shards" else roots.findings(data.dataset)
+    return roots.findings(data.dataset)
 
 
 def _positives(positives: np.ndarray, uncertain: np.ndarray, policy: str) -> list[int]:
@@ -110,7 +117,7 @@ def _shard_patient_ids(data: cfgmod.Data, split: str) -> np.ndarray:
 
 
 SHARDS = DataSource(_shard_dataset, _shard_size, _shard_counts, _shard_stored_size, patients=_shard_patients,
-                    patient_ids=_shard_patient_ids)
+                    patient_ids=_shard_patient_ids, findings=lambda data: tuple(_manifest(data).findings))
 
 
 # --------------------------------------------------------------------------------------------------- raw
@@ -162,7 +169,7 @@ def _raw_patients(data: cfgmod.Data, split: str) -> np.ndarray:
 
 
 RAW = DataSource(_raw_dataset, _raw_size, _raw_counts, _raw_stored_size, may_skip=True, patients=_raw_patients,
-                 patient_ids=lambda data, split: np.unique(_raw_patients(data, split)))
+                 patient_ids=lambda data, split: np.unique(_raw_patients(data, split)), findings=_raw_findings)
 
 
 # ------------------------------------------------------------------------------------- data by its URI

@@ -48,9 +48,7 @@ def plan_run(cfg: cfgmod.Config, source: DataSource) -> RunPlan:
     positives = total = None
     if optim.weighted_loss:
         positives, total = source.label_counts(data, data.train_split)
-    from cxr.data.source import findings
-
-    return RunPlan(train_size, val_size, steps, positives, total, findings(data))
+    return RunPlan(train_size, val_size, steps, positives, total, tuple(source.findings(data)))
 
 
 def worker_resources(cfg: cfgmod.Config) -> dict[str, float]:
