@@ -68,9 +68,12 @@ def history(checkpoint: Any) -> list[dict[str, Any]]:
 
 
 def findings(directory: str) -> tuple[str, ...]:
-    """The label set the checkpoint's model was trained on (its plan); NIH's 14 for checkpoints before label sets."""
+    """The label set the checkpoint's model was trained on (its plan); NIH's 14 for checkpoints before label sets
+    (and for a folder of weights and config alone)."""
     from cxr.labels import FINDINGS
 
+    if not os.path.exists(os.path.join(directory, STATE_FILE)):
+        return FINDINGS
     return tuple(read_state(directory).get("plan", {}).get("findings") or FINDINGS)
 
 
