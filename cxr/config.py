@@ -298,12 +298,14 @@ def with_absolute_paths(config: Config) -> Config:
             return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
         return uri if uri is None or ":" in uri else os.path.abspath(uri)
 
+    weights = config.model.weights
+    model_uri = (weights or "").startswith(("models:/", "runs:/"))  # a registered model to fine-tune: no path
     return config.model_copy(update={
         "tracking": config.tracking.model_copy(
             update={"tracking_uri": absolute_tracking(config.tracking.tracking_uri)}),
         "data": config.data.model_copy(update={"manifest_uri": absolute(config.data.manifest_uri),
                                                "root": absolute(config.data.root),
                                                **_absolute_spec(config.data.dataset)}),
-        "model": config.model.model_copy(update={"weights": absolute(config.model.weights)}),
+        "model": config.model.model_copy(update={"weights": weights if model_uri else absolute(weights)}),
         "run": config.run.model_copy(update={"storage_path": absolute(config.run.storage_path)}),
     })

@@ -135,6 +135,16 @@ def test_local_paths_become_the_drivers(tmp_path, monkeypatch, tracking_uri, exp
     assert cfg.run.storage_path == f"{tmp_path}/runs" and cfg.model.weights == "s3://bucket/w.h5"
 
 
+@pytest.mark.parametrize("weights, expected", [
+    ("models:/nih@champion", "models:/nih@champion"), ("runs:/0123/model", "runs:/0123/model"),
+    ("ckpt/checkpoint_000002", "{cwd}/ckpt/checkpoint_000002")])
+def test_a_model_uri_to_fine_tune_is_no_local_path(tmp_path, monkeypatch, weights, expected):
+    """`model.weights=models:/NAME@champion` (fine-tuning a registered model) stays the URI it names."""
+    monkeypatch.chdir(tmp_path)
+    cfg = config.with_absolute_paths(config.load(write(tmp_path, MINIMAL), [f"model.weights={weights}"]))
+    assert cfg.model.weights == expected.format(cwd=tmp_path)
+
+
 def test_overrides_may_follow_options_and_anything_else_is_refused(capsys):
     from cxr.cli import parse
 

@@ -62,3 +62,17 @@ def test_unreachable_server_warns_without_credentials_and_never_raises(monkeypat
     warnings = [r.getMessage() for r in caplog.records if r.name == "cxr.tracking.handlers"]
     assert any("epoch 1 not logged now" in w for w in warnings)
     assert "s3cr3t-pw" not in caplog.text
+
+
+def test_a_run_resumes_in_a_process_whose_active_experiment_is_another(tmp_path):
+    """A notebook (or a test) that called mlflow.set_experiment for another experiment can still train."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("somebody-elses")
+    run_id = runs.open_run(uri, "cxr-resume-tests", "resumed", f"/runs/{uuid.uuid4().hex}", {})
+    with runs.resume(uri, run_id) as active:
+        assert active.info.run_id == run_id
+        mlflow.log_metric("m", 1.0)
+    assert MlflowClient(uri).get_run(run_id).data.metrics == {"m": 1.0}

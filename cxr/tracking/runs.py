@@ -225,6 +225,8 @@ def resume(tracking_uri: str, run_id: str, system_metrics: bool = False) -> Iter
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
+    # the process's active experiment (a caller's mlflow.set_experiment) must be the run's, or MLflow refuses it
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id)
     active = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
     try:
         yield active
