@@ -29,11 +29,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	mkdir -p bench-out
 	$(PY) bench/inspect_metadata.py bench-out/inspect.json
+	$(PY) bench/inspect_specs.py --out bench-out/inspect-specs.json
 	$(PY) bench/prepare.py --out bench-out/prepare.json
 	$(PY) bench/pipeline.py --out bench-out/pipeline.json
 	$(PY) bench/train.py --out bench-out/train.json
 	$(PY) bench/evaluate.py --out bench-out/evaluate.json
 	$(PY) bench/predict.py --out bench-out/predict.json
+	$(PY) bench/layouts.py --out bench-out/layouts.json
 
 clean:
 	rm -rf $(DEMO) bench-out

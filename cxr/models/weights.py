@@ -58,9 +58,14 @@ def load_initial_weights(model: keras.Model, url: str, findings: Sequence[str] =
 
 
 def _is_checkpoint(url: str) -> bool:
+    """A folder holding a checkpoint's config; a weight file (by its path's suffix, a presigned URL's query
+    aside) or an http(s) URL (no folders there) never is."""
     from cxr.training.checkpoints import CONFIG_FILE
 
-    return not url.endswith(".h5") and storage.exists(storage.join(url, CONFIG_FILE))
+    parts = urllib.parse.urlsplit(url)
+    if parts.path.endswith((".h5", ".keras")) or parts.scheme in ("http", "https"):
+        return False
+    return storage.exists(storage.join(url, CONFIG_FILE))
 
 
 def fine_tune(source: keras.Model, source_findings: Sequence[str], target: keras.Model,
