@@ -93,10 +93,11 @@ def test_a_logged_model_carries_its_label_set(tmp_path) -> None:
     import mlflow
 
     from cxr.tracking import models
+    from cxr.tracking.runs import artifact_location, experiment_id
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("labels")
+    mlflow.set_tracking_uri(uri)  # artifacts beside the store, not in ./mlruns of the checkout
+    mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(uri), "labels", artifact_location(uri)))
     keras.utils.set_random_seed(0)
     model = build_model("small_cnn", 32, findings=CHEX)
     with mlflow.start_run():

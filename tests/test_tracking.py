@@ -69,8 +69,9 @@ def test_a_run_resumes_in_a_process_whose_active_experiment_is_another(tmp_path)
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("somebody-elses")
+    mlflow.set_tracking_uri(uri)  # artifacts beside the store, not in ./mlruns of the checkout
+    mlflow.set_experiment(experiment_id=runs.experiment_id(MlflowClient(uri), "somebody-elses",
+                                                           runs.artifact_location(uri)))
     run_id = runs.open_run(uri, "cxr-resume-tests", "resumed", f"/runs/{uuid.uuid4().hex}", {})
     with runs.resume(uri, run_id) as active:
         assert active.info.run_id == run_id
