@@ -308,3 +308,14 @@ def test_image_pattern_by_columns_equals_str_format_row_by_row():
     want = [pattern.format(**{k: v.strip() for k, v in row.items()}) for row in df.to_dict("records")]
     assert tabular._format(pattern, df).tolist() == want
     assert tabular._format("{subject_id!s:>9}", df).tolist() == [" 10000032", " 19999987"]  # row by row
+
+
+def test_a_study_date_column_is_kept_as_text_and_a_missing_one_named(tmp_path):
+    _csv(tmp_path / "labels.csv", ["path", "patient_id", "study_date", "Effusion"],
+         [["a.png", "P1", "2019-03-04", "1"], ["b.png", "P2", "20190305", "0"]])
+    text = ("name: dated\nmetadata: [{file: labels.csv}]\nimage: {column: path}\npatient: {column: patient_id}\n"
+            "date: {column: COLUMN}\nlabels: {encoding: columns, names: [Effusion]}\n")
+    ds = tabular.load(spec.parse(text.replace("COLUMN", "study_date"), "dated.yaml"), str(tmp_path))
+    assert ds.table["date"].tolist() == ["2019-03-04", "20190305"]
+    with pytest.raises(spec.SpecError, match="date.column"):
+        tabular.load(spec.parse(text.replace("COLUMN", "StudyDate"), "dated.yaml"), str(tmp_path))

@@ -173,6 +173,7 @@ class Spec(Part):
     image: Image
     patient: Column
     study: Column | None = None
+    date: Column | None = Field(None, description="the study date, kept as text (e.g. MIMIC's StudyDate)")
     view: View | None = None
     filters: list[View] = Field(default_factory=list, description="more columns that must hold a kept value")
     sex: Sex | None = None
@@ -196,7 +197,8 @@ class Spec(Part):
                 if name:
                     need[f"image.pattern {{{name}}}"] = name
         need["patient.column"] = self.patient.column
-        for key, part in (("study", self.study), ("view", self.view), ("sex", self.sex), ("age", self.age)):
+        for key, part in (("study", self.study), ("date", self.date), ("view", self.view), ("sex", self.sex),
+                          ("age", self.age)):
             if part is not None:
                 need[f"{key}.column"] = part.column
         for i, f in enumerate(self.filters):

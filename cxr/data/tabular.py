@@ -57,7 +57,7 @@ class TabularDataset:
     root: str
     files: list[str]
     rows_read: int
-    table: pd.DataFrame  # image, patient, study, view, sex, age, split, file, line
+    table: pd.DataFrame  # image, patient, study, date, view, sex, age, split, file, line
     y: np.ndarray  # float32 [rows, len(spec.labels.names)]
     problems: list[Problem] = field(default_factory=list)
     official_split: bool = False
@@ -275,6 +275,7 @@ def _row_checks(spec: Spec, df: pd.DataFrame, folder: str, problems: list[Proble
     out = pd.DataFrame({"image": _image_paths(spec, df, folder), "file": df["_file"], "line": df["_line"]})
     out["patient"] = _extract(df[spec.patient.column], spec.patient.regex)
     out["study"] = _extract(df[spec.study.column], spec.study.regex) if spec.study else ""
+    out["date"] = _extract(df[spec.date.column], spec.date.regex) if spec.date else ""
     out["view"] = df[spec.view.column].str.strip() if spec.view else ""
     keep = np.ones(len(df), dtype=bool)
     files, lines, images = _at(out)
