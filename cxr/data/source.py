@@ -78,7 +78,8 @@ def _shard_dataset(data: cfgmod.Data, split: str, batch_size: int, worker_index:
                    training: bool = False, epoch: int = 0) -> Any:
     from cxr.data import pipeline
 
-    _manifest(data)
+    # data.dataset was checked against the manifest when the driver asked for the label set (`findings`): not
+    # again here, where every worker would read the manifest a second time each epoch.
     return pipeline.make_dataset(data.manifest_uri, split, batch_size, worker_index=worker_index,
                                  num_workers=num_workers, training=training, seed=data.seed, epoch=epoch,
                                  image_size=data.image_size, augment=data.augment if training else None,

@@ -127,7 +127,7 @@ def write(evaluation: Evaluation, out: str) -> None:
     """report.json, report.md, the figures and the predictions, into a local folder or any fsspec URL."""
     rep = evaluation.report
     probs, labels = evaluation.present()
-    names = tuple(rep["findings"]) or tuple(rep["auroc"]["findings"])
+    names = tuple(rep["auroc"]["findings"])  # the scored findings, by the model's names
     split = rep["data"]["split"]
     with tempfile.TemporaryDirectory(prefix="cxr-eval-") as local:
         with open(os.path.join(local, "report.json"), "w") as fh:
