@@ -70,9 +70,9 @@ def log_model(name: str, size: int, tracking: str) -> str:
 
 def forward_only(model_uri: str, tracking: str, n: int, batch: int) -> float:
     """img/s of predict_on_batch over in-memory float batches of the model's input, after one warm-up batch."""
-    from cxr.tracking import models
+    from cxr.models import loading
 
-    model = models.load(model_uri, tracking).model
+    model = loading.load(model_uri, tracking).model
     size = int(model.input_shape[1])
     x = np.random.default_rng(0).random((batch, size, size, 1), dtype=np.float32)
     model.predict_on_batch(x)
@@ -84,7 +84,7 @@ def forward_only(model_uri: str, tracking: str, n: int, batch: int) -> float:
 
 def through_predict(model_uri: str, tracking: str, folder: str, workers: int, batch: int, out: str) -> dict:
     """Seconds of `cxr predict` over the first third of the files and over all of them; the steady rate."""
-    from cxr.inference import predict
+    from cxr.predict import predict
 
     seconds = {}
     for label, spec in (("n", folder + "-first"), ("3n", folder)):

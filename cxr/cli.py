@@ -144,7 +144,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cxr.inference import predict
+    from cxr.predict import predict
 
     s = predict(args.model, args.images, args.out, num_workers=args.num_workers, batch_size=args.batch_size,
                 tracking_uri=args.tracking_uri)

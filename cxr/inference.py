@@ -1,58 +1,104 @@
-"""`cxr predict`: a model over a folder or bucket of studies (PNG, JPEG, DICOM), on Ray, into one table.
+"""Running a model over images, the one way cxr does it: a pool of model replicas on the cluster's workers.
 
-The files are listed up front, then Ray Data streams batches of paths through read tasks, which read and
-preprocess them exactly as training did (`cxr.data.images`: any PNG/JPEG/DICOM → 8-bit gray → the model's
-size), into a pool of actors, each holding the model once, so files are decoded while the model predicts. A
-file that cannot be read or decoded never stops the run: it becomes an error row with its reason. The driver streams the
-batches back (a progress bar with img/s) and writes one row per readable image, in input order, with the 14
-probabilities and where they came from (model URI and version, the training data's fingerprint), plus
-`<out>.errors.csv` for the rest: readable rows + error rows = input files.
+`cxr predict`, test scoring after training, `cxr evaluate`, `cxr promote` and `cxr explain`'s scores all come
+from here. The pool holds one replica per GPU, or one per node on CPU, each loading the model once from its
+URI on its own worker (`cxr.models.loading`), so the driver, on a head with no GPU and a few CPUs, only
+sends work and gathers probabilities. Local mode runs the same pool on a local Ray.
+
+Two kinds of work go through the same replicas:
+- files: Ray Data read tasks beside the replicas decode and size them (`cxr.data.images`, as training did), so
+  files are decoded while the model predicts; a file that cannot be read becomes an error row with its reason;
+- a split of a config's data: each replica reads its part of the split through the input pipeline, exactly
+  as validation reads it, and predicts it; the rows come back with their positions and labels.
+
+A split's rows are gathered by position (`predict_split`), the routine the training loop's own validation
+(collective, on the training workers) uses too: every image must be seen exactly once.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from cxr import storage
+from cxr.labels import NUM_FINDINGS
 from cxr.redact import redact
 
 log = logging.getLogger(__name__)
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 FILES_PER_CALL = 256  # a Ray task or actor call costs milliseconds: few large calls, the model's batch inside
+ROWS_PER_YIELD = 512  # a split part streams back in pieces of about this many images (the progress bar's steps)
+Reduce = Callable[[np.ndarray], np.ndarray]
 
 
-def list_images(spec: str) -> list[str]:
-    """The image files a spec names: a file, a folder (recursively), a local glob, or a URL prefix (s3://…)."""
-    if "://" not in spec and any(ch in spec for ch in "*?["):
-        found = sorted(glob.glob(spec, recursive=True))
-    elif "://" in spec and not storage.is_local(spec):
-        fs, path = storage.filesystem(spec)
-        scheme = spec.split("://", 1)[0]
-        found = sorted(f"{scheme}://{p}" for p in fs.find(path)) if fs.isdir(path) else [spec]
-    elif os.path.isdir(storage.filesystem(spec)[1]):
-        root = storage.filesystem(spec)[1]
-        found = sorted(os.path.join(d, n) for d, _, files in os.walk(root) for n in files)
-    else:
-        found = [spec]
-    images = [f for f in found if f.lower().endswith(EXTENSIONS) or len(found) == 1]
-    if not images:
-        raise FileNotFoundError(f"{redact(spec)}: no image files ({', '.join(EXTENSIONS)})")
-    return images
+# ------------------------------------------------------------------------------------- gathering a split
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A split's probabilities and labels by position; `seen` marks the rows that were predicted."""
+
+    probs: np.ndarray  # [N, model outputs] float32, NaN where unseen
+    labels: np.ndarray  # [N, data findings] float32 (< 0: unknown, an uncertain label under `ignore`)
+    seen: np.ndarray  # [N] bool
+
+    @property
+    def missing(self) -> int:
+        return int((~self.seen).sum())
+
+    def present(self) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, labels) of the rows that were predicted: what metrics are computed on."""
+        return self.probs[self.seen], self.labels[self.seen]
+
+
+def predict_split(predict: Callable[[Any], Any], batches: Iterable[tuple[Any, Any, Any]], n: int,
+                  reduce: Reduce | None = None, allow_missing: bool = False, outputs: int = NUM_FINDINGS,
+                  label_count: int | None = None) -> Predictions:
+    """Run `predict` over (images, labels, index) batches of an N-image split and gather every row.
+
+    Workers may hold different numbers of batches, so no collective runs per batch: each process fills a zero
+    [N + 1, outputs + labels + 1] array at the images' positions (probabilities, labels, a count), and one
+    reduction (an all-reduce SUM across workers, or nothing in one process) gives every process all N rows.
+    Row N collects positions outside 0..N-1, so a bad index is reported by every worker after the one
+    reduction instead of hanging the others. Raw mode may skip unreadable images (`allow_missing`): unseen
+    rows are then reported and left out of the metrics. `outputs` is the model's, `label_count` the data's
+    (they differ when a model is scored on another dataset's label set)."""
+    k, kl = outputs, label_count if label_count is not None else outputs
+    rows = np.zeros((n + 1, k + kl + 1), np.float32)
+    for images, labels, index in batches:
+        idx = np.asarray(index).astype(np.int64)
+        idx = np.where((idx >= 0) & (idx < n), idx, n)
+        block = np.concatenate([np.asarray(predict(images), np.float32), np.asarray(labels, np.float32),
+                                np.ones((len(idx), 1), np.float32)], axis=1)
+        np.add.at(rows, idx, block)
+    if reduce is not None:
+        rows = reduce(rows)
+    counts = rows[:n, -1]
+    stray, missing, repeated = int(rows[n, -1]), np.flatnonzero(counts == 0), np.flatnonzero(counts > 1)
+    if stray or repeated.size or (missing.size and not allow_missing):
+        raise RuntimeError(
+            f"prediction must see each of {n} images exactly once: {missing.size} missing "
+            f"(e.g. {missing[:5].tolist()}), {repeated.size} seen twice or more (e.g. {repeated[:5].tolist()}), "
+            f"{stray} with an index outside 0..{n - 1}")
+    seen = counts == 1
+    probs = rows[:n, :k].copy()
+    probs[~seen] = np.nan
+    return Predictions(probs, rows[:n, k:k + kl].copy(), seen)
+
+
+# ------------------------------------------------------------------------------------------ the replicas
 
 
 def _read_one(path: str, size: int) -> tuple[np.ndarray | None, str]:
+    from cxr import storage
     from cxr.data import images
 
     try:
-        return images.preprocess(storage.read_bytes(path), size, name=os.path.basename(path)), ""
+        return images.preprocess(storage.read_bytes(path), size, name=path.rsplit("/", 1)[-1]), ""
     except Exception as exc:  # noqa: BLE001 - any failure is this file's: listed with its reason
         return None, redact(f"{type(exc).__name__}: {exc}")
 
@@ -70,111 +116,148 @@ def read_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
 
 
 class Predictor:
-    """A Ray Data actor: the model, loaded once, predicting batches that read tasks prepared beside it."""
+    """A replica: the model, loaded once on its worker, predicting read files or whole parts of a split."""
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int, batch_size: int):
+    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int, batch_size: int, data: Any = None):
         import tensorflow as tf
 
         # Replicas share the node's cores: each gets its share, not a thread per core each.
         tf.config.threading.set_intra_op_parallelism_threads(threads)
-        from cxr.tracking import models
+        from cxr.models import loading
 
-        self.model = models.load(model_uri, tracking_uri).model
-        self.batch_size = batch_size
+        self.model = loading.load(model_uri, tracking_uri).model
+        self.batch_size, self.data = batch_size, data
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _predict(self, x: np.ndarray) -> np.ndarray:
+        out = [np.asarray(self.model.predict_on_batch(x[s:s + self.batch_size]), np.float32)
+               for s in range(0, len(x), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, int(self.model.output_shape[-1])), np.float32)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        if "part" in batch:
+            return self._parts(batch)  # a generator: Ray Data streams what it yields
         ok = np.flatnonzero(batch["error"] == "")
         probs = np.full((len(batch["error"]), int(self.model.output_shape[-1])), np.nan, np.float32)
-        for start in range(0, ok.size, self.batch_size):
-            rows = ok[start:start + self.batch_size]
-            x = batch["pixels"][rows].astype(np.float32)[..., None] / np.float32(255.0)
-            probs[rows] = np.asarray(self.model.predict_on_batch(x), np.float32)
+        probs[ok] = self._predict(batch["pixels"][ok].astype(np.float32)[..., None] / np.float32(255.0))
         return {"index": batch["index"], "path": batch["path"], "error": batch["error"], "probs": probs}
 
+    def _parts(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """Parts of splits, read here as validation reads them: (split, index, probs, labels) rows."""
+        from cxr.data import source as sources
 
-@dataclass
-class Summary:
-    inputs: int
-    predicted: int
-    errors: int
-    seconds: float
-    out: str
-    errors_out: str | None
+        source = sources.for_config(self.data)
+        for split, part, parts in zip(batch["split"], batch["part"], batch["parts"], strict=True):
+            ds = source.make_dataset(self.data, str(split), self.batch_size, worker_index=int(part),
+                                     num_workers=int(parts), training=False)
+            pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+            for images, labels, index in ds.as_numpy_iterator():
+                pending.append((self._predict(images), labels, index))
+                if sum(len(p[2]) for p in pending) >= ROWS_PER_YIELD:
+                    yield _rows(str(split), pending)
+                    pending = []
+            if pending:
+                yield _rows(str(split), pending)
 
-    @property
-    def images_per_second(self) -> float:
-        return self.inputs / self.seconds if self.seconds else 0.0
+
+def _rows(split: str, pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    index = np.concatenate([p[2] for p in pending]).astype(np.int64)
+    return {"split": np.array([split] * len(index), object), "index": index,
+            "probs": np.concatenate([p[0] for p in pending]), "labels": np.concatenate([p[1] for p in pending])}
 
 
-def predict(model_uri: str, spec: str, out: str, num_workers: int | None = None, batch_size: int = 32,
-            tracking_uri: str | None = None, progress: bool = True) -> Summary:
-    """Predict every image `spec` names with the model at `model_uri`; write `out` (.parquet or .csv)."""
-    import pandas as pd
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class Pool:
+    """How many replicas, with how many threads each, and whether each holds a GPU."""
 
-    from cxr.cluster import init_ray
-    from cxr.quiet import quiet_ray_data
-    from cxr.tracking import models
+    replicas: int
+    threads: int
+    gpus: bool
 
-    if not out.endswith((".parquet", ".csv")):
-        raise ValueError(f"--out {redact(out)}: the table is written as .parquet or .csv")
-    paths = list_images(spec)
-    loaded = models.load(model_uri, tracking_uri)  # fails here, once, if the URI is wrong
-    provenance = {"model_uri": redact(model_uri),
-                  "model_version": loaded.registered[1] if loaded.registered else "",
-                  "training_fingerprint": loaded.tags.get("cxr.data.fingerprint", "")}
-    init_ray()  # before `import ray`: a local Ray's loopback settings are read at import
+    @classmethod
+    def for_cluster(cls, replicas: int | None = None) -> Pool:
+        """One replica per GPU; without GPUs one per node with CPUs, using its cores (two 1-thread replicas on
+        2 cores ran at a third of one 2-thread replica's rate: docs/benchmarks.md). Starts a local Ray if the
+        process has none (`cxr.cluster.init_ray`)."""
+        from cxr.cluster import init_ray
+
+        init_ray()  # before `import ray`: a local Ray's loopback settings are read at import
+        import ray
+
+        from cxr.quiet import quiet_ray_data
+
+        quiet_ray_data()
+        resources = ray.cluster_resources()
+        cpus, gpus = max(1, int(resources.get("CPU", 1))), int(resources.get("GPU", 0))
+        nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")))
+        count = replicas or gpus or nodes
+        return cls(count, max(1, cpus // count), bool(gpus))
+
+    def map(self, ds: Any, model_uri: str, tracking_uri: str | None, batch_size: int, per_call: int,
+            data: Any = None) -> Any:
+        """`ds` through the replicas. A replica books 3/4 of a CPU and a read task 1/4: replicas never hold
+        every CPU and starve the reads."""
+        import ray
+
+        return ds.map_batches(Predictor, fn_constructor_args=(model_uri, tracking_uri, self.threads, batch_size, data),
+                              batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=self.replicas),
+                              num_cpus=0.75, num_gpus=1 if self.gpus else 0)
+
+
+def _context(ordered: bool) -> None:
     import ray
 
-    quiet_ray_data()
-    resources = ray.cluster_resources()
-    cpus, gpus = max(1, int(resources.get("CPU", 1))), int(resources.get("GPU", 0))
-    nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")))
-    # One replica per GPU; without GPUs one per node using its cores (two 1-thread replicas on 2 cores ran
-    # at a third of one 2-thread replica's rate: docs/benchmarks.md).
-    workers = num_workers or gpus or nodes
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts images and says img/s
-    context.execution_options.preserve_order = True
+    context.execution_options.preserve_order = ordered
+
+
+def predict_files(model_uri: str, paths: Sequence[str], image_size: int, tracking_uri: str | None = None,
+                  batch_size: int = 32, replicas: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of (index, path, error, probs) for `paths`, in input order, as the replicas finish them."""
+    import ray
+
+    pool = Pool.for_cluster(replicas)
+    _context(ordered=True)
     ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(paths)])
-    # Reading runs in tasks beside the replicas, so files are decoded while the model predicts. A replica
-    # books 3/4 of a CPU and a read task 1/4: replicas never hold every CPU and starve the reads.
-    per_call = max(batch_size, min(FILES_PER_CALL, -(-len(paths) // workers)))  # every replica gets files
-    ds = ds.map_batches(read_batch, fn_args=(loaded.image_size,), batch_size=per_call,
-                        compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=0.25)
-    ds = ds.map_batches(Predictor, fn_constructor_args=(model_uri, tracking_uri, max(1, cpus // workers), batch_size),
-                        batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0.75,
-                        num_gpus=1 if gpus else 0)
-    rows, errors = [], []
+    per_call = max(batch_size, min(FILES_PER_CALL, -(-len(paths) // pool.replicas)))  # every replica gets files
+    ds = ds.map_batches(read_batch, fn_args=(image_size,), batch_size=per_call,
+                        compute=ray.data.TaskPoolStrategy(size=pool.replicas), num_cpus=0.25)
+    yield from pool.map(ds, model_uri, tracking_uri, batch_size, per_call).iter_batches(batch_size=None,
+                                                                                         batch_format="numpy")
+
+
+def predict_splits(model_uri: str, data: Any, splits: Sequence[str], outputs: int, batch_size: int = 64,
+                   tracking_uri: str | None = None, replicas: int | None = None,
+                   progress: bool = True) -> dict[str, Predictions]:
+    """The model at `model_uri` over whole splits of a config's data (`cxr.config.Data`), in one pool: each
+    replica loads the model once for all of them. The driver reads only the splits' sizes."""
+    import ray
+    from tqdm import tqdm
+
+    from cxr.data import source as sources
+
+    source = sources.for_config(data)
+    sizes = {s: int(source.split_size(data, s)) for s in dict.fromkeys(splits)}
+    labels_k = len(sources.findings(data))
+    pool = Pool.for_cluster(replicas)
+    _context(ordered=False)  # rows carry their positions
+    parts = pool.replicas
+    items = [{"split": s, "part": p, "parts": parts} for s in sizes for p in range(parts)]
+    ds = pool.map(ray.data.from_items(items, override_num_blocks=len(items)), model_uri, tracking_uri, batch_size,
+                  per_call=1, data=data)
+    got: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {s: [] for s in sizes}
     t0 = time.perf_counter()
-    with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
+    with tqdm(total=sum(sizes.values()), unit="img", desc="score " + "+".join(sizes), disable=not progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for index, path, error, probs in zip(batch["index"], batch["path"], batch["error"], batch["probs"],
-                                                 strict=True):
-                if error:
-                    errors.append({"index": int(index), "path": redact(str(path)), "error": str(error)})
-                else:
-                    rows.append({"index": int(index), "path": redact(str(path)),
-                                 **dict(zip(loaded.findings, map(float, probs), strict=True)), **provenance})
+            for split in sizes:
+                mine = batch["split"] == split
+                if mine.any():
+                    got[split].append((batch["probs"][mine], batch["labels"][mine], batch["index"][mine]))
             bar.update(len(batch["index"]))
-    seconds = time.perf_counter() - t0
-    table = pd.DataFrame(rows, columns=["index", "path", *loaded.findings, *provenance]).sort_values("index")
-    _write(table.drop(columns="index"), out)
-    errors_out = None
-    if errors:
-        errors_out = out.rsplit(".", 1)[0] + ".errors.csv"
-        _write(pd.DataFrame(errors).sort_values("index").drop(columns="index"), errors_out)
-    return Summary(len(paths), len(rows), len(errors), seconds, out, errors_out)
-
-
-def _write(frame: Any, url: str) -> None:
-    """A table to a local path or any fsspec URL, by extension."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="cxr-predict-") as tmp:
-        local = os.path.join(tmp, os.path.basename(url))
-        if url.endswith(".parquet"):
-            frame.to_parquet(local, index=False)
-        else:
-            frame.to_csv(local, index=False)
-        storage.upload(local, url)
+    log.debug("scored %s images of %s in %.1f s on %d replicas", sum(sizes.values()), "+".join(sizes),
+              time.perf_counter() - t0, pool.replicas)
+    out = {}
+    for split, n in sizes.items():
+        out[split] = predict_split(lambda probs: probs, got[split], n, allow_missing=source.may_skip,
+                                   outputs=outputs, label_count=labels_k)
+    return out

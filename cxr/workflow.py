@@ -3,7 +3,8 @@
 Everything that can be checked without Ray or MLflow is checked first (data, sizes), then the cluster's
 resources. The driver opens the MLflow run before training (params, tags naming the data, code and cluster,
 the dataset inputs) and rank 0 logs epochs into it live (an epoch callback); after Ray Train returns, the
-driver scores the checkpoint Ray kept as best by validation mean AUROC on the test split, adds what the run
+driver scores the checkpoint Ray kept as best by validation mean AUROC on the test split (on the workers, through
+`cxr.inference`'s pool; the predictions are saved in the run for a promotion to reuse), adds what the run
 lacks (epochs not logged live come from the checkpointed history) and logs the model at the best epoch's
 step, registered under `tracking.registered_model`. With `promote`, the new version is then evaluated and
 promoted by `cxr.tracking.promotion`'s rules. A re-submitted run (same `run.storage_path` + `run.name`)
@@ -20,13 +21,15 @@ import math
 import os
 from typing import Any
 
+import numpy as np
+
 from cxr import config as cfgmod
 from cxr import storage
 from cxr.cluster import init_ray
 from cxr.data import source as sources
 from cxr.evaluation import figures, report
 from cxr.evaluation.metrics import SCORE, auroc_summary, metric_name
-from cxr.evaluation.predict import predict_model
+from cxr.inference import predict_splits
 from cxr.redact import redact
 from cxr.tracking import provenance, runs
 from cxr.tracking.handlers import EpochLogger
@@ -148,7 +151,8 @@ def _score_and_record(cfg: cfgmod.Config, source: sources.DataSource, result: An
         skipped = checkpoints.read_state(ckpt).get("skipped", [])
         findings = checkpoints.findings(ckpt)
     batch = cfg.optim.eval_batch_size or 2 * cfg.optim.batch_size
-    preds = predict_model(model, cfg.data, test_split, batch, source)
+    preds = predict_splits(checkpoint_uri(cfg, best), cfg.data, [test_split], outputs=len(findings),
+                           batch_size=batch)[test_split]
     probs, labels = preds.present()
     test = auroc_summary(labels, probs, findings)
     val = _val_column(best_metrics, findings)
@@ -178,12 +182,37 @@ def _score_and_record(cfg: cfgmod.Config, source: sources.DataSource, result: An
                            "val_auroc_mean": f"{best_metrics[SCORE]:.4f}",
                            f"{test_split}_auroc_mean": f"{test['mean']:.4f}" if test["mean"] is not None else "",
                            f"{test_split}_fingerprint": fingerprint})
+    _save_predictions(cfg, source, preds, test_split, fingerprint, info.model_id, findings)
     version = str(info.registered_model_version) if info.registered_model_version is not None else None
     return {**summary, "val": val, "test": test, "table": table, "tracking_uri": redact(uri),
             "mlflow_run_id": run_id, "experiment": cfg.tracking.experiment, "history": history,
             "skipped_images": skipped, "test_images_skipped": preds.missing, "model_uri": info.model_uri,
             "model_name": cfg.tracking.model_name, "model_version": version,
             "stopped_early": summary["stopped_early"]}
+
+
+def checkpoint_uri(cfg: cfgmod.Config, checkpoint: Any) -> str:
+    """The URI of a Ray checkpoint of this run that other processes can load: run.storage_path/run.name/<dir>."""
+    return storage.join(driver.run_path(cfg), checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _save_predictions(cfg: cfgmod.Config, source: sources.DataSource, preds: Any, split: str, fingerprint: str,
+                      model_id: str, findings: tuple[str, ...]) -> None:
+    """The test predictions into the run (evaluation/<split>/), keyed so a promotion can reuse them."""
+    import tempfile
+
+    import mlflow
+
+    from cxr.evaluation import saved
+    from cxr.evaluation.evaluate import preprocessing
+
+    key = saved.Key(model_id, fingerprint, split, int(preds.seen.size), tuple(findings), preprocessing(cfg.data))
+    probs, labels = preds.present()
+    with tempfile.TemporaryDirectory(prefix="cxr-saved-") as local:
+        path = os.path.join(local, saved.FILE)
+        saved.write(path, probs, labels, source.patients(cfg.data, split)[preds.seen], np.flatnonzero(preds.seen),
+                    fingerprint, key)
+        mlflow.log_artifact(path, f"evaluation/{split}")
 
 
 def _skipped_text(skipped: list[str], test_missing: int, test_split: str) -> str:

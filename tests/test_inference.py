@@ -81,9 +81,9 @@ def test_predict_png_jpeg_dicom_and_unreadable_files(registered, tmp_path):
     assert list(table["path"]) == sorted(table["path"])  # input order (the listing is sorted)
 
     from cxr.data import images
-    from cxr.tracking import models
+    from cxr.models import loading
 
-    direct = models.load(model, uri).model  # the same model on the same preprocessing, outside Ray
+    direct = loading.load(model, uri).model  # the same model on the same preprocessing, outside Ray
     x = images.preprocess(files["a.png"], SIZE).astype(np.float32)[None, ..., None] / 255
     np.testing.assert_allclose(probs[name["a.png"]], direct.predict(x, verbose=0)[0], atol=1e-5)
 

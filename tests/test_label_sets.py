@@ -92,6 +92,7 @@ def test_the_head_is_sized_by_the_label_set_and_fine_tuning_keeps_shared_finding
 def test_a_logged_model_carries_its_label_set(tmp_path) -> None:
     import mlflow
 
+    from cxr.models import loading
     from cxr.tracking import models
     from cxr.tracking.runs import artifact_location, experiment_id
 
@@ -104,7 +105,7 @@ def test_a_logged_model_carries_its_label_set(tmp_path) -> None:
         info = models.log_model(model, name="chex", step=1, registered_model="chex", findings=CHEX)
         with pytest.raises(ValueError, match="4 outputs"):
             models.log_model(model, name="bad", step=1)
-    loaded = models.load(f"models:/chex/{info.registered_model_version}", uri)
+    loaded = loading.load(f"models:/chex/{info.registered_model_version}", uri)
     assert loaded.findings == CHEX
     local = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=str(tmp_path / "m"))
     assert tuple(mlflow.models.get_model_info(info.model_uri).signature.outputs.input_names()) == CHEX

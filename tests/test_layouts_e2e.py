@@ -86,7 +86,7 @@ def test_the_label_set_flows_from_the_spec_to_mlflow_and_the_report(world, name,
     from mlflow.tracking import MlflowClient
 
     from cxr.evaluation.evaluate import evaluate
-    from cxr.tracking import models
+    from cxr.models import loading
 
     lay = world["layouts"][name]
     names = tuple(spec.load(name)[0].labels.names)
@@ -94,7 +94,7 @@ def test_the_label_set_flows_from_the_spec_to_mlflow_and_the_report(world, name,
     assert m.findings == names and m.dataset_name == name
     trained = lay["trained"]
     assert tuple(k for k in trained["test"] if k != "mean") == names
-    loaded = models.load(trained["model_uri"], world["uri"])
+    loaded = loading.load(trained["model_uri"], world["uri"])
     assert loaded.findings == names and loaded.model.output_shape[-1] == len(names)
     metrics = MlflowClient(world["uri"]).get_run(trained["mlflow_run_id"]).data.metrics
     logged = {k.split("/", 1)[1] for k in metrics if k.startswith(("val_auroc/", "test_auroc/"))}
@@ -144,12 +144,11 @@ def test_the_uncertain_policy_changes_the_labels_training_sees(world):
 def test_fine_tuning_the_nih_champion_on_chexpert_keeps_its_backbone(world, caplog):
     import keras
 
-    from cxr.models import build_model
+    from cxr.models import build_model, loading
     from cxr.models.zoo import HEAD
-    from cxr.tracking import models
 
     names = manifest.load(world["layouts"]["chexpert"]["manifest"]).findings
-    nih = models.load(world["nih"], world["uri"])
+    nih = loading.load(world["nih"], world["uri"])
     caplog.set_level(logging.INFO, logger="cxr.models.weights")
     model = build_model("small_cnn", SIZE, 0.1, world["nih"], findings=names, tracking_uri=world["uri"])
     assert "the label sets differ (14 findings -> 14)" in caplog.text and "kept every layer below the head" in \

@@ -8,7 +8,8 @@ import numpy as np
 from conftest import register_seeded_model
 from mlflow.tracking import MlflowClient
 
-from cxr.tracking import models, registry
+from cxr.models import loading
+from cxr.tracking import registry
 
 NAME, SIZE = "cxr-pg", 32
 
@@ -42,7 +43,7 @@ def test_postgres_backed_server_keeps_versions_aliases_tags_and_artifacts(mlflow
     assert {k: v for k, v in champion.tags.items() if k.startswith("cxr.")} == {"cxr.decision": "promote"}
 
     # The artifacts went through the server and come back: the champion's weights are seed 2's, not seed 1's.
-    loaded = models.load(f"models:/{NAME}@champion", mlflow_pg_server)
+    loaded = loading.load(f"models:/{NAME}@champion", mlflow_pg_server)
     assert loaded.registered == (NAME, "2") and loaded.run_id == run2
     assert _same_weights(loaded.model, _seeded(2)) and not _same_weights(loaded.model, _seeded(1))
 

@@ -235,5 +235,5 @@ def test_every_model_uri_form_evaluates_on_the_split_and_sizes_it_was_trained_wi
     for model_uri in (str(folder), f"runs:/{run_id}/tiny", f"models:/sized/{version}"):
         rep = evaluate(model_uri, tracking_uri=uri, resamples=50, record=False, val_split=None).report
         assert rep["data"]["preprocessing"] == {"source": "raw", "image_size": SIZE, "raw_size": 96, "split_seed": 3,
-                                                "val_fraction": 0.1, "test_fraction": 0.2}, model_uri
+                                                "val_fraction": 0.1, "test_fraction": 0.2, "uncertain": "ignore"}, model_uri
         assert (rep["data"]["images"], rep["data"]["patients"]) == (len(patients), len(set(patients))), model_uri

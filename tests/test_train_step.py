@@ -25,7 +25,7 @@ import tensorflow as tf  # noqa: E402
 from cxr import config, losses  # noqa: E402
 from cxr.data.source import DataSource  # noqa: E402
 from cxr.evaluation.metrics import auroc_per_finding, mean_auroc  # noqa: E402
-from cxr.evaluation.predict import predict_split  # noqa: E402
+from cxr.inference import predict_split  # noqa: E402
 from cxr.labels import NUM_FINDINGS  # noqa: E402
 from cxr.models import build_model, zoo  # noqa: E402
 from cxr.models.weights import load_initial_weights  # noqa: E402

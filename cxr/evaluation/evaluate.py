@@ -7,9 +7,13 @@ and F1 at them on the test split, and calibration (ECE and a reliability diagram
 CI; findings that cannot be scored say why. Published anchors sit beside the table with the split they were
 measured on, because a random split flatters a model (patients leak between train and test).
 
+The model runs on the cluster's workers (`cxr.inference`: one pool for the test and validation splits);
+this process only gathers the probabilities and computes the statistics.
+
 Writes `report.json`, `report.md`, `roc.png`, `pr.png`, `reliability.png` and `predictions.npz` (what a
-promotion compares) to `--out`; a model from MLflow also gets all of it logged to its run, the metrics
-linked to its LoggedModel, and the summary tagged on its registered version.
+promotion compares, and may reuse: `cxr.evaluation.saved`) to `--out`; a model from MLflow also gets all
+of it logged to its run, the metrics linked to its LoggedModel, and the summary tagged on its registered
+version.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ from typing import Any
 import numpy as np
 
 from cxr import storage
-from cxr.evaluation import figures, report
+from cxr.evaluation import figures, report, saved
 from cxr.evaluation.bootstrap import AurocCI, auroc_ci
 from cxr.evaluation.labelsets import SharedFindings, shared_findings
 from cxr.evaluation.metrics import metric_name
 from cxr.evaluation.operating import evaluate_operating
-from cxr.evaluation.predict import Predictions, predict_model
+from cxr.inference import Predictions, predict_splits
 from cxr.labels import FINDINGS
 from cxr.redact import redact
 
@@ -42,7 +46,6 @@ ANCHORS = (  # mean AUROC over the 14 findings as published, with the split each
     {"model": "CheXNet (Rajpurkar et al. 2017)", "split": "random patient split (not comparable)",
      "mean_auroc": 0.841},
 )
-PREDICTIONS = "predictions.npz"
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Evaluation:
     ci: AurocCI
     out: str | None
     mapping: SharedFindings | None = None  # model outputs ↔ data labels (identity for the same label set)
+    key: saved.Key | None = None  # what its saved predictions depend on (None: not reusable)
 
     def present(self) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, labels) of the scored findings for the predicted images, as the report has them."""
@@ -65,16 +69,17 @@ class Evaluation:
 def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", val_split: str | None = "val",
              out: str | None = None, resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
              batch_size: int = 64, tracking_uri: str | None = None, record: bool = True,
-             split_tags: dict[str, str] | None = None) -> Evaluation:
+             split_tags: dict[str, str] | None = None, reuse: bool = False) -> Evaluation:
     """Evaluate the model at `model_uri` on `split` of `data_uri` (default: the data it was trained on).
 
     A raw root is split as the model's run split it, or as `split_tags` say (a promotion scores both models on
     the candidate's split); images are preprocessed as the model's were. `val_split=None` skips the operating
-    points (their thresholds need the validation split predicted too)."""
+    points (their thresholds need the validation split predicted too). `reuse`: take the predictions saved in
+    the model's run when they were made under exactly these settings (`cxr.evaluation.saved`)."""
     from cxr.data import source as sources
-    from cxr.tracking import models
+    from cxr.models import loading
 
-    loaded = models.load(model_uri, tracking_uri)
+    loaded = loading.describe(model_uri, tracking_uri)
     data_uri = data_uri or loaded.tags.get("cxr.data")
     if not data_uri:
         raise ValueError(f"{redact(model_uri)}: no --data given and the model's run does not name its data")
@@ -82,23 +87,36 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
     source = sources.for_config(data)
     log.debug("evaluating %s on %s of %s", redact(model_uri), split, redact(data_uri))
     mapping = shared_findings(loaded.findings, sources.findings(data))
-    test = predict_model(loaded.model, data, split, batch_size, source)
+    fingerprint = sources.fingerprint(data)
+    wanted = [split] + ([val_split] if val_split is not None and val_split != split else [])
+    preds: dict[str, Predictions] = {}
+    if reuse and mapping.identity:
+        for s in wanted:
+            key = saved_key(loaded, data, s, fingerprint, source)
+            found = saved.find(tracking_uri, loaded.run_id, key) if key is not None else None
+            if found is not None:
+                log.info("%s: reusing the predictions of %s saved in its run", redact(model_uri), s)
+                preds[s] = found
+    todo = [s for s in wanted if s not in preds]
+    if todo:
+        preds.update(predict_splits(loaded.pinned, data, todo, outputs=len(loaded.findings), batch_size=batch_size,
+                                    tracking_uri=tracking_uri))
+    test = preds[split]
     patients = source.patients(data, split)[test.seen]
     probs, labels = mapping.take(*test.present())
     names = mapping.names
     ci = auroc_ci(labels, probs, patients, resamples=resamples, confidence=confidence, seed=seed, names=names)
     ops = []
     if val_split is not None:
-        val = predict_model(loaded.model, data, val_split, batch_size, source)
-        val_probs, val_labels = mapping.take(*val.present())
+        val_probs, val_labels = mapping.take(*preds[val_split].present())
         ops = evaluate_operating(val_labels, val_probs, labels, probs, names=names)
     summary = {
         "model": {"uri": redact(model_uri), "run_id": loaded.run_id,
                   "registered": None if loaded.registered is None else
                   {"name": loaded.registered[0], "version": loaded.registered[1]}},
-        "data": {"uri": redact(data_uri), "fingerprint": sources.fingerprint(data), "split": split,
+        "data": {"uri": redact(data_uri), "fingerprint": fingerprint, "split": split,
                  "threshold_split": val_split, "images": int(test.seen.sum()), "patients": int(len(set(patients))),
-                 "unreadable_images": test.missing, "preprocessing": _preprocessing(data)},
+                 "unreadable_images": test.missing, "preprocessing": preprocessing(data)},
         "auroc": ci.to_dict(),
         "findings": {f.finding: f.to_dict() for f in ops},
         "label_map": mapping.describe(),
@@ -107,7 +125,8 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
     }
     if mapping.unscored:
         log.warning("findings not scored: %s", "; ".join(f"{u['finding']} ({u['reason']})" for u in mapping.unscored))
-    evaluation = Evaluation(summary, test, patients, ci, out, mapping)
+    evaluation = Evaluation(summary, test, patients, ci, out, mapping, saved_key(loaded, data, split, fingerprint,
+                                                                            source) if mapping.identity else None)
     if out:
         write(evaluation, out)
     if record and loaded.run_id:
@@ -115,12 +134,21 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
     return evaluation
 
 
-def _preprocessing(data: Any) -> dict[str, Any]:
-    """How the images were split and sized for this evaluation: what makes it reproducible."""
+def preprocessing(data: Any) -> dict[str, Any]:
+    """How the images were split, sized and labelled for this evaluation: what makes it reproducible."""
     if data.source == "shards":
-        return {"source": "shards", "image_size": data.image_size}
+        return {"source": "shards", "image_size": data.image_size, "uncertain": data.uncertain}
     return {"source": "raw", "image_size": data.image_size, "raw_size": data.raw_size or data.image_size,
-            "split_seed": data.split_seed, "val_fraction": data.val_fraction, "test_fraction": data.test_fraction}
+            "split_seed": data.split_seed, "val_fraction": data.val_fraction, "test_fraction": data.test_fraction,
+            "uncertain": data.uncertain}
+
+
+def saved_key(loaded: Any, data: Any, split: str, fingerprint: str, source: Any) -> saved.Key | None:
+    """What predictions of `loaded` on `split` of `data` depend on; None for a model without a LoggedModel id."""
+    if not loaded.model_id:
+        return None
+    return saved.Key(loaded.model_id, fingerprint, split, int(source.split_size(data, split)), tuple(loaded.findings),
+                     preprocessing(data))
 
 
 def write(evaluation: Evaluation, out: str) -> None:
@@ -139,8 +167,8 @@ def write(evaluation: Evaluation, out: str) -> None:
         figures.pr_grid(labels, probs, f"{title}: precision-recall", names).savefig(os.path.join(local, "pr.png"))
         figures.reliability_grid(labels, probs, f"{title}: calibration", names=names).savefig(
             os.path.join(local, "reliability.png"))
-        np.savez(os.path.join(local, PREDICTIONS), probs=probs, labels=labels, patients=evaluation.patients,
-                 index=np.flatnonzero(evaluation.predictions.seen), fingerprint=rep["data"]["fingerprint"])
+        saved.write(os.path.join(local, saved.FILE), probs, labels, evaluation.patients,
+                    np.flatnonzero(evaluation.predictions.seen), rep["data"]["fingerprint"], evaluation.key)
         for name in sorted(os.listdir(local)):
             storage.upload(os.path.join(local, name), storage.join(out, name))
 
@@ -155,9 +183,7 @@ def _record(evaluation: Evaluation, loaded: Any, tracking_uri: str | None) -> No
     rep = evaluation.report
     split = rep["data"]["split"]
     client = MlflowClient(tracking_uri)
-    model_id = loaded.uri[len("models:/"):] if loaded.uri.startswith("models:/m-") else None
-    if loaded.registered is not None:
-        model_id = client.get_model_version(*loaded.registered).source.removeprefix("models:/")
+    model_id = loaded.model_id
     now = int(time.time() * 1000)
     # Training already logged this split of this data into the run (`test_auroc/*`): only the interval is new.
     # Other data is another measurement and gets a chart group of its own, eval_<split>_auroc.

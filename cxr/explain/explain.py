@@ -6,7 +6,9 @@ chosen split is explained for the findings boxed on it, the heatmaps' boxes are 
 show both boxes. `--images SPEC` (any PNG/JPEG/DICOM files, no ground truth): overlays for the findings
 asked for, or each image's most probable one. Images are preprocessed as training saw them
 (`cxr.data.images`), so the heatmap is of the model's own input; boxes are mapped back to each image's
-pixels to be scored. An unreadable image never stops the run: it is listed in errors.csv and its boxes are
+pixels to be scored. The probabilities (and the top finding of an image with none named) come from the model's
+replicas on the cluster (`cxr.inference`, as `cxr predict`'s); Grad-CAM's gradients are taken here, on the
+images explained. An unreadable image never stops the run: it is listed in errors.csv and its boxes are
 counted as not scored. Everything goes to `--out`, and to the model's MLflow run when it came from there.
 """
 
@@ -91,7 +93,7 @@ def _why(ds: Any, image: str) -> str:
 
 
 def targets_from_images(spec: str, findings: Sequence[str] | None) -> list[Target]:
-    from cxr.inference import list_images
+    from cxr.predict import list_images
 
     paths = list_images(spec)
     names = [os.path.basename(p) for p in paths]
@@ -117,11 +119,11 @@ def explain(model_uri: str, out: str, data: str | None = None, images: str | Non
     from tqdm import tqdm
 
     from cxr.explain.gradcam import GradCam, SheetItem, contact_sheet, overlay_png
-    from cxr.tracking import models
+    from cxr.models import loading
 
     if (data is None) == (images is None):
         raise ValueError("explain needs exactly one of --data (a dataset root with boxes) or --images")
-    loaded = models.load(model_uri, tracking_uri)
+    loaded = loading.load(model_uri, tracking_uri)
     index = {f: i for i, f in enumerate(loaded.findings)}  # the model's own label set
     unknown = [f for f in findings or () if f not in index]
     if unknown:
@@ -136,6 +138,7 @@ def explain(model_uri: str, out: str, data: str | None = None, images: str | Non
     else:
         targets, errors = targets_from_images(images, findings), []
     inputs = len(targets) + len(errors)  # annotated rows without a usable image are listed, not dropped
+    scores = _scores(loaded, [t.path for t in targets], batch_size, tracking_uri)
     cam = GradCam(loaded.model)
     predictions: dict[loc.Key, list[loc.Box]] = {}
     frames: dict[str, tuple[int, int]] = {}
@@ -154,12 +157,10 @@ def explain(model_uri: str, out: str, data: str | None = None, images: str | Non
                 bar.update(len(chunk))
                 continue
             x = np.stack([r[0] for _, r in ok]).astype(np.float32)[..., None] / np.float32(255.0)
-            # Only files without named findings need the scores first (their top finding is explained).
-            guess = None if all(t.findings for t, _ in ok) else np.asarray(loaded.model.predict_on_batch(x))
-            wanted = [t.findings or (loaded.findings[int(np.argmax(guess[b]))],) for b, (t, _) in enumerate(ok)]
+            probs = np.stack([scores[start + i] for i, r in enumerate(read) if not isinstance(r, str)])
+            wanted = [t.findings or (loaded.findings[int(np.argmax(probs[b]))],) for b, (t, _) in enumerate(ok)]
             union = sorted({index[f] for fs in wanted for f in fs})
-            result = cam(x, union)  # the same forward pass gives the scores shown on the sheets
-            maps, probs = result.heatmaps, result.probabilities  # [F, B, S, S], [B, findings]
+            maps = cam(x, union).heatmaps  # [F, B, S, S]
             for b, ((target, (image, hw)), fs) in enumerate(zip(ok, wanted, strict=True)):
                 frames[target.name] = hw
                 for f in fs:
@@ -205,6 +206,16 @@ def explain(model_uri: str, out: str, data: str | None = None, images: str | Non
             _record(loaded, local, report, tracking_uri)
     return Explanation(inputs, len(frames), errors, overlays, sheets, report, table, out, time.perf_counter() - t0,
                        loaded.run_id if record else None)
+
+
+def _scores(loaded: Any, paths: list[str], batch_size: int, tracking_uri: str | None) -> np.ndarray:
+    """Each file's probabilities [N, findings] from the pool (NaN for a file it could not read)."""
+    from cxr.inference import predict_files
+
+    out = np.full((len(paths), len(loaded.findings)), np.nan, np.float32)
+    for batch in predict_files(loaded.pinned, paths, loaded.image_size, tracking_uri, batch_size):
+        out[batch["index"].astype(np.int64)] = batch["probs"]
+    return out
 
 
 def _safe_read(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]] | str:

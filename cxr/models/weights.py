@@ -36,7 +36,7 @@ def load_initial_weights(model: keras.Model, url: str, findings: Sequence[str] =
     its backbone.
     """
     if url.startswith(("models:/", "runs:/")) or _is_checkpoint(url):
-        from cxr.tracking.models import load  # a model URI: loaded as `cxr evaluate` loads one
+        from cxr.models.loading import load  # a model URI: loaded as `cxr evaluate` loads one
 
         source = load(url, tracking_uri)
         fine_tune(source.model, source.findings, model, tuple(findings) or source.findings, redact(url))

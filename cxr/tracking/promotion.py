@@ -86,7 +86,8 @@ class Decision:
 
 @dataclass
 class _Scorer:
-    """Evaluations on the candidate's split, each model once (a re-decision reuses them)."""
+    """Evaluations on the candidate's split, each model predicted at most once (a re-decision reuses them), and
+    not at all when its run saved predictions made under exactly these settings (`cxr.evaluation.saved`)."""
 
     data_uri: str
     split_tags: dict[str, str]
@@ -98,7 +99,7 @@ class _Scorer:
 
         if version.uri not in self.done:
             self.done[version.uri] = evaluate(version.uri, self.data_uri, val_split=None, record=False,
-                                              split_tags=self.split_tags, **self.options)
+                                              split_tags=self.split_tags, reuse=True, **self.options)
         return self.done[version.uri]
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import numpy as np
+
+if TYPE_CHECKING:  # the file layout is read by drivers that never import Keras (`cxr.models.loading.describe`)
+    import keras
 
 CHECKPOINT_FORMAT = "cxr-train-checkpoint/1"
 MODEL_FILE = "model.weights.h5"

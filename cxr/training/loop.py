@@ -30,7 +30,7 @@ import tensorflow as tf
 from cxr import config as cfgmod
 from cxr.data.source import DataSource
 from cxr.evaluation.metrics import SCORE, auroc_metrics
-from cxr.evaluation.predict import predict_split
+from cxr.inference import predict_split
 from cxr.labels import FINDINGS
 from cxr.losses import loss_from_counts, mean_loss
 from cxr.models import build_model

@@ -21,7 +21,7 @@ in a `tf.function` on a Keras 3 model can. Each worker is one replica:
   draws so far is what a checkpoint keeps to continue the streams exactly.
 - Evaluation never runs a collective per batch (workers may hold different numbers of batches): each
   worker predicts its part of the split locally and one `all_reduce` gathers the rows
-  (`cxr.evaluation.predict`).
+  (`cxr.inference.predict_split`).
 """
 
 from __future__ import annotations
