@@ -235,5 +235,47 @@ def test_every_model_uri_form_evaluates_on_the_split_and_sizes_it_was_trained_wi
     for model_uri in (str(folder), f"runs:/{run_id}/tiny", f"models:/sized/{version}"):
         rep = evaluate(model_uri, tracking_uri=uri, resamples=50, record=False, val_split=None).report
         assert rep["data"]["preprocessing"] == {"source": "raw", "image_size": SIZE, "raw_size": 96, "split_seed": 3,
-                                                "val_fraction": 0.1, "test_fraction": 0.2, "uncertain": "ignore"}, model_uri
+                                                "val_fraction": 0.1, "test_fraction": 0.2,
+                                                "uncertain": "ignore"}, model_uri
         assert (rep["data"]["images"], rep["data"]["patients"]) == (len(patients), len(set(patients))), model_uri
+
+
+def test_saved_predictions_are_reused_only_under_the_same_model_data_split_and_sizes(roots, tmp_path, caplog):
+    """A recorded `cxr evaluate` saves the test predictions in the model's run; scoring that model again on the same
+    data, split and sizes (as a promotion does for its champion) takes them, with the same numbers, instead of
+    predicting; another split, or a raw root split with another seed, is predicted afresh."""
+    import logging
+
+    from cxr.evaluation.evaluate import evaluate
+    from cxr.tracking import promotion
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    v1 = _register(uri, "reuse", 7, _shards(roots["shards"]))
+    model = f"models:/reuse/{v1}"
+    fresh = evaluate(model, tracking_uri=uri, resamples=100, val_split=None)  # recorded: saves predictions.npz
+    with caplog.at_level(logging.INFO, logger="cxr.evaluation"):
+        again = evaluate(model, tracking_uri=uri, resamples=100, val_split=None, record=False, reuse=True)
+        assert "reusing the predictions of test" in caplog.text
+        np.testing.assert_array_equal(again.predictions.probs, fresh.predictions.probs)
+        np.testing.assert_array_equal(again.patients, fresh.patients)
+        assert again.report["auroc"] == fresh.report["auroc"]
+        caplog.clear()
+        evaluate(model, split="val", tracking_uri=uri, resamples=100, val_split=None, record=False, reuse=True)
+        assert "reusing" not in caplog.text
+        # A champion with saved predictions: the promotion predicts only the candidate.
+        assert promotion.promote("reuse", v1, tracking_uri=uri, resamples=100).promoted
+        v2 = _register(uri, "reuse", 8, _shards(roots["shards"]))
+        caplog.clear()
+        decision = promotion.promote("reuse", v2, tracking_uri=uri, resamples=100, min_gain=-1.0, max_drop=1.0)
+        assert decision.promoted and caplog.text.count("reusing the predictions") == 1, caplog.text
+        assert decision.scores["champion"] == pytest.approx(fresh.report["auroc"]["mean"]["auroc"], abs=1e-12)
+
+    v3 = _register(uri, "reuse-raw", 9, _raw(roots["b"]))
+    raw_model = f"models:/reuse-raw/{v3}"
+    seed0 = evaluate(raw_model, tracking_uri=uri, resamples=100, val_split=None)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cxr.evaluation"):
+        other = evaluate(raw_model, tracking_uri=uri, resamples=100, val_split=None, record=False, reuse=True,
+                         split_tags={"cxr.split.seed": "4"})
+    assert "for other settings" in caplog.text and "reusing" not in caplog.text
+    assert not np.array_equal(np.unique(other.patients), np.unique(seed0.patients))

@@ -65,6 +65,14 @@ def markdown(rep: dict) -> str:
     pct = f"{100 * au['confidence']:.0f}%"
     reg = model.get("registered")
     val, split = data["threshold_split"], data["split"]
+    if not rep["findings"]:  # scored without a validation split (as a promotion does): no operating points
+        return "\n".join([f"# Evaluation of {model['uri']}" + (f" ({reg['name']} version {reg['version']})" if reg
+                                                               else ""), "",
+                          f"Split **{split}** of `{data['uri']}`: {data['images']:,} images of {data['patients']:,} "
+                          f"patients. **Mean AUROC {_ci(au['mean'])}** ({pct} CI, {au['resamples']:,} bootstrap "
+                          "resamples of patients). No validation split was scored: no thresholds.", "",
+                          *_table(["finding", f"AUROC [{pct} CI]"], "lr", [[n, _ci(v)] for n, v in
+                                                                           au["findings"].items()]), ""])
     target = next(iter(rep["findings"].values()))["thresholds"]["sensitivity_target"]
     lines = [f"# Evaluation of {model['uri']}" + (f" ({reg['name']} version {reg['version']})" if reg else ""), "",
              f"Split **{split}** of `{data['uri']}`: {data['images']:,} images of {data['patients']:,} "
