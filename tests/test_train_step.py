@@ -218,6 +218,9 @@ def ray_cluster():
     import ray
     from ray import cloudpickle
 
+    from cxr.cluster import stop_local
+
+    stop_local()  # an earlier module's scoring may have left cxr's local Ray running in this process
     # Workers cannot import this test module; ship its functions by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False)
