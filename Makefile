@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/evaluate.py --out bench-out/evaluate.json
 	$(PY) bench/predict.py --out bench-out/predict.json
 	$(PY) bench/layouts.py --out bench-out/layouts.json
+	$(PY) bench/retrain_tail.py --out bench-out/retrain-tail.json
 
 clean:
 	rm -rf $(DEMO) bench-out
