@@ -1,15 +1,19 @@
-"""Benchmark `cxr predict`: img/s from files on disk against the model's own forward pass on in-memory tensors.
+"""Benchmark the replica pool (cxr/inference.py): img/s of files and of splits against the model's forward pass.
 
-For each model, in one run: (1) the forward pass alone, `predict_on_batch` over batches already in memory
-(the ceiling), then (2) `cxr.inference.predict` over image files with 1 and with 2 model replicas (Ray Data
-actors): listing, reading, decoding, preprocessing and writing the table included. Each is timed over n and
-over 3n files; the steady rate is 2n / (t(3n) - t(n)), so the start-up (Ray, the replicas loading the model)
-cancels out and is reported apart as t(n) - n / rate. Ratio = steady (2) / (1) at the same batch size; goal
->= 0.8. Models: the demo's small_cnn at 128 px on 256² phantom PNGs
-(what `make demo` scores) and DenseNet-121 at 224 px on NIH's full-size 1024² PNGs. Random weights: the
-forward cost does not depend on them, and there are no downloads here.
+For each model and for 1 and 2 replicas (Ray Data actors), in one run:
+  (i)   forward: `predict_on_batch` on in-memory tensors, batch 32, in as many processes as replicas, each with
+        the intra-op threads a replica gets (`Pool.for_cluster`), timed over the same window: the ceiling;
+  (ii)  files: `predict_files` (`cxr predict`, explain) over PNG files, reading and decoding included;
+  (iii) split: a config's splits through the pool as `predict_splits` runs them (test scoring, evaluate,
+        promote): each replica reads its part of the shards through the input pipeline and predicts it.
+Rates (ii) and (iii) are steady rates within one run: the driver stamps each batch as it arrives, drops the
+warm-up (until about one piece per replica has arrived: Ray, the replicas loading the model, the first
+traced call) and divides the images that arrived after it by the time they took. Ratio = (ii) or (iii) over
+(i); goal >= 0.8. Models: the demo's small_cnn at 128 px (256² phantom PNGs of `cxr synth`, uint8 shards at
+128 px) and DenseNet-121 at 224 px (copies of NIH's 1024² PNGs, uint8 shards at 224 px from the phantoms).
+Random weights: the forward cost does not depend on them, and there are no downloads here.
 
-    python bench/predict.py [--images 2048] [--densenet-images 96] [--out bench-out/predict.json]
+    python bench/predict.py [--patients 1725] [--files 8192] [--densenet-files 256] [--out bench-out/predict.json]
 """
 
 from __future__ import annotations
@@ -23,34 +27,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(ROOT, "..", "shared", "samples", "nih-png")
+BATCH = 32
+BYTES_PER_ROW = 60  # a split row is >= 120 bytes (14 probabilities, 14 labels, the index): see through_split
 
 
-def make_files(kind: str, n: int, folder: str) -> None:
-    """n PNG files: 256² phantoms (cxr synth) or copies of the NIH samples (1024²); `folder`-first holds the
-    first third of them (hard links)."""
-    os.makedirs(folder, exist_ok=True)
-    os.makedirs(folder + "-first", exist_ok=True)
-    if kind == "phantom":
-        raw = os.path.join(folder, "..", "synth")
-        subprocess.run([sys.executable, "-m", "cxr.cli", "synth", raw, "--patients", "120", "--size", "256"],
-                       check=True, capture_output=True)
-        sources = sorted(glob.glob(os.path.join(raw, "images", "*.png")))
-    else:
-        sources = sorted(glob.glob(os.path.join(SAMPLES, "*.png")))
-        if not sources:
-            raise SystemExit(f"no NIH sample PNGs in {SAMPLES}")
-    for i in range(n):
-        shutil.copyfile(sources[i % len(sources)], os.path.join(folder, f"{i:06d}.png"))
-        if i < n // 3:
-            os.link(os.path.join(folder, f"{i:06d}.png"), os.path.join(folder + "-first", f"{i:06d}.png"))
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "cxr.cli", *args], check=True, capture_output=True)
 
 
 def log_model(name: str, size: int, tracking: str) -> str:
+    """A randomly initialised model registered in a bench MLflow store; its models:/ URI."""
     import keras
     import mlflow
 
@@ -68,72 +64,208 @@ def log_model(name: str, size: int, tracking: str) -> str:
     return f"models:/bench-{name}/1"
 
 
-def forward_only(model_uri: str, tracking: str, n: int, batch: int) -> float:
-    """img/s of predict_on_batch over in-memory float batches of the model's input, after one warm-up batch."""
+# ------------------------------------------------------------------------------------------- (i) forward
+
+
+def forward_worker(model_uri: str, tracking: str, threads: int, seconds: float) -> None:
+    """Child process: load the model as a replica does, warm up, say ready, wait for go, then predict in-memory
+    batches for `seconds` (finishing the batch under way) and print the rate."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)  # as Predictor does, before the model
     from cxr.models import loading
 
     model = loading.load(model_uri, tracking).model
     size = int(model.input_shape[1])
-    x = np.random.default_rng(0).random((batch, size, size, 1), dtype=np.float32)
-    model.predict_on_batch(x)
-    t0 = time.perf_counter()
-    for _ in range(-(-n // batch)):
+    x = np.random.default_rng(0).random((BATCH, size, size, 1), dtype=np.float32)
+    for _ in range(2):
         model.predict_on_batch(x)
-    return -(-n // batch) * batch / (time.perf_counter() - t0)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    images, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        model.predict_on_batch(x)
+        images += BATCH
+    print(json.dumps({"images": images, "seconds": time.perf_counter() - t0}), flush=True)
 
 
-def through_predict(model_uri: str, tracking: str, folder: str, workers: int, batch: int, out: str) -> dict:
-    """Seconds of `cxr predict` over the first third of the files and over all of them; the steady rate."""
-    from cxr.predict import predict
+def forward(model_uri: str, tracking: str, processes: int, threads: int, seconds: float) -> dict:
+    """Sum of the rates of `processes` forward workers running over the same window."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--forward-worker", model_uri, tracking, str(threads),
+           str(seconds)]
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(processes)]
+    for p in procs:
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit(f"forward worker failed: {p.wait()}")
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    got = [json.loads(p.stdout.readline()) for p in procs]
+    for p in procs:
+        p.wait()
+    return {"img_per_s": round(sum(g["images"] / g["seconds"] for g in got), 1), "threads": threads,
+            "processes": processes, "load_avg": load_average()}
 
-    seconds = {}
-    for label, spec in (("n", folder + "-first"), ("3n", folder)):
-        summary = predict(model_uri, spec, out, num_workers=workers, batch_size=batch, tracking_uri=tracking,
-                          progress=False)
-        assert summary.errors == 0 and summary.predicted == summary.inputs, summary
-        seconds[label] = (summary.inputs, summary.seconds)
-    (n, t1), (n3, t3) = seconds["n"], seconds["3n"]
-    rate = (n3 - n) / (t3 - t1)
-    return {"images": [n, n3], "seconds": [round(t1, 2), round(t3, 2)], "startup_s": round(t1 - n / rate, 2),
-            "steady_img_per_s": round(rate, 1)}
+
+# ------------------------------------------------------------------------------ (ii) files, (iii) a split
+
+
+def steady(arrivals: list[tuple[float, int]], warm_images: int) -> dict:
+    """The steady rate from (seconds since the call, images) per arrived batch: the batches up to the one that
+    brings the count to `warm_images` are the warm-up; rate = images after it / time from it to the last."""
+    total, warm_at, warm_count = 0, None, 0
+    for t, n in arrivals:
+        total += n
+        if warm_at is None and total >= warm_images:
+            warm_at, warm_count = t, total
+    counted = total - warm_count
+    if warm_at is None or counted <= 0 or arrivals[-1][0] <= warm_at:
+        raise SystemExit(f"too few batches after the warm-up ({len(arrivals)} batches, {total} images): "
+                         "use more images")
+    after = sum(1 for t, _ in arrivals if t > warm_at)
+    return {"images": total, "batches": len(arrivals), "batches_after_warmup": after,
+            "warmup_s": round(warm_at, 2), "whole_run_s": round(arrivals[-1][0], 2),
+            "steady_img_per_s": round(counted / (arrivals[-1][0] - warm_at), 1)}
+
+
+def through_files(model_uri: str, tracking: str, paths: list[str], size: int, replicas: int,
+                  per_call: int) -> dict:
+    """`predict_files` over `paths`, each batch stamped as it arrives; every file must be predicted."""
+    from cxr.inference import predict_files
+
+    arrivals, t0 = [], time.perf_counter()
+    for batch in predict_files(model_uri, paths, size, tracking, BATCH, replicas, files_per_call=per_call):
+        arrivals.append((time.perf_counter() - t0, len(batch["index"])))
+        assert not any(batch["error"]), [e for e in batch["error"] if e][:3]
+    return {**steady(arrivals, replicas * per_call), "files_per_call": per_call, "load_avg": load_average()}
+
+
+def through_split(model_uri: str, tracking: str, data: Any, splits: list[str], replicas: int,
+                  rows_per_yield: int) -> dict:
+    """The splits through the pool as `predict_splits` runs them (one item per split and part, a part per
+    replica), its output iterated here to stamp each piece; every image must come back exactly once.
+
+    Ray Data gathers a generator's yields into one block per call until a block reaches
+    `target_max_block_size` (128 MiB), so a part would arrive whole, at its end: for the timestamps the
+    driver's context is set to about half a piece (restored after); each piece then arrives as it is yielded."""
+    import ray
+
+    from cxr import inference
+    from cxr.data import source as sources
+
+    source = sources.for_config(data)
+    sizes = {s: int(source.split_size(data, s)) for s in splits}
+    pool = inference.Pool.for_cluster(replicas)
+    inference._context(ordered=False)
+    context = ray.data.DataContext.get_current()
+    block_size, context.target_max_block_size = context.target_max_block_size, rows_per_yield * BYTES_PER_ROW
+    try:
+        items = [{"split": s, "part": p, "parts": pool.replicas} for s in sizes for p in range(pool.replicas)]
+        ds = pool.map(ray.data.from_items(items, override_num_blocks=len(items)), model_uri, tracking, BATCH,
+                      per_call=1, data=data, rows_per_yield=rows_per_yield)
+        got: dict[str, list] = {s: [] for s in sizes}
+        arrivals, t0 = [], time.perf_counter()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            arrivals.append((time.perf_counter() - t0, len(batch["index"])))
+            for s in sizes:
+                mine = batch["split"] == s
+                got[s].append((batch["probs"][mine], batch["labels"][mine], batch["index"][mine]))
+    finally:
+        context.target_max_block_size = block_size
+    for s, n in sizes.items():  # raises unless each image was predicted exactly once
+        inference.predict_split(lambda probs: probs, got[s], n, outputs=got[s][0][0].shape[1])
+    return {**steady(arrivals, pool.replicas * rows_per_yield), "splits": sizes, "rows_per_yield": rows_per_yield,
+            "load_avg": load_average()}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def nih_copies(samples: str, n: int, folder: str) -> list[str]:
+    sources = sorted(glob.glob(os.path.join(samples, "*.png")))
+    if not sources:
+        raise SystemExit(f"no NIH sample PNGs in {samples} (--nih-samples)")
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, f"{i:06d}.png") for i in range(n)]
+    for i, path in enumerate(paths):
+        shutil.copyfile(sources[i % len(sources)], path)
+    return paths
+
+
+def measure(name: str, uri: str, tracking: str, paths: list[str], size: int, data: Any, splits: list[str],
+            per_call: int, rows_per_yield: int, seconds: float) -> dict:
+    """(i), (ii), (iii) with 1 and 2 replicas; the forward pass before and after the pool runs of each count."""
+    from cxr.inference import Pool
+
+    row: dict[str, Any] = {"size": size, "files": len(paths)}
+    for replicas in (1, 2):
+        threads = Pool.for_cluster(replicas).threads
+        before = forward(uri, tracking, replicas, threads, seconds)
+        files = through_files(uri, tracking, paths, size, replicas, per_call)
+        split = through_split(uri, tracking, data, splits, replicas, rows_per_yield)
+        after = forward(uri, tracking, replicas, threads, seconds)
+        ceiling = (before["img_per_s"] + after["img_per_s"]) / 2
+        row[f"{replicas}_replicas"] = {
+            "forward": {"img_per_s": round(ceiling, 1), "before": before, "after": after},
+            "files": {**files, "ratio": round(files["steady_img_per_s"] / ceiling, 3)},
+            "split": {**split, "ratio": round(split["steady_img_per_s"] / ceiling, 3)}}
+        print(json.dumps({name: {replicas: row[f"{replicas}_replicas"]}}), flush=True)
+    return row
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--forward-worker":
+        forward_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=2048, help="n, files for the demo model (3n are read too)")
-    ap.add_argument("--densenet-images", type=int, default=96, help="n, files for DenseNet-121")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--patients", type=int, default=1725, help="phantom patients (cxr synth; the demo's count)")
+    ap.add_argument("--files", type=int, default=8192, help="phantom file paths for small_cnn (the ~6,000 "
+                    "phantoms, cycled)")
+    ap.add_argument("--densenet-files", type=int, default=256, help="NIH PNG copies for DenseNet-121")
+    ap.add_argument("--densenet-split", default="val", help="the phantom split DenseNet-121 scores")
+    ap.add_argument("--nih-samples", default=SAMPLES, help="folder of NIH PNGs to copy")
+    ap.add_argument("--models", nargs="+", default=["small_cnn", "densenet121"], help="which of the two")
     ap.add_argument("--out", default="bench-out/predict.json")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    results = {"cpus": os.cpu_count(), "batch_size": args.batch_size, "models": {}}
+    from cxr.config import Data
+
+    results: dict[str, Any] = {"cpus": os.cpu_count(), "batch_size": BATCH, "load_avg_start": load_average(),
+                               "models": {}}
     with tempfile.TemporaryDirectory(prefix="cxr-bench-predict-") as tmp:
         tracking = f"sqlite:///{tmp}/mlflow.db"
-        for name, size, kind, n in (("small_cnn", 128, "phantom", args.images),
-                                    ("densenet121", 224, "nih", args.densenet_images)):
-            folder = os.path.join(tmp, f"{kind}-files", "images")
-            make_files(kind, 3 * n, folder)
+        raw = os.path.join(tmp, "raw")
+        cli("synth", raw, "--patients", str(args.patients), "--size", "256", "--seed", "0")
+        pngs = sorted(glob.glob(os.path.join(raw, "images", "*.png")))
+        phantoms = [pngs[i % len(pngs)] for i in range(args.files)]
+        nih = nih_copies(args.nih_samples, args.densenet_files, os.path.join(tmp, "nih"))
+        # small_cnn: files 256 a call (as in production), pieces of 256 rows (512 in production);
+        # DenseNet-121 (~28 img/s): 32 of each, so that a few minutes give a dozen timestamps.
+        for name, size, paths, splits, per_call, rows, seconds in (
+                ("small_cnn", 128, phantoms, ["train", "val", "test"], 256, 256, 4.0),
+                ("densenet121", 224, nih, [args.densenet_split], 32, 32, 8.0)):
+            if name not in args.models:
+                continue
+            shards = os.path.join(tmp, f"shards-{size}")
+            cli("prepare", raw, shards, "--size", str(size), "--codec", "uint8", "--images-per-shard", "250")
+            data = Data(manifest_uri=os.path.join(shards, "manifest.json"), image_size=size)
             uri = log_model(name, size, tracking)
-            forward = forward_only(uri, tracking, n, args.batch_size)
-            row = {"size": size, "files": kind, "forward_img_per_s": round(forward, 1)}
-            for workers in (1, 2):
-                got = through_predict(uri, tracking, folder, workers, args.batch_size,
-                                      os.path.join(tmp, f"{name}-{workers}.parquet"))
-                row[f"predict_{workers}_workers"] = {**got, "ratio": round(got["steady_img_per_s"] / forward, 3)}
-            row["scaling_2_over_1"] = round(row["predict_2_workers"]["steady_img_per_s"]
-                                            / row["predict_1_workers"]["steady_img_per_s"], 3)
-            results["models"][name] = row
-            print(json.dumps({name: row}), flush=True)
+            results["models"][name] = measure(name, uri, tracking, paths, size, data, splits, per_call, rows,
+                                              seconds)
+    results["load_avg_end"] = load_average()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=1)
-    print(f"\n{'model':<12}{'forward':>9}{'1 worker':>10}{'ratio':>7}{'start s':>9}{'2 workers':>11}{'ratio':>7}"
-          f"{'start s':>9}{'2/1':>6}   (steady img/s)")
+    print(f"\nload average (1, 5, 15 min) at start {results['load_avg_start']}, at end {results['load_avg_end']}")
+    print(f"{'model':<12}{'replicas':>9}{'forward':>9}{'files':>9}{'ratio':>7}{'split':>9}{'ratio':>7}"
+          f"{'warm-up s':>11}   (steady img/s; warm-up of files, split)")
     for name, r in results["models"].items():
-        one, two = r["predict_1_workers"], r["predict_2_workers"]
-        print(f"{name:<12}{r['forward_img_per_s']:>9.1f}{one['steady_img_per_s']:>10.1f}{one['ratio']:>7.2f}"
-              f"{one['startup_s']:>9.1f}{two['steady_img_per_s']:>11.1f}{two['ratio']:>7.2f}{two['startup_s']:>9.1f}"
-              f"{r['scaling_2_over_1']:>6.2f}")
+        for replicas in (1, 2):
+            x = r[f"{replicas}_replicas"]
+            print(f"{name:<12}{replicas:>9}{x['forward']['img_per_s']:>9.1f}{x['files']['steady_img_per_s']:>9.1f}"
+                  f"{x['files']['ratio']:>7.2f}{x['split']['steady_img_per_s']:>9.1f}{x['split']['ratio']:>7.2f}"
+                  f"{x['files']['warmup_s']:>6.1f},{x['split']['warmup_s']:>4.1f}")
 
 
 if __name__ == "__main__":

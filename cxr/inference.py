@@ -118,7 +118,8 @@ def read_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
 class Predictor:
     """A replica: the model, loaded once on its worker, predicting read files or whole parts of a split."""
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int, batch_size: int, data: Any = None):
+    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int, batch_size: int, data: Any = None,
+                 rows_per_yield: int = ROWS_PER_YIELD):
         import tensorflow as tf
 
         # Replicas share the node's cores: each gets its share, not a thread per core each.
@@ -126,7 +127,7 @@ class Predictor:
         from cxr.models import loading
 
         self.model = loading.load(model_uri, tracking_uri).model
-        self.batch_size, self.data = batch_size, data
+        self.batch_size, self.data, self.rows_per_yield = batch_size, data, rows_per_yield
 
     def _predict(self, x: np.ndarray) -> np.ndarray:
         out = [np.asarray(self.model.predict_on_batch(x[s:s + self.batch_size]), np.float32)
@@ -152,7 +153,7 @@ class Predictor:
             pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
             for images, labels, index in ds.as_numpy_iterator():
                 pending.append((self._predict(images), labels, index))
-                if sum(len(p[2]) for p in pending) >= ROWS_PER_YIELD:
+                if sum(len(p[2]) for p in pending) >= self.rows_per_yield:
                     yield _rows(str(split), pending)
                     pending = []
             if pending:
@@ -193,12 +194,13 @@ class Pool:
         return cls(count, max(1, cpus // count), bool(gpus))
 
     def map(self, ds: Any, model_uri: str, tracking_uri: str | None, batch_size: int, per_call: int,
-            data: Any = None) -> Any:
+            data: Any = None, rows_per_yield: int = ROWS_PER_YIELD) -> Any:
         """`ds` through the replicas. A replica books 3/4 of a CPU and a read task 1/4: replicas never hold
-        every CPU and starve the reads."""
+        every CPU and starve the reads. `rows_per_yield` is for bench/predict.py's timestamps."""
         import ray
 
-        return ds.map_batches(Predictor, fn_constructor_args=(model_uri, tracking_uri, self.threads, batch_size, data),
+        args = (model_uri, tracking_uri, self.threads, batch_size, data, rows_per_yield)
+        return ds.map_batches(Predictor, fn_constructor_args=args,
                               batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=self.replicas),
                               num_cpus=0.75, num_gpus=1 if self.gpus else 0)
 
@@ -212,14 +214,15 @@ def _context(ordered: bool) -> None:
 
 
 def predict_files(model_uri: str, paths: Sequence[str], image_size: int, tracking_uri: str | None = None,
-                  batch_size: int = 32, replicas: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                  batch_size: int = 32, replicas: int | None = None,
+                  files_per_call: int = FILES_PER_CALL) -> Iterator[dict[str, np.ndarray]]:
     """Batches of (index, path, error, probs) for `paths`, in input order, as the replicas finish them."""
     import ray
 
     pool = Pool.for_cluster(replicas)
     _context(ordered=True)
     ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(paths)])
-    per_call = max(batch_size, min(FILES_PER_CALL, -(-len(paths) // pool.replicas)))  # every replica gets files
+    per_call = max(batch_size, min(files_per_call, -(-len(paths) // pool.replicas)))  # every replica gets files
     ds = ds.map_batches(read_batch, fn_args=(image_size,), batch_size=per_call,
                         compute=ray.data.TaskPoolStrategy(size=pool.replicas), num_cpus=0.25)
     yield from pool.map(ds, model_uri, tracking_uri, batch_size, per_call).iter_batches(batch_size=None,
