@@ -244,19 +244,27 @@ def predict_splits(model_uri: str, data: Any, splits: Sequence[str], outputs: in
     labels_k = len(sources.findings(data))
     pool = Pool.for_cluster(replicas)
     _context(ordered=False)  # rows carry their positions
-    parts = pool.replicas
-    items = [{"split": s, "part": p, "parts": parts} for s in sizes for p in range(parts)]
-    ds = pool.map(ray.data.from_items(items, override_num_blocks=len(items)), model_uri, tracking_uri, batch_size,
-                  per_call=1, data=data)
+    # Ray Data gathers a generator's yields into one block until it reaches the target block size (128 MiB):
+    # a part would arrive whole at its end. About half a piece's bytes streams each piece as it is yielded.
+    # A dataset copies the context when it is made: set before, restored after.
+    context = ray.data.DataContext.get_current()
+    block, context.target_max_block_size = context.target_max_block_size, ROWS_PER_YIELD * 60
     got: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {s: [] for s in sizes}
     t0 = time.perf_counter()
-    with tqdm(total=sum(sizes.values()), unit="img", desc="score " + "+".join(sizes), disable=not progress) as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for split in sizes:
-                mine = batch["split"] == split
-                if mine.any():
-                    got[split].append((batch["probs"][mine], batch["labels"][mine], batch["index"][mine]))
-            bar.update(len(batch["index"]))
+    try:
+        items = [{"split": s, "part": p, "parts": pool.replicas} for s in sizes for p in range(pool.replicas)]
+        ds = pool.map(ray.data.from_items(items, override_num_blocks=len(items)), model_uri, tracking_uri,
+                      batch_size, per_call=1, data=data)
+        with tqdm(total=sum(sizes.values()), unit="img", desc="score " + "+".join(sizes),
+                  disable=not progress) as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for split in sizes:
+                    mine = batch["split"] == split
+                    if mine.any():
+                        got[split].append((batch["probs"][mine], batch["labels"][mine], batch["index"][mine]))
+                bar.update(len(batch["index"]))
+    finally:
+        context.target_max_block_size = block
     log.debug("scored %s images of %s in %.1f s on %d replicas", sum(sizes.values()), "+".join(sizes),
               time.perf_counter() - t0, pool.replicas)
     out = {}
