@@ -217,9 +217,9 @@ def predict_files(model_uri: str, paths: Sequence[str], image_size: int, trackin
                   batch_size: int = 32, replicas: int | None = None,
                   files_per_call: int = FILES_PER_CALL) -> Iterator[dict[str, np.ndarray]]:
     """Batches of (index, path, error, probs) for `paths`, in input order, as the replicas finish them."""
+    pool = Pool.for_cluster(replicas)  # before `import ray`: a local Ray's loopback settings are read at import
     import ray
 
-    pool = Pool.for_cluster(replicas)
     _context(ordered=True)
     ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(paths)])
     per_call = max(batch_size, min(files_per_call, -(-len(paths) // pool.replicas)))  # every replica gets files
@@ -234,7 +234,6 @@ def predict_splits(model_uri: str, data: Any, splits: Sequence[str], outputs: in
                    progress: bool = True) -> dict[str, Predictions]:
     """The model at `model_uri` over whole splits of a config's data (`cxr.config.Data`), in one pool: each
     replica loads the model once for all of them. The driver reads only the splits' sizes."""
-    import ray
     from tqdm import tqdm
 
     from cxr.data import source as sources
@@ -242,7 +241,9 @@ def predict_splits(model_uri: str, data: Any, splits: Sequence[str], outputs: in
     source = sources.for_config(data)
     sizes = {s: int(source.split_size(data, s)) for s in dict.fromkeys(splits)}
     labels_k = len(sources.findings(data))
-    pool = Pool.for_cluster(replicas)
+    pool = Pool.for_cluster(replicas)  # before `import ray`: a local Ray's loopback settings are read at import
+    import ray
+
     _context(ordered=False)  # rows carry their positions
     # Ray Data gathers a generator's yields into one block until it reaches the target block size (128 MiB):
     # a part would arrive whole at its end. About half a piece's bytes streams each piece as it is yielded.
