@@ -196,13 +196,22 @@ class Pool:
     def map(self, ds: Any, model_uri: str, tracking_uri: str | None, batch_size: int, per_call: int,
             data: Any = None, rows_per_yield: int = ROWS_PER_YIELD) -> Any:
         """`ds` through the replicas. A replica books 3/4 of a CPU and a read task 1/4: replicas never hold
-        every CPU and starve the reads. `rows_per_yield` is for bench/predict.py's timestamps."""
+        every CPU and starve the reads. `rows_per_yield` is for bench/predict.py's timestamps.
+
+        Replicas are not restarted (`max_restarts=0`): Ray Data hands them their code through the object store,
+        which Ray says a restart cannot rely on (and prints so through the progress bar); a replica lost with
+        its node fails the command, which exits non-zero with nothing half-written, and a re-run starts afresh."""
+        import warnings
+
         import ray
+        from ray.util.annotations import RayDeprecationWarning
 
         args = (model_uri, tracking_uri, self.threads, batch_size, data, rows_per_yield)
-        return ds.map_batches(Predictor, fn_constructor_args=args,
-                              batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=self.replicas),
-                              num_cpus=0.75, num_gpus=1 if self.gpus else 0)
+        with warnings.catch_warnings():  # Ray 2.60 names no parameter for it yet, only the generic remote args
+            warnings.simplefilter("ignore", RayDeprecationWarning)
+            return ds.map_batches(Predictor, fn_constructor_args=args,
+                                  batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=self.replicas),
+                                  num_cpus=0.75, num_gpus=1 if self.gpus else 0, max_restarts=0)
 
 
 def _context(ordered: bool) -> None:

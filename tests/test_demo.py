@@ -73,4 +73,6 @@ def test_the_demo_trains_registers_evaluates_and_localizes_better_than_a_centred
     assert loc["data"]["errors"] == 0 and loc["data"]["images"] > 50
     assert sorted(p.name for p in (demo / "explain" / "sheets").iterdir())  # contact sheets to look at
     printed = made + sum(lines.values())
-    assert printed <= 80, f"the demo printed {printed} lines: make {made}, {lines}"
+    # 78 before scoring moved to the workers; evaluate and explain now start a local Ray (a line saying where its
+    # logs are), and test scoring and evaluate show a progress bar (one line each once done).
+    assert printed <= 84, f"the demo printed {printed} lines: make {made}, {lines}"
