@@ -215,3 +215,18 @@ def register_seeded_model(base, name: str, size: int, seed: int, tags: dict | No
     with mlflow.start_run(tags=tags) as run:
         info = log_model(build_model("small_cnn", size), name="tiny", step=1, registered_model=name)
     return uri, f"models:/{name}/{info.registered_model_version}", run.info.run_id
+
+
+def run_in_namespace(script: str, env: dict[str, str], cwd, timeout: float, what: str) -> tuple[int, str]:
+    """`sh -c script` in a private network and pid namespace (loopback only, `ray stop` sees only its processes);
+    (exit code, output). On timeout the whole namespace is killed (its init dies, and everything inside)."""
+    proc = subprocess.Popen(["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c", script], env=env,
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{what} did not finish in {timeout:g} s:\n{out[-4000:]}")
+    return proc.returncode, out

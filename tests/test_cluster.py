@@ -18,7 +18,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import ROOT, VENV_BIN, quiet_env
+from conftest import ROOT, VENV_BIN, quiet_env, run_in_namespace
 from test_k8s import dockerfile_env
 
 # A KubeRay pod runs `ray start --head ...` or `ray start --address=<head>:6379 ...` with the image's environment
@@ -68,18 +68,11 @@ def test_image_environment_forms_a_multi_node_cluster(tmp_path) -> None:
     env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
            **dockerfile_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(24)}
     script = _POD_SCRIPT.format(temp=temp, driver=driver)
-    proc = subprocess.Popen(["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c", script], env=env,
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the namespace's init dies with it, and every process inside with it
-        out, _ = proc.communicate()
-        pytest.fail(f"the two-node cluster did not finish in 150 s:\n{out[-4000:]}")
+        code, out = run_in_namespace(script, env, tmp_path, 150, "the two-node cluster")
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    assert proc.returncode == 0, f"a pod with the image's environment failed (exit {proc.returncode}):\n{out[-4000:]}"
+    assert code == 0, f"a pod with the image's environment failed (exit {code}):\n{out[-4000:]}"
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
     node_ids = [node_id for node_id, _ in result["nodes"]]
     assert len(node_ids) == 2, result

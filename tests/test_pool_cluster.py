@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import subprocess
+import shutil
 import sys
 import tempfile
 
 import pytest
-from conftest import VENV_BIN
+from conftest import VENV_BIN, run_in_namespace
 from test_k8s import dockerfile_env
 
 from cxr import config as cfgmod
@@ -103,15 +102,11 @@ def test_evaluate_spends_its_cpu_on_the_worker_node_not_the_driver(phantom_shard
     env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
            **dockerfile_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(24),
            "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen(["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c",
-                             _SCRIPT.format(temp=temp, measure=measure)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the namespace's init dies with it, and every process inside with it
-        out, _ = proc.communicate()
-        pytest.fail(f"the evaluation on the two-node cluster did not finish in 400 s:\n{out[-4000:]}")
+        _, out = run_in_namespace(_SCRIPT.format(temp=temp, measure=measure), env, tmp_path, 400,
+                                  "the evaluation on the two-node cluster")
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)  # the nodes' Ray session folders
     line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
     assert line, out[-4000:]
     result = json.loads(line[len("RESULT "):])
