@@ -46,6 +46,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     _start_local(num_cpus)
 
 
+def started_local() -> bool:
+    """Whether the Ray this process is on is the local one it started (not a cluster it joined)."""
+    return _reaper is not None
+
+
 def _start_local(num_cpus: int | None) -> None:
     """ray.init on 127.0.0.1 in a private temp dir, with the reaper watching it from before the first process."""
     global _reaper

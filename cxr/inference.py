@@ -3,7 +3,9 @@
 `cxr predict`, test scoring after training, `cxr evaluate`, `cxr promote` and `cxr explain`'s scores all come
 from here. The pool holds one replica per GPU, or one per node on CPU, each loading the model once from its
 URI on its own worker (`cxr.models.loading`), so the driver, on a head with no GPU and a few CPUs, only
-sends work and gathers probabilities. Local mode runs the same pool on a local Ray.
+sends work and gathers probabilities. On one machine with no cluster the driver is the only node: there the
+one replica runs in the driver process, the same `Predictor` reading the same way, because a local Ray and an
+actor that imports TensorFlow (8 s here) cost more than the demo's scoring; a replica count asks for the pool.
 
 Two kinds of work go through the same replicas:
 - files: Ray Data read tasks beside the replicas decode and size them (`cxr.data.images`, as training did), so
@@ -18,6 +20,8 @@ A split's rows are gathered by position (`predict_split`), the routine the train
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -120,10 +124,10 @@ class Predictor:
 
     def __init__(self, model_uri: str, tracking_uri: str | None, threads: int, batch_size: int, data: Any = None,
                  rows_per_yield: int = ROWS_PER_YIELD):
-        import tensorflow as tf
+        if threads > 0:  # replicas share a node's cores: each gets its share (0: the driver's own settings)
+            import tensorflow as tf
 
-        # Replicas share the node's cores: each gets its share, not a thread per core each.
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
         from cxr.models import loading
 
         self.model = loading.load(model_uri, tracking_uri).model
@@ -168,17 +172,21 @@ def _rows(split: str, pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) 
 
 @dataclass(frozen=True)
 class Pool:
-    """How many replicas, with how many threads each, and whether each holds a GPU."""
+    """How many replicas, with how many threads each, and whether each holds a GPU; `local`: the one replica is
+    this process."""
 
     replicas: int
     threads: int
     gpus: bool
+    local: bool = False
 
     @classmethod
     def for_cluster(cls, replicas: int | None = None) -> Pool:
         """One replica per GPU; without GPUs one per node with CPUs, using its cores (two 1-thread replicas on
-        2 cores ran at a third of one 2-thread replica's rate: docs/benchmarks.md). Starts a local Ray if the
-        process has none (`cxr.cluster.init_ray`)."""
+        2 cores ran at a third of one 2-thread replica's rate: docs/benchmarks.md). Off a cluster, unless a
+        count is asked for, the driver itself; with a count, a local Ray is started if the process has none."""
+        if replicas is None and not on_cluster():
+            return cls(1, 0, False, local=True)
         from cxr.cluster import init_ray
 
         init_ray()  # before `import ray`: a local Ray's loopback settings are read at import
@@ -214,6 +222,16 @@ class Pool:
                                   num_cpus=0.75, num_gpus=1 if self.gpus else 0, max_restarts=0)
 
 
+def on_cluster() -> bool:
+    """A job's cluster (RAY_ADDRESS, as `ray job submit` sets) or a Ray this process joined; not cxr's local Ray."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")
+    from cxr.cluster import started_local
+
+    return ray is not None and ray.is_initialized() and not started_local()
+
+
 def _context(ordered: bool) -> None:
     import ray
 
@@ -227,15 +245,31 @@ def predict_files(model_uri: str, paths: Sequence[str], image_size: int, trackin
                   files_per_call: int = FILES_PER_CALL) -> Iterator[dict[str, np.ndarray]]:
     """Batches of (index, path, error, probs) for `paths`, in input order, as the replicas finish them."""
     pool = Pool.for_cluster(replicas)  # before `import ray`: a local Ray's loopback settings are read at import
+    per_call = max(batch_size, min(files_per_call, -(-len(paths) // pool.replicas)))  # every replica gets files
+    if pool.local:
+        yield from _files_here(Predictor(model_uri, tracking_uri, 0, batch_size), paths, image_size, per_call)
+        return
     import ray
 
     _context(ordered=True)
     ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(paths)])
-    per_call = max(batch_size, min(files_per_call, -(-len(paths) // pool.replicas)))  # every replica gets files
     ds = ds.map_batches(read_batch, fn_args=(image_size,), batch_size=per_call,
                         compute=ray.data.TaskPoolStrategy(size=pool.replicas), num_cpus=0.25)
     yield from pool.map(ds, model_uri, tracking_uri, batch_size, per_call).iter_batches(batch_size=None,
                                                                                          batch_format="numpy")
+
+
+def _files_here(replica: Predictor, paths: Sequence[str], image_size: int,
+                per_call: int) -> Iterator[dict[str, np.ndarray]]:
+    """The files through a replica in this process, the next call's files read while the model predicts."""
+    calls = [{"index": np.arange(s, min(s + per_call, len(paths))), "path": np.array(paths[s:s + per_call], object)}
+             for s in range(0, len(paths), per_call)]
+    with ThreadPoolExecutor(1, thread_name_prefix="cxr-read-ahead") as ahead:
+        pending = ahead.submit(read_batch, calls[0], image_size) if calls else None
+        for i in range(len(calls)):
+            batch = pending.result()
+            pending = ahead.submit(read_batch, calls[i + 1], image_size) if i + 1 < len(calls) else None
+            yield replica(batch)
 
 
 def predict_splits(model_uri: str, data: Any, splits: Sequence[str], outputs: int, batch_size: int = 64,
@@ -250,7 +284,34 @@ def predict_splits(model_uri: str, data: Any, splits: Sequence[str], outputs: in
     source = sources.for_config(data)
     sizes = {s: int(source.split_size(data, s)) for s in dict.fromkeys(splits)}
     labels_k = len(sources.findings(data))
-    pool = Pool.for_cluster(replicas)  # before `import ray`: a local Ray's loopback settings are read at import
+    pool = Pool.for_cluster(replicas)
+    got: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {s: [] for s in sizes}
+    t0 = time.perf_counter()
+    with tqdm(total=sum(sizes.values()), unit="img", desc="score " + "+".join(sizes), disable=not progress) as bar:
+        for batch in _split_rows(pool, model_uri, tracking_uri, batch_size, data, list(sizes)):
+            for split in sizes:
+                mine = batch["split"] == split
+                if mine.any():
+                    got[split].append((batch["probs"][mine], batch["labels"][mine], batch["index"][mine]))
+            bar.update(len(batch["index"]))
+    log.debug("scored %s images of %s in %.1f s on %s", sum(sizes.values()), "+".join(sizes),
+              time.perf_counter() - t0, "this process" if pool.local else f"{pool.replicas} replicas")
+    out = {}
+    for split, n in sizes.items():
+        out[split] = predict_split(lambda probs: probs, got[split], n, allow_missing=source.may_skip,
+                                   outputs=outputs, label_count=labels_k)
+    return out
+
+
+def _split_rows(pool: Pool, model_uri: str, tracking_uri: str | None, batch_size: int, data: Any,
+                splits: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """(split, index, probs, labels) rows of every part of `splits`, from the pool or from this process."""
+    parts = pool.replicas
+    items = {"split": [s for s in splits for _ in range(parts)], "part": [p for _ in splits for p in range(parts)],
+             "parts": [parts] * (len(splits) * parts)}
+    if pool.local:
+        yield from Predictor(model_uri, tracking_uri, 0, batch_size, data)({k: np.array(v) for k, v in items.items()})
+        return
     import ray
 
     _context(ordered=False)  # rows carry their positions
@@ -259,26 +320,10 @@ def predict_splits(model_uri: str, data: Any, splits: Sequence[str], outputs: in
     # A dataset copies the context when it is made: set before, restored after.
     context = ray.data.DataContext.get_current()
     block, context.target_max_block_size = context.target_max_block_size, ROWS_PER_YIELD * 60
-    got: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {s: [] for s in sizes}
-    t0 = time.perf_counter()
     try:
-        items = [{"split": s, "part": p, "parts": pool.replicas} for s in sizes for p in range(pool.replicas)]
-        ds = pool.map(ray.data.from_items(items, override_num_blocks=len(items)), model_uri, tracking_uri,
+        rows = [dict(zip(items, values, strict=True)) for values in zip(*items.values(), strict=True)]
+        ds = pool.map(ray.data.from_items(rows, override_num_blocks=len(rows)), model_uri, tracking_uri,
                       batch_size, per_call=1, data=data)
-        with tqdm(total=sum(sizes.values()), unit="img", desc="score " + "+".join(sizes),
-                  disable=not progress) as bar:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for split in sizes:
-                    mine = batch["split"] == split
-                    if mine.any():
-                        got[split].append((batch["probs"][mine], batch["labels"][mine], batch["index"][mine]))
-                bar.update(len(batch["index"]))
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     finally:
         context.target_max_block_size = block
-    log.debug("scored %s images of %s in %.1f s on %d replicas", sum(sizes.values()), "+".join(sizes),
-              time.perf_counter() - t0, pool.replicas)
-    out = {}
-    for split, n in sizes.items():
-        out[split] = predict_split(lambda probs: probs, got[split], n, allow_missing=source.may_skip,
-                                   outputs=outputs, label_count=labels_k)
-    return out

@@ -61,7 +61,6 @@ def predict(model_uri: str, spec: str, out: str, num_workers: int | None = None,
     import pandas as pd
     from tqdm import tqdm
 
-    from cxr.cluster import init_ray
     from cxr.inference import predict_files
     from cxr.models import loading
 
@@ -72,7 +71,6 @@ def predict(model_uri: str, spec: str, out: str, num_workers: int | None = None,
     provenance = {"model_uri": redact(model_uri),
                   "model_version": loaded.registered[1] if loaded.registered else "",
                   "training_fingerprint": loaded.tags.get("cxr.data.fingerprint", "")}
-    init_ray()  # the run's time starts with a cluster to run on
     rows, errors = [], []
     t0 = time.perf_counter()
     with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:

@@ -1,5 +1,6 @@
 """`cxr predict` on real files: NIH PNGs, the same pixels as DICOMs (MONOCHROME1 12-bit included), JPEG, RGBA, and
-files that cannot be read, through Ray Data, against a model registered in a real MLflow store."""
+files that cannot be read, through Ray Data, against a model registered in a real MLflow store; the one replica in
+the driver (local mode) gives the pool's numbers, for files and for splits."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def test_predict_png_jpeg_dicom_and_unreadable_files(registered, tmp_path):
     files = _files(tmp_path / "studies")
     out = tmp_path / "predictions.parquet"
     run = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", "--model", model, "--images",
-                          str(tmp_path / "studies"), "--out", str(out), "--tracking-uri", uri, "--batch-size", "4"],
+                          str(tmp_path / "studies"), "--out", str(out), "--tracking-uri", uri, "--batch-size", "4",
+                          "--num-workers", "1"],  # a replica count: the pool, on a local Ray
                          env=user_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "started a local Ray on 127.0.0.1" in run.stderr and "ray was imported before" not in run.stderr
@@ -86,6 +88,40 @@ def test_predict_png_jpeg_dicom_and_unreadable_files(registered, tmp_path):
     direct = loading.load(model, uri).model  # the same model on the same preprocessing, outside Ray
     x = images.preprocess(files["a.png"], SIZE).astype(np.float32)[None, ..., None] / 255
     np.testing.assert_allclose(probs[name["a.png"]], direct.predict(x, verbose=0)[0], atol=1e-5)
+
+    from cxr.predict import predict
+
+    ray_up = lambda: "ray" in sys.modules and sys.modules["ray"].is_initialized()  # noqa: E731
+    before = ray_up()
+    here = predict(model, str(tmp_path / "studies"), str(tmp_path / "here.csv"), batch_size=4, tracking_uri=uri,
+                   progress=False)  # no replica count, no cluster: the replica is this process, Ray never starts
+    assert (here.predicted, here.errors) == (6, 3) and ray_up() == before
+    local = pd.read_csv(tmp_path / "here.csv")
+    assert list(local["path"]) == list(table["path"])
+    np.testing.assert_allclose(local[list(FINDINGS)].to_numpy(), probs, atol=1e-6)
+    assert pd.read_csv(tmp_path / "here.errors.csv").equals(errors)
+
+
+def test_a_split_scored_in_the_driver_equals_the_pool(registered, phantom_shards):
+    """Both parts of the pool (2 replicas on a local Ray) and the driver's one replica give every image of the test
+    and val splits the same probabilities, and the labels the split has."""
+    from cxr import cluster
+    from cxr.data import source as sources
+    from cxr.inference import predict_splits
+
+    uri, model = registered
+    data = sources.data_config(phantom_shards, SIZE)
+    here = predict_splits(model, data, ["test", "val"], outputs=len(FINDINGS), batch_size=8, tracking_uri=uri,
+                          progress=False)
+    try:
+        pool = predict_splits(model, data, ["test", "val"], outputs=len(FINDINGS), batch_size=8, tracking_uri=uri,
+                              replicas=2, progress=False)
+    finally:
+        cluster.stop_local()
+    for split in ("test", "val"):
+        assert here[split].missing == 0 and len(here[split].seen) == sources.for_config(data).split_size(data, split)
+        np.testing.assert_allclose(pool[split].probs, here[split].probs, atol=1e-6, err_msg=split)
+        np.testing.assert_array_equal(pool[split].labels, here[split].labels)
 
 
 def test_predict_refuses_a_wrong_model_or_nothing_to_read(registered, tmp_path):
