@@ -147,7 +147,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cxr.predict import predict
 
     s = predict(args.model, args.images, args.out, num_workers=args.num_workers, batch_size=args.batch_size,
-                tracking_uri=args.tracking_uri)
+                tracking_uri=args.tracking_uri, operating_point=args.operating_point)
+    if s.thresholds:  # warnings (a model trained on phantoms, no thresholds) were logged as they were found
+        print(f"yes/no columns: {s.thresholds}")
     print(f"predicted {s.predicted:,} of {s.inputs:,} images into {redact(s.out)} in {s.seconds:.1f} s "
           f"({s.images_per_second:,.1f} img/s)"
           + (f"; {s.errors:,} could not be read, listed with why in {redact(s.errors_out)}" if s.errors else ""))
@@ -312,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--num-workers", type=int, default=None, help="model replicas (default: one per GPU, else one "
                     "per node)")
     pr.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    pr.add_argument("--operating-point", choices=("sensitivity", "youden"), default="sensitivity",
+                    help="the yes/no columns' thresholds, as the model's recorded `cxr evaluate` chose them on "
+                    "validation: at its target sensitivity (0.9) or at Youden's J (default: sensitivity)")
     pr.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                     help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI)")
     pr.set_defaults(func=cmd_predict)

@@ -11,13 +11,19 @@ rows = input files.
 from __future__ import annotations
 
 import glob
+import json
+import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from cxr import storage
 from cxr.redact import redact
+
+log = logging.getLogger(__name__)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
@@ -49,6 +55,8 @@ class Summary:
     seconds: float
     out: str
     errors_out: str | None
+    thresholds: str | None = None  # which thresholds the yes/no columns are at (None: no columns)
+    warnings: tuple[str, ...] = ()
 
     @property
     def images_per_second(self) -> float:
@@ -56,11 +64,13 @@ class Summary:
 
 
 def predict(model_uri: str, spec: str, out: str, num_workers: int | None = None, batch_size: int = 32,
-            tracking_uri: str | None = None, progress: bool = True) -> Summary:
-    """Predict every image `spec` names with the model at `model_uri`; write `out` (.parquet or .csv)."""
+            tracking_uri: str | None = None, progress: bool = True, operating_point: str = "sensitivity") -> Summary:
+    """Predict every image `spec` names with the model at `model_uri`; write `out` (.parquet or .csv) with a
+    yes/no column per finding at the thresholds its recorded evaluation chose on validation, when it has any."""
     import pandas as pd
     from tqdm import tqdm
 
+    from cxr.evaluation.evaluate import stored_thresholds
     from cxr.inference import predict_files
     from cxr.models import loading
 
@@ -71,6 +81,16 @@ def predict(model_uri: str, spec: str, out: str, num_workers: int | None = None,
     provenance = {"model_uri": redact(model_uri),
                   "model_version": loaded.registered[1] if loaded.registered else "",
                   "training_fingerprint": loaded.tags.get("cxr.data.fingerprint", "")}
+    chosen = stored_thresholds(loaded, tracking_uri, operating_point) if loaded.registered else None
+    warnings = []
+    if loaded.tags.get("cxr.data.synthetic") == "true":
+        warnings.append("this model was trained on `cxr synth` phantoms, not radiographs: its probabilities on real "
+                        "films mean nothing")
+    if chosen is None:
+        warnings.append("no yes/no columns: the model has no thresholds (run `cxr evaluate` on its registered "
+                        "version to choose them on validation)")
+    for text in warnings:
+        log.warning("%s: %s", redact(model_uri), text)
     rows, errors = [], []
     t0 = time.perf_counter()
     with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
@@ -85,22 +105,44 @@ def predict(model_uri: str, spec: str, out: str, num_workers: int | None = None,
             bar.update(len(batch["index"]))
     seconds = time.perf_counter() - t0
     table = pd.DataFrame(rows, columns=["index", "path", *loaded.findings, *provenance]).sort_values("index")
-    _write(table.drop(columns="index"), out)
+    if chosen is not None:
+        for f in loaded.findings:
+            t = chosen.values.get(f)
+            table.insert(table.columns.get_loc(loaded.findings[-1]) + 1 + loaded.findings.index(f), f"{f} positive",
+                         "" if t is None else np.where(table[f] >= t, "yes", "no"))
+    meta = {**provenance, "operating_point": chosen.point if chosen else None,
+            "thresholds": chosen.values if chosen else {}, "threshold_source": chosen.source if chosen else None,
+            "synthetic_training_data": loaded.tags.get("cxr.data.synthetic") == "true", "warnings": warnings}
+    _write(table.drop(columns="index"), out, meta)
     errors_out = None
     if errors:
         errors_out = out.rsplit(".", 1)[0] + ".errors.csv"
         _write(pd.DataFrame(errors).sort_values("index").drop(columns="index"), errors_out)
-    return Summary(len(paths), len(rows), len(errors), seconds, out, errors_out)
+    return Summary(len(paths), len(rows), len(errors), seconds, out, errors_out, chosen.source if chosen else None,
+                   tuple(warnings))
 
 
-def _write(frame: Any, url: str) -> None:
-    """A table to a local path or any fsspec URL, by extension."""
+def _write(frame: Any, url: str, meta: dict | None = None) -> None:
+    """A table to a local path or any fsspec URL, by extension; `meta` into a Parquet's schema (key "cxr") and
+    beside either as <stem>.meta.json. A CSV's probabilities are rounded to 4 places (a table for reading)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="cxr-predict-") as tmp:
         local = os.path.join(tmp, os.path.basename(url))
         if url.endswith(".parquet"):
-            frame.to_parquet(local, index=False)
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if meta is not None:
+                table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                                       b"cxr": json.dumps(meta).encode()})
+            pq.write_table(table, local)
         else:
-            frame.to_csv(local, index=False)
+            frame.to_csv(local, index=False, float_format="%.4f")
         storage.upload(local, url)
+        if meta is not None:
+            side = os.path.join(tmp, "meta.json")
+            with open(side, "w") as fh:
+                json.dump(meta, fh, indent=1)
+            storage.upload(side, url.rsplit(".", 1)[0] + ".meta.json")

@@ -50,6 +50,14 @@ def _parent(url: str) -> str:
     return url.rsplit("/", 1)[0] if "://" in url else os.path.dirname(url)
 
 
+SYNTHETIC = "cxr-synthetic.json"  # written by `cxr synth` into a root: models trained on it are marked so
+
+
+def is_synthetic(root: str) -> bool:
+    """Whether a dataset root was written by `cxr synth` (phantoms, not radiographs)."""
+    return storage.exists(storage.join(root, SYNTHETIC))
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A read manifest: typed accessors over the JSON, so nobody else indexes into it."""
@@ -95,6 +103,11 @@ class Manifest:
     @property
     def dataset_name(self) -> str:
         return self.dataset["name"] if self.dataset else "nih"
+
+    @property
+    def synthetic(self) -> bool:
+        """Prepared from a `cxr synth` root (a manifest from before the mark says nothing: False)."""
+        return bool(self.data["source"].get("synthetic", False))
 
     def label_counts(self, split: str) -> tuple[list[int], int]:
         """(positives per finding in `findings` order, images) of a split: what the weighted loss needs."""
@@ -191,6 +204,7 @@ def build(ds: metadata.Dataset, preprocessing: dict[str, Any], receipts: list[di
         "source": {
             "root": redact(ds.root), "csv": ds.csv_name, "fingerprint": source_fingerprint(ds),
             "rows_read": ds.rows_read, "usable_rows": len(ds.table), "official_split": ds.official_split,
+            "synthetic": is_synthetic(ds.root),
         },
         "splits": _splits(receipts, labels.FINDINGS, nih=True),
         "quarantine": quarantine,
@@ -222,7 +236,7 @@ def build_spec(ds: TabularDataset, preprocessing: dict[str, Any], receipts: list
         "source": {
             "root": redact(ds.root), "csv": ds.files[0], "files": list(ds.files), "fingerprint": spec_fingerprint(ds),
             "rows_read": ds.rows_read, "usable_rows": len(ds.table), "official_split": ds.official_split,
-            "split_note": ds.split_note,
+            "split_note": ds.split_note, "synthetic": is_synthetic(ds.root),
         },
         "splits": _splits(receipts, findings, nih=False),
         "quarantine": quarantine,

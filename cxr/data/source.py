@@ -176,6 +176,15 @@ RAW = DataSource(_raw_dataset, _raw_size, _raw_counts, _raw_stored_size, may_ski
 # ------------------------------------------------------------------------------------- data by its URI
 
 
+def synthetic(data: cfgmod.Data) -> bool:
+    """Whether the data are `cxr synth` phantoms: a model trained on them says so wherever it predicts."""
+    from cxr.data import manifest
+
+    if data.source == "shards":
+        return manifest.load(data.manifest_uri).synthetic
+    return manifest.is_synthetic(data.root)
+
+
 def data_tags(data: cfgmod.Data, redacted: bool = True) -> dict[str, str]:
     """What a model's run must say about its data so it can be scored again exactly as it was split and sized."""
     from cxr.redact import redact

@@ -38,6 +38,7 @@ from cxr.labels import FINDINGS
 from cxr.redact import redact
 
 log = logging.getLogger(__name__)
+THRESHOLDS_TAG = "cxr.thresholds"  # a registered version's tag: its report whose validation thresholds predict applies
 
 ANCHORS = (  # mean AUROC over the 14 findings as published, with the split each was measured on
     {"model": "Wang et al. 2017 (ResNet-50)", "split": "official NIH split", "mean_auroc": 0.745},
@@ -207,5 +208,38 @@ def _record(evaluation: Evaluation, loaded: Any, tracking_uri: str | None) -> No
         mean = rep["auroc"]["mean"]
         tags = {f"{split}_auroc_mean": mean["auroc"], f"{split}_auroc_ci": f"{mean['low']}..{mean['high']}",
                 f"{split}_fingerprint": rep["data"]["fingerprint"]}
+        if rep["findings"]:  # thresholds were chosen on validation: `cxr predict` applies them
+            tags[THRESHOLDS_TAG] = f"evaluation/{split}/report.json"
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, str(value))
+
+
+@dataclass(frozen=True)
+class StoredThresholds:
+    """A registered version's per-finding thresholds from its latest recorded evaluation, and what they are."""
+
+    values: dict[str, float | None]  # None: validation could not choose one (no positive, say)
+    point: str  # "sensitivity" or "youden"
+    source: str  # one line for people: which operating point, chosen on what
+
+
+def stored_thresholds(loaded: Any, tracking_uri: str | None, point: str = "sensitivity") -> StoredThresholds | None:
+    """The thresholds `cxr evaluate` recorded for this registered version (None if it never chose any)."""
+    import mlflow
+
+    where = loaded.version_tags.get(THRESHOLDS_TAG)
+    if not where or not loaded.run_id:
+        return None
+    with tempfile.TemporaryDirectory(prefix="cxr-thresholds-") as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=loaded.run_id, artifact_path=where, dst_path=tmp,
+                                                   tracking_uri=tracking_uri)
+        with open(path) as fh:
+            rep = json.load(fh)
+    chosen = {f: v["thresholds"] for f, v in rep["findings"].items()}
+    key = "at_sensitivity" if point == "sensitivity" else "youden"
+    target = next(iter(chosen.values()))["sensitivity_target"]
+    what = f"sensitivity {target:g}" if point == "sensitivity" else "Youden's J"
+    name, version = loaded.registered
+    return StoredThresholds({f: t[key] for f, t in chosen.items()}, point,
+                            f"thresholds at {what} on the {rep['data']['threshold_split']} split, from the recorded "
+                            f"`cxr evaluate` of {name} version {version} (data {rep['data']['fingerprint'][:12]})")

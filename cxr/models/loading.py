@@ -31,6 +31,7 @@ class LoadedModel:
     findings: tuple[str, ...] = FINDINGS  # its outputs, in order: the label set it was trained on
     model_id: str | None = None  # MLflow's LoggedModel id (m-…): what saved predictions are matched on
     size: int | None = None  # the input side, when described without loading the model
+    version_tags: dict[str, str] = field(default_factory=dict)  # the registered version's (what evaluate stored)
 
     @property
     def image_size(self) -> int:
@@ -117,7 +118,7 @@ def _from_mlflow(uri: str, tracking_uri: str | None, weights: bool = True) -> Lo
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    run_id, registered, model_id = None, None, None
+    run_id, registered, model_id, version_tags = None, None, None, {}
     if uri.startswith("models:/") and not uri.startswith("models:/m-"):
         name, _, ref = uri[len("models:/"):].partition("@")
         if ref:  # an alias
@@ -125,7 +126,7 @@ def _from_mlflow(uri: str, tracking_uri: str | None, weights: bool = True) -> Lo
         else:
             name, _, number = name.rpartition("/")
             version = client.get_model_version(name, number)
-        run_id, registered = version.run_id, (version.name, str(version.version))
+        run_id, registered, version_tags = version.run_id, (version.name, str(version.version)), dict(version.tags)
         model_id = version.source.removeprefix("models:/") if version.source.startswith("models:/m-") else None
     elif uri.startswith("models:/m-"):
         model_id = uri[len("models:/"):]
@@ -139,7 +140,7 @@ def _from_mlflow(uri: str, tracking_uri: str | None, weights: bool = True) -> Lo
         size = (info.metadata or {}).get(IMAGE_SIZE)
         outputs = info.signature.outputs.input_names() if info.signature and info.signature.outputs else None
         if size is not None and outputs and all(isinstance(n, str) for n in outputs):
-            return LoadedModel(None, uri, run_id, registered, tags, tuple(outputs), model_id, int(size))
+            return LoadedModel(None, uri, run_id, registered, tags, tuple(outputs), model_id, int(size), version_tags)
     import tempfile
 
     # One model download, not a progress bar per file through the caller's own progress or table.
@@ -152,4 +153,5 @@ def _from_mlflow(uri: str, tracking_uri: str | None, weights: bool = True) -> Lo
         if os.path.exists(stored):
             with open(stored) as fh:
                 names = json.load(fh)
-    return LoadedModel(model, uri, run_id, registered, tags, _checked_findings(model, names, uri), model_id)
+    return LoadedModel(model, uri, run_id, registered, tags, _checked_findings(model, names, uri), model_id,
+                       version_tags=version_tags)

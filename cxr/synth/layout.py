@@ -252,6 +252,16 @@ def _write_metadata(out_root: str, rows: list[_Row], boxes: dict[int, dict[str, 
     return csv_name, n_boxes
 
 
+def mark_synthetic(out_root: str, what: dict) -> None:
+    """The root's mark (`cxr.data.manifest.SYNTHETIC`): prepare records it, training tags the run, predict warns."""
+    import json
+
+    from cxr.data.manifest import SYNTHETIC
+
+    with open(os.path.join(out_root, SYNTHETIC), "w") as fh:
+        json.dump({"generator": "cxr synth", **what}, fh, indent=1)
+
+
 def synthesize(out_root: str, patients: int, size: int = 256, seed: int = 0, messy: bool = False,
                workers: int | None = None, progress: bool = True) -> dict:
     """Write an NIH ChestX-ray14-shaped dataset of phantoms under the local directory `out_root`.
@@ -273,6 +283,7 @@ def synthesize(out_root: str, patients: int, size: int = 256, seed: int = 0, mes
     jobs = [_Job(r.index, os.path.join(images_dir, r.name), r.y, r.view, seed, size, r.defect) for r in rows]
     boxes = _draw_all(jobs, workers or os.cpu_count() or 1, progress)
     csv_name, n_boxes = _write_metadata(out_root, rows, boxes, defects, size)
+    mark_synthetic(out_root, {"layout": "nih", "seed": seed, "patients": patients, "size": size})
     y = np.stack([r.y for r in rows])
     summary = {
         "out_root": out_root,

@@ -238,4 +238,5 @@ def synthesize(out_root: str, layout_name: str, patients: int, size: int = 256, 
     }
     with open(os.path.join(out_root, QUIRKS_FILE), "w") as fh:
         json.dump(record, fh, indent=1)
+    layout.mark_synthetic(out_root, {"layout": layout_name, "seed": seed, "patients": patients, "size": size})
     return {**record, "out_root": out_root, "images": len(jobs), "seconds": round(time.perf_counter() - started, 3)}

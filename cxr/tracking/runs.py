@@ -69,10 +69,10 @@ def run_tags(cfg: Any, fingerprint: str) -> dict[str, str]:
     """What a run was made of, so runs can be compared and a model traced back: data, code, libraries, cluster."""
     import importlib.metadata as md
 
-    from cxr.data.source import data_tags
+    from cxr.data.source import data_tags, synthetic
 
     data = cfg.data
-    tags = {**data_tags(data), "cxr.data.fingerprint": fingerprint,
+    tags = {**data_tags(data), "cxr.data.fingerprint": fingerprint, "cxr.data.synthetic": str(synthetic(data)).lower(),
             "cxr.splits": f"train={data.train_split},val={data.val_split},test=test", "cxr.git_commit": git_commit()}
     for package in ("cxr", "tensorflow", "keras", "ray", "mlflow"):
         try:
