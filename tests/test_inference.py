@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -99,3 +101,19 @@ def test_predict_refuses_a_wrong_model_or_nothing_to_read(registered, tmp_path):
     wrong = subprocess.run([*args, "--model", "models:/tiny/7", "--images", str(tmp_path / "x.png")],
                            env=quiet_env(), capture_output=True, text=True, timeout=300)
     assert wrong.returncode != 0 and "Traceback" not in wrong.stderr and "tiny" in wrong.stderr, wrong.stderr[-2000:]
+
+
+def test_predict_that_reads_no_image_exits_non_zero_with_the_errors_listed(registered, tmp_path):
+    """Before: "predicted 0 of 1 images", exit 0."""
+    uri, model = registered
+    (tmp_path / "notes.png").write_bytes(b"not an image at all")
+    run = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", "--model", model, "--tracking-uri", uri,
+                          "--images", str(tmp_path / "notes.png"), "--out", str(tmp_path / "p.csv")],
+                         env=quiet_env(), capture_output=True, text=True, timeout=600)
+    for kept in re.findall(r"folder \(its logs\) is kept: (\S+)", run.stderr):  # a failure keeps it
+        shutil.rmtree(kept)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "predicted 0 of 1 images" in run.stdout
+    assert "cxr predict: error: none of the 1 images could be read" in run.stderr
+    errors = pd.read_csv(tmp_path / "p.errors.csv")
+    assert list(errors["path"]) == [str(tmp_path / "notes.png")] and "not an image" in errors["error"][0]
