@@ -140,7 +140,11 @@ def finish(keep: bool) -> None:
     process of its session still alive) and say where it is, in one line."""
     global _temp_dir
     temp_dir, _temp_dir = _temp_dir, None
-    stop_local()
+    try:
+        stop_local()
+    except Exception as exc:  # noqa: BLE001 - the command's own outcome stands; its Ray's folder is kept to look at
+        log.warning("stopping the local Ray failed: %s", exc)
+        keep = True
     if temp_dir is None or not os.path.isdir(temp_dir):
         return
     import ray
