@@ -15,6 +15,9 @@ from cxr.storage import StorageError
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from cxr.data import roots
+
+    roots.require(args.data_root)  # "no such folder", not a metadata file missing from it
     if args.dataset not in (None, "nih"):
         return _inspect_spec(args)
     from cxr.data import metadata
@@ -153,6 +156,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"predicted {s.predicted:,} of {s.inputs:,} images into {redact(s.out)} in {s.seconds:.1f} s "
           f"({s.images_per_second:,.1f} img/s)"
           + (f"; {s.errors:,} could not be read, listed with why in {redact(s.errors_out)}" if s.errors else ""))
+    if not s.predicted:
+        print(f"cxr predict: error: none of the {s.inputs:,} images could be read", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -170,10 +176,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(ex.table)
         print(f"localization: {redact(args.out)}/localization.md (and .json, T(IoBB) and T(IoU))")
     shown = sum(len(v) for v in ex.overlays.values())
-    print(f"overlays: {redact(args.out)}/overlays/ ({shown} for {', '.join(sorted(ex.overlays))}); contact sheets: "
-          f"{redact(args.out)}/sheets/")
+    if shown:
+        print(f"overlays: {redact(args.out)}/overlays/ ({shown} for {', '.join(sorted(ex.overlays))}); contact "
+              f"sheets: {redact(args.out)}/sheets/")
     if ex.run_id:
         print(f"logged to MLflow run {ex.run_id} under explain/")
+    if not ex.explained:
+        print(f"cxr explain: error: none of the {ex.images:,} images could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from cxr import config
+
+    sys.stdout.write(config.reference() if args.doc else config.show(args.config, args.overrides))
     return 0
 
 
@@ -271,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_prepare)
 
     t = _parser(sub, "train", "train on Ray, score the best checkpoint on test, record the run in MLflow", verbose)
-    t.add_argument("--config", required=True, help="YAML config (configs/demo.yaml, configs/chexnet.yaml, ...)")
+    t.add_argument("--config", required=True, help="YAML config (configs/demo.yaml, ...); every key, its type, "
+                   "default and meaning: docs/configuration.md; `cxr config --show` prints the resolved config")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
     t.add_argument("--promote", action="store_true", help="evaluate the new model version and promote it over "
                    "@champion if it is better by `cxr promote`'s rules (what scheduled retraining runs)")
@@ -340,6 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-record", action="store_true", help="do not log the figures to the model's MLflow run")
     x.set_defaults(func=cmd_explain)
 
+    c = _parser(sub, "config", "print a config file plus overrides as resolved, or the reference of every key", verbose)
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--show", action="store_true", help="the resolved config as YAML: what `cxr train` would use")
+    what.add_argument("--doc", action="store_true", help="every key's type, default, meaning: docs/configuration.md")
+    c.add_argument("--config", default=None, help="with --show: the YAML config")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="with --show: overrides, e.g. optim.lr=3e-4")
+    c.set_defaults(func=cmd_config)
+
     m = _parser(sub, "promote", "compare a registered version with @champion on the same test patients and move the "
                 "alias only if it is better with confidence", verbose)
     m.add_argument("--model-name", required=True, help="the registered model")
@@ -383,6 +409,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; its local Ray (if it started one) ends with it, its folder kept if it failed or with -v."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter hides our output
     args = parse(argv)
     args.verbose = getattr(args, "verbose", False)
@@ -396,7 +423,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model loaded
     # MLflow prints "View run … at: URL" with the URL as given, credentials included; cxr prints its own.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    code = 1  # until the command returns: an exception keeps the local Ray's folder too
     try:
+        code = _run(args)
+        return code
+    finally:
+        if "cxr.cluster" in sys.modules:  # a local Ray may have started
+            sys.modules["cxr.cluster"].finish(keep=code != 0 or args.verbose)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's exit code: 2 for bad input, 1 for storage or MLflow that failed; a bug's traceback."""
+    try:
+        if getattr(args, "model", None):  # evaluate, predict, explain: a model in an MLflow store needs the store
+            from cxr.models.loading import require_tracking
+
+            require_tracking(args.model, args.tracking_uri)
         return int(args.func(args))
     except (FileNotFoundError, ValueError) as exc:  # includes config.ConfigError
         print(f"cxr {args.command}: error: {redact(str(exc))}", file=sys.stderr)

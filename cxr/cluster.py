@@ -8,7 +8,9 @@ A reaper in its own session outlives a driver that is SIGKILLed: it holds the re
 and when the pipe closes it kills every process of the driver's Ray session. Ray's own fate sharing takes down the
 GCS and raylet with the driver, but not the agents the raylet started, which linger for a minute or more.
 
-Run as a script (`python cluster.py TEMP_DIR RAY_DIR`), this module is that reaper: standard library only.
+Run as a script (`python cluster.py TEMP_DIR RAY_DIR`), this module is that reaper: standard library only. It
+only kills; the local Ray's folder (`cxr-ray-*`: logs, sockets, spilled objects) is removed by `finish`, which the
+`cxr` command calls when it ends, and kept for a failed command or `-v`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import atexit
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +30,9 @@ import time
 log = logging.getLogger(__name__)
 
 SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+TEMP_PREFIX = "cxr-ray-"
 _reaper: subprocess.Popen | None = None
+_temp_dir: str | None = None  # the folder of the local Ray this process started (None: none started)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -53,7 +58,7 @@ def started_local() -> bool:
 
 def _start_local(num_cpus: int | None) -> None:
     """ray.init on 127.0.0.1 in a private temp dir, with the reaper watching it from before the first process."""
-    global _reaper
+    global _reaper, _temp_dir
     loopback = "ray" not in sys.modules or os.environ.get(SINGLE_NODE) == "0"
     if "ray" not in sys.modules:
         os.environ[SINGLE_NODE] = "0"  # before the import: Ray reads it there (ray_constants.ENABLE_RAY_CLUSTER)
@@ -68,7 +73,8 @@ def _start_local(num_cpus: int | None) -> None:
                     "before importing ray, or leave the import to cxr.", SINGLE_NODE, SINGLE_NODE)
     stop_local()  # the reaper of an earlier local Ray that was shut down by ray.shutdown() alone
     root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"  # where Ray itself would go
-    temp_dir = tempfile.mkdtemp(prefix="cxr-ray-", dir=root)  # short: Ray's socket paths must stay < 108 bytes
+    temp_dir = os.path.abspath(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))  # short: socket paths < 108 bytes
+    _temp_dir = temp_dir
     _reaper = _spawn_reaper(temp_dir, os.path.dirname(ray.__file__))
     try:
         # The dashboard (on 127.0.0.1) serves Ray's State API, which Ray Train's placement-group cleaner polls.
@@ -132,6 +138,41 @@ def stop_local(timeout: float = 20.0) -> None:
 
 
 atexit.register(stop_local)  # atexit runs last-registered first: this may come before or after Ray's own hook
+
+
+def finish(keep: bool) -> None:
+    """The end of a command: stop the local Ray, then remove its folder, or keep it (a failed command, `-v`, a
+    process of its session still alive) and say where it is, in one line."""
+    global _temp_dir
+    temp_dir, _temp_dir = _temp_dir, None
+    try:
+        stop_local()
+    except Exception as exc:  # noqa: BLE001 - the command's own outcome stands; its Ray's folder is kept to look at
+        log.warning("stopping the local Ray failed: %s", exc)
+        keep = True
+    if temp_dir is None or not os.path.isdir(temp_dir):
+        return
+    import ray
+
+    executables = (os.path.realpath(sys.executable), os.path.realpath(os.path.dirname(ray.__file__)) + os.sep)
+    if keep or session_processes(temp_dir, executables, {os.getpid()}):
+        log.info("the local Ray's folder (its logs) is kept: %s", temp_dir)
+        return
+    remove_temp_dir(temp_dir)
+
+
+def remove_temp_dir(temp_dir: str) -> None:
+    """Delete a local Ray's folder and nothing else: a real directory named cxr-ray-*, not a link to one; a link
+    inside it is removed, never followed (shutil.rmtree's fd-based walk on Linux)."""
+    if (not os.path.basename(temp_dir.rstrip(os.sep)).startswith(TEMP_PREFIX) or os.path.islink(temp_dir)
+            or not shutil.rmtree.avoids_symlink_attacks):
+        log.info("the local Ray's folder is kept: %s (not a cxr-ray-* folder this platform can remove safely)",
+                 temp_dir)
+        return
+    try:
+        shutil.rmtree(temp_dir)
+    except OSError as exc:
+        log.warning("could not remove the local Ray's folder %s: %s", temp_dir, exc)
 
 
 # ------------------------------------------------------------------------------------------- the reaper

@@ -9,14 +9,19 @@ config (defaults filled in, precision chosen, credentials in URLs masked) is wha
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from cxr import storage
+from cxr.models import MODEL_NAMES
 from cxr.redact import redact
 
 Precision = Literal["float32", "mixed_bfloat16", "mixed_float16"]
@@ -47,13 +52,13 @@ class Augment(Section):
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, frozen=True)
 
-    enabled: bool = True
-    rotate_deg: float = Field(7.0, ge=0.0, le=45.0)
+    enabled: bool = Field(True, description="false: no augmentation at all, whatever the ranges below")
+    rotate_deg: float = Field(7.0, ge=0.0, le=45.0, description="largest rotation, in degrees either way")
     scale: tuple[float, float] = Field((0.9, 1.1), description="zoom range (a factor of 1 is no zoom)")
     translate: float = Field(0.05, ge=0.0, lt=0.5, description="fraction of the image side")
     brightness: float = Field(0.1, ge=0.0, le=1.0, description="additive, fraction of the full range")
     contrast: float = Field(0.1, ge=0.0, le=1.0, description="gain in [1 - c, 1 + c] around each image's mean")
-    hflip: bool = False
+    hflip: bool = Field(False, description="random left-right flips (off: a flipped film puts the heart on the right)")
     kernel: Literal["xla", "tf"] = Field("xla", description="xla: fused bilinear gather; tf: the reference op")
 
 
@@ -63,11 +68,12 @@ class Data(Section):
     source: Literal["shards", "raw"] = Field("shards", description="shards: manifest_uri; raw: root")
     manifest_uri: str | None = Field(None, description="manifest.json written by `cxr prepare` (or its folder)")
     root: str | None = Field(None, description="raw mode: a dataset root laid out like NIH's (path or fsspec URL)")
-    image_size: int = Field(224, ge=32, le=1024)
-    train_split: str = "train"
-    val_split: str = "val"
-    augment: Augment = Field(default_factory=Augment)
-    seed: int = 0
+    image_size: int = Field(224, ge=32, le=1024, description="side in pixels of the model's square input")
+    train_split: str = Field("train", description="the split trained on")
+    val_split: str = Field("val", description="the split scored each epoch: the best checkpoint, lr plateaus, "
+                           "early stopping")
+    augment: Augment = Field(default_factory=Augment, description="training-time augmentation")
+    seed: int = Field(0, description="seed of the weights' initialisation, the shuffle and the augmentation")
     allow_upsample: bool = Field(False, description="train above the stored image size (blurry: refused unless set)")
     raw_size: int | None = Field(None, ge=32, le=4096, description="raw mode: images are preprocessed to this side "
                                  "first, as `cxr prepare --size` would (default: image_size)")
@@ -105,9 +111,10 @@ class Data(Section):
 
 
 class Model(Section):
-    name: str = Field("small_cnn", description="a name in cxr.models.MODELS")
-    weights: str | None = Field(None, description="initial weights file (local path or fsspec URL)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    name: str = Field("small_cnn", description=f"the architecture: {', '.join(MODEL_NAMES)} (cxr.models)")
+    weights: str | None = Field(None, description="initial weights: a weights file or checkpoint folder (local path "
+                                "or fsspec URL), or an MLflow model URI")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout rate before the classifier head (0: none)")
 
     @field_validator("name")
     @classmethod
@@ -122,17 +129,18 @@ class Model(Section):
 class Optim(Section):
     batch_size: int = Field(16, ge=1, description="per worker; the global batch is this x num_workers")
     eval_batch_size: int | None = Field(None, ge=1, description="per worker; default 2 x batch_size")
-    lr: float = Field(1e-3, gt=0.0)
-    epochs: int = Field(10, ge=1)
+    lr: float = Field(1e-3, gt=0.0, description="Adam's learning rate (the schedule's start)")
+    epochs: int = Field(10, ge=1, description="epochs to train; raising it continues a finished run")
     steps_per_epoch: int | None = Field(None, ge=1, description="default: train size // global batch")
-    weighted_loss: bool = False
+    weighted_loss: bool = Field(False, description="weight each finding's positive and negative terms by the "
+                                "training split's counts (Wang et al.)")
     lr_schedule: Literal["plateau", "cosine"] = Field("plateau", description=(
         "plateau: lr x plateau_factor when val AUROC stalls; cosine: lr down to min_lr over the epochs"))
     plateau_patience: int = Field(1, ge=1, description="epochs without val AUROC gain before lr drops")
-    plateau_factor: float = Field(0.1, gt=0.0, lt=1.0)
-    min_lr: float = Field(1e-6, ge=0.0)
+    plateau_factor: float = Field(0.1, gt=0.0, lt=1.0, description="plateau: what lr is multiplied by at a stall")
+    min_lr: float = Field(1e-6, ge=0.0, description="the lowest lr either schedule goes to")
     early_stopping_patience: int | None = Field(None, ge=1, description="null: never stop early")
-    steps_per_log: int = Field(50, ge=1)
+    steps_per_log: int = Field(50, ge=1, description="training steps between logged loss and throughput")
 
     @model_validator(mode="after")
     def _cosine_decays(self) -> Optim:
@@ -143,10 +151,11 @@ class Optim(Section):
 
 
 class Scaling(Section):
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] | None = None
-    precision: Precision | None = Field(None, description="default: mixed_float16 on GPU, else CPU_PRECISION")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers, one model replica each (data parallel)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    resources_per_worker: dict[str, float] | None = Field(None, description="Ray resources a worker books, e.g. "
+                                                          "{CPU: 4} (default: 1 CPU, plus 1 GPU with use_gpu)")
+    precision: Precision | None = Field(None, description=f"default: {GPU_PRECISION} on GPU, else {CPU_PRECISION}")
     resources_timeout_s: float = Field(600.0, ge=0.0, description=(
         "on a cluster, how long to wait for the workers' resources (an autoscaler adding nodes) before failing"))
 
@@ -160,7 +169,7 @@ class Scaling(Section):
 class Tracking(Section):
     tracking_uri: str | None = Field(None, description="MLflow: a server URL, or sqlite:///path (default "
                                      "sqlite:///mlflow.db in the working directory)")
-    experiment: str = "cxr"
+    experiment: str = Field("cxr", description="the MLflow experiment the run is recorded in")
     run_name: str | None = Field(None, description="the MLflow run's name (default: run.name)")
     registered_model: str | None = Field(None, description="registry name of the trained model (default: the "
                                          "experiment's name)")
@@ -181,18 +190,21 @@ class Run(Section):
 
 
 class Config(Section):
-    data: Data
-    model: Model = Field(default_factory=Model)
-    optim: Optim = Field(default_factory=Optim)
-    scaling: Scaling = Field(default_factory=Scaling)
-    tracking: Tracking = Field(default_factory=Tracking)
-    run: Run = Field(default_factory=Run)
+    data: Data = Field(description="where the images come from (required: data.manifest_uri, or data.root in raw "
+                       "mode)")
+    model: Model = Field(default_factory=Model, description="the network")
+    optim: Optim = Field(default_factory=Optim, description="the optimisation: batch, learning rate, epochs")
+    scaling: Scaling = Field(default_factory=Scaling, description="how many Ray Train workers, on what")
+    tracking: Tracking = Field(default_factory=Tracking, description="where the run is recorded (MLflow)")
+    run: Run = Field(default_factory=Run, description="checkpoints: where, under what name, how many")
 
 
 def load(url: str, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (local path or fsspec URL), apply `key=value` overrides, validate."""
     try:
         raw = yaml.safe_load(storage.read_text(url))
+    except FileNotFoundError:
+        raise ConfigError(f"no such file: {redact(url)}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{url}: not valid YAML: {exc}") from exc
     if raw is None:
@@ -246,6 +258,13 @@ def to_yaml(config: Config) -> str:
 
 def write_resolved(config: Config, url: str) -> None:
     storage.write_text(url, to_yaml(config))
+
+
+def show(url: str | None, overrides: Sequence[str] = ()) -> str:
+    """`cxr config --show`: the config `cxr train --config URL overrides...` would run with, as YAML."""
+    if not url:
+        raise ConfigError("--show needs --config FILE (and key=value overrides, if any)")
+    return to_yaml(with_absolute_paths(load(url, overrides)))
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -309,3 +328,66 @@ def with_absolute_paths(config: Config) -> Config:
         "model": config.model.model_copy(update={"weights": weights if model_uri else absolute(weights)}),
         "run": config.run.model_copy(update={"storage_path": absolute(config.run.storage_path)}),
     })
+
+
+# --------------------------------------------------------------------- the reference: docs/configuration.md
+
+REFERENCE_COMMAND = "python -m cxr.cli config --doc > docs/configuration.md"
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def reference() -> str:
+    """Every key of the schema above with its type, default and meaning, as Markdown: docs/configuration.md is
+    this text (tests/test_config.py fails when they differ), so the reference cannot drift from the code."""
+    lines = ["# Configuration reference", "",
+             f"Generated from the schema in `cxr/config.py` by `{REFERENCE_COMMAND}`; do not edit by hand.", "",
+             "A config is a YAML file of the sections below (`cxr train --config FILE`). Every key has a default "
+             "but the data's location (`data.manifest_uri`, or `data.root` in raw mode); unknown keys are errors. "
+             "On the command line `section.key=value` overrides a key, its value typed as YAML types a scalar "
+             "(`3`, `3e-4`, `true`, `null`, `[a, b]`), and `cxr config --show --config FILE key=value ...` prints "
+             "the config a run would use, defaults filled in.", ""]
+    for name, field in Config.model_fields.items():
+        lines += _section(name, field)
+    return "\n".join(lines)
+
+
+def _section(key: str, field: FieldInfo) -> list[str]:
+    """A section's table (one row per key), then its sub-sections'."""
+    lines = [f"## `{key}`", "", _cell(field.description or "")[:1].upper() + _cell(field.description or "")[1:] + ".",
+             "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    nested = []
+    for name, sub in typing.cast(type[BaseModel], field.annotation).model_fields.items():
+        if isinstance(sub.annotation, type) and issubclass(sub.annotation, Section):
+            nested.append((f"{key}.{name}", sub))
+            continue
+        default = "required" if sub.is_required() else f"`{json.dumps(sub.default)}`"
+        lines.append(f"| `{key}.{name}` | {_type(sub)} | {default} | {_cell(sub.description or '')} |")
+    lines.append("")
+    for sub_key, sub in nested:
+        lines += _section(sub_key, sub)
+    return lines
+
+
+def _type(field: FieldInfo) -> str:
+    """The annotation as a reader would say it, with its bounds: `int, >= 32, <= 1024`."""
+    bounds = [f"{sign} {getattr(m, attr)}" for m in field.metadata for attr, sign in _BOUNDS.items()
+              if getattr(m, attr, None) is not None]
+    return ", ".join([_type_name(field.annotation), *bounds])
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " or ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        named = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(named + (["null"] if type(None) in args else []))
+    if origin is tuple:
+        return "[" + ", ".join(_type_name(a) for a in args) + "]"
+    if origin is dict:
+        return "{" + f"{_type_name(args[0])}: {_type_name(args[1])}" + "}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")

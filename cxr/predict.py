@@ -41,6 +41,8 @@ def list_images(spec: str) -> list[str]:
         found = sorted(os.path.join(d, n) for d, _, files in os.walk(root) for n in files)
     else:
         found = [spec]
+    if found == [spec] and not storage.exists(spec):  # before anything is loaded or started
+        raise FileNotFoundError(f"no such file or folder: {redact(spec)}")
     images = [f for f in found if f.lower().endswith(EXTENSIONS) or len(found) == 1]
     if not images:
         raise FileNotFoundError(f"{redact(spec)}: no image files ({', '.join(EXTENSIONS)})")

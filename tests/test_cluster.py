@@ -234,3 +234,62 @@ def test_local_mode_dies_with_a_killed_driver(tmp_path) -> None:
         if proc.poll() is None:
             proc.kill()
         _kill_leftovers(procs)
+
+
+# ------------------------------------------------------------------------------- the local Ray's folder
+
+
+def test_removing_the_local_rays_folder_never_reaches_outside_it(tmp_path) -> None:
+    """Links inside the folder are removed, not followed; a link named like the folder, or another folder, is kept."""
+    from cxr.cluster import remove_temp_dir
+
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "deep" / "keep.txt").write_text("mine")
+    folder = tmp_path / "cxr-ray-abc123"
+    (folder / "session_1" / "logs").mkdir(parents=True)
+    (folder / "session_1" / "logs" / "raylet.out").write_text("log")
+    (folder / "session_latest").symlink_to(folder / "session_1")
+    (folder / "session_1" / "data").symlink_to(outside)
+    (folder / "note").symlink_to(outside / "deep" / "keep.txt")
+    alias = tmp_path / "cxr-ray-alias"
+    alias.symlink_to(outside)
+    other = tmp_path / "not-ray"
+    other.mkdir()
+    for path in (folder, alias, other):
+        remove_temp_dir(str(path))
+    assert not folder.exists() and not folder.is_symlink()
+    assert (outside / "deep" / "keep.txt").read_text() == "mine" and alias.is_symlink() and other.is_dir()
+
+
+@pytest.mark.slow
+def test_a_commands_local_ray_folder_goes_unless_it_failed_or_ran_verbose(tmp_path) -> None:
+    """`cxr prepare` (which starts a local Ray) leaves no cxr-ray-* folder when it succeeds; with -v, or when it
+    fails (here writing its manifest onto a folder), the folder stays and a log line says where."""
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    env = quiet_env(TMPDIR=temp)
+    env.pop("RAY_TMPDIR", None)
+    cxr = [sys.executable, "-m", "cxr.cli"]
+    prepare = ["prepare", "raw", "out", "--size", "32", "--num-workers", "1"]
+
+    def run(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+        out = subprocess.run([*cxr, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        return out, sorted(n for n in os.listdir(temp) if n.startswith("cxr-ray-"))
+
+    try:
+        subprocess.run([*cxr, "synth", "raw", "--patients", "6", "--size", "32", "--workers", "1"], env=env,
+                       cwd=tmp_path, check=True, capture_output=True, timeout=120)
+        ok, left = run(*prepare)
+        assert ok.returncode == 0 and "started a local Ray" in ok.stderr, ok.stderr[-3000:]
+        assert left == [], left
+        verbose, left = run("-v", *prepare)  # every shard is written already: Ray starts, the manifest is rewritten
+        assert verbose.returncode == 0 and len(left) == 1, (left, verbose.stderr[-3000:])
+        assert f"the local Ray's folder (its logs) is kept: {temp}/{left[0]}" in verbose.stderr
+        shutil.rmtree(os.path.join(temp, left[0]))
+        (tmp_path / "out" / "manifest.json").unlink()
+        (tmp_path / "out" / "manifest.json").mkdir()
+        failed, left = run(*prepare)
+        assert failed.returncode != 0 and len(left) == 1, (left, failed.stderr[-3000:])
+        assert f"the local Ray's folder (its logs) is kept: {temp}/{left[0]}" in failed.stderr
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -174,3 +177,67 @@ def test_every_option_of_every_command_says_what_it_does_and_its_default():
             if action.default not in (None, False, argparse.SUPPRESS):
                 assert "default" in shown, f"cxr {name} {action.option_strings}: default {action.default!r} unsaid"
         assert "(default: None)" not in text and "(default: False)" not in text, f"cxr {name}"
+
+
+# ------------------------------------------------------------------ the reference and `cxr config --show`
+
+DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md")
+
+
+def _cxr(cwd, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxr.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_configuration_reference_is_the_schemas():
+    with open(DOC) as fh:
+        doc = fh.read()
+    assert doc == config.reference(), f"docs/configuration.md is not the schema's: regenerate it with " \
+                                      f"`{config.REFERENCE_COMMAND}`"
+
+
+def test_the_reference_gives_every_key_a_type_its_default_and_a_meaning():
+    """Checked against a validated config, not against the walk that wrote the reference."""
+    rows = {}
+    for line in config.reference().splitlines():
+        if line.startswith("| `"):
+            key, kind, default, meaning = (cell.strip() for cell in line.strip().strip("|").split(" | "))
+            rows[key.strip("`")] = (kind, default, meaning)
+
+    def leaves(node: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in node.items():
+            nested = isinstance(value, dict) and key != "resources_per_worker"
+            out.update(leaves(value, f"{prefix}{key}.") if nested else {f"{prefix}{key}": value})
+        return out
+
+    resolved = leaves(config.validate(MINIMAL).model_dump(mode="json"))
+    assert set(rows) == set(resolved)
+    for key, value in resolved.items():
+        kind, default, meaning = rows[key]
+        assert kind and len(meaning) > 10, key
+        if key not in ("data.manifest_uri", "scaling.precision"):  # given by MINIMAL; chosen by the device
+            assert default == f"`{json.dumps(value)}`", key
+
+
+def test_config_show_resolves_a_file_and_overrides_and_names_a_bad_key(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    shown = _cxr(tmp_path, "config", "--show", "--config", path, "optim.lr=3e-4", "run.name=x")
+    assert shown.returncode == 0, shown.stderr
+    resolved = yaml.safe_load(shown.stdout)
+    assert (resolved["optim"]["lr"], resolved["run"]["name"]) == (3e-4, "x")
+    assert resolved["data"]["manifest_uri"] == f"{tmp_path}/demo-out/shards/manifest.json"  # as cxr train has it
+    assert resolved["scaling"]["precision"] == config.CPU_PRECISION and config.validate(resolved)
+    bad = _cxr(tmp_path, "config", "--show", "--config", path, "optim.lrr=1")
+    assert bad.returncode == 2 and "optim.lrr: unknown key (did you mean optim.lr?)" in bad.stderr, bad.stderr
+    gone = _cxr(tmp_path, "train", "--config", "configs/nope.yaml")  # was: "configs/nope.yaml: no such object"
+    assert gone.returncode == 2 and "cxr train: error: no such file: configs/nope.yaml" in gone.stderr, gone.stderr
+    assert _cxr(tmp_path, "config", "--doc").stdout == config.reference()  # the command the reference names
+
+
+def test_train_help_points_at_the_reference(capsys):
+    from cxr.cli import parse
+
+    with pytest.raises(SystemExit):
+        parse(["train", "-h"])
+    assert "docs/configuration.md" in " ".join(capsys.readouterr().out.split())

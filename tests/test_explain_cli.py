@@ -4,6 +4,8 @@ broken), the NIH sample PNGs and a DICOM of the same pixels, against a model log
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -120,6 +122,21 @@ def test_explain_images_without_ground_truth(logged, tmp_path):
     errors = pd.read_csv(out / "errors.csv")
     assert list(errors["image"]) == ["junk.png"]
     assert "explained 2 of 3 images" in run.stdout
+
+
+def test_explain_that_reads_no_image_exits_non_zero(logged, tmp_path):
+    """Before: "explained 0 of 1 images …; overlays: OUT/overlays/ (0 for ); …", exit 0."""
+    uri, model, _ = logged
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    run = _cli("--model", model, "--tracking-uri", uri, "--images", str(tmp_path / "junk.png"), "--out", str(out),
+               "--no-record")
+    for kept in re.findall(r"folder \(its logs\) is kept: (\S+)", run.stderr):  # a failure keeps it
+        shutil.rmtree(kept)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "explained 0 of 1 images" in run.stdout and "overlays:" not in run.stdout
+    assert "cxr explain: error: none of the 1 images could be read" in run.stderr
+    assert list(pd.read_csv(out / "errors.csv")["image"]) == ["junk.png"]
 
 
 def test_explain_refuses_unknown_findings_and_data_without_boxes(logged, root, tmp_path):

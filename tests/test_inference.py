@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -190,3 +192,19 @@ def test_predict_says_yes_or_no_at_the_recorded_thresholds_and_warns_of_phantoms
     stored = json.loads(pq.read_schema(tmp_path / "y.parquet").metadata[b"cxr"])
     assert "Youden" in youden.thresholds and stored["thresholds"] == {
         f: rep["findings"][f]["thresholds"]["youden"] for f in FINDINGS}
+
+
+def test_predict_that_reads_no_image_exits_non_zero_with_the_errors_listed(registered, tmp_path):
+    """Before: "predicted 0 of 1 images", exit 0."""
+    uri, model = registered
+    (tmp_path / "notes.png").write_bytes(b"not an image at all")
+    run = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", "--model", model, "--tracking-uri", uri,
+                          "--images", str(tmp_path / "notes.png"), "--out", str(tmp_path / "p.csv")],
+                         env=quiet_env(), capture_output=True, text=True, timeout=600)
+    for kept in re.findall(r"folder \(its logs\) is kept: (\S+)", run.stderr):  # a failure keeps it
+        shutil.rmtree(kept)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "predicted 0 of 1 images" in run.stdout
+    assert "cxr predict: error: none of the 1 images could be read" in run.stderr
+    errors = pd.read_csv(tmp_path / "p.errors.csv")
+    assert list(errors["path"]) == [str(tmp_path / "notes.png")] and "not an image" in errors["error"][0]

@@ -256,7 +256,9 @@ def test_cli_json_contract_and_strict(tmp_path):
     bad = _cli("inspect", str(tmp_path), "--strict")
     assert bad.returncode == 1 and "impossible_age" in bad.stdout
     missing = _cli("inspect", str(tmp_path / "nope"))
-    assert missing.returncode == 2 and "no metadata CSV" in missing.stderr
+    assert missing.returncode == 2 and f"cxr inspect: error: no such folder: {tmp_path / 'nope'}" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    assert "no metadata CSV" in _cli("inspect", str(tmp_path / "empty")).stderr
 
 
 def test_non_utf8_byte_is_reported_by_file_line_and_column(tmp_path):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from cxr import labels
+from cxr import labels, storage
 from cxr.data import metadata, tabular
 from cxr.data.spec import load as load_spec
+from cxr.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,13 @@ def findings(dataset: str | None) -> tuple[str, ...]:
 def name(dataset: str | None) -> str:
     """The spec's own name (what a manifest records); `nih` for NIH's reader."""
     return NIH if dataset in (None, NIH) else load_spec(dataset)[0].name
+
+
+def require(root: str) -> None:
+    """A dataset root that is not there fails here, named as such, not later as a file missing from it."""
+    fs, path = storage.filesystem(root)
+    if not storage.retry(root, lambda: fs.isdir(path), "probing"):
+        raise FileNotFoundError(f"{'not a folder' if storage.exists(root) else 'no such folder'}: {redact(root)}")
 
 
 def read(data_root: str, dataset: str | None, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,

@@ -118,11 +118,18 @@ def explain(model_uri: str, out: str, data: str | None = None, images: str | Non
     """Grad-CAM overlays, contact sheets and (with --data) the localization table; see the module docstring."""
     from tqdm import tqdm
 
-    from cxr.explain.gradcam import GradCam, SheetItem, contact_sheet, overlay_png
+    from cxr.data import roots
     from cxr.models import loading
 
     if (data is None) == (images is None):
         raise ValueError("explain needs exactly one of --data (a dataset root with boxes) or --images")
+    listed: list[Target] = []
+    if images is not None:  # a path that is not there fails before TensorFlow and the model load
+        listed = targets_from_images(images, findings)
+    else:
+        roots.require(data)
+    from cxr.explain.gradcam import GradCam, SheetItem, contact_sheet, overlay_png
+
     loaded = loading.load(model_uri, tracking_uri)
     index = {f: i for i, f in enumerate(loaded.findings)}  # the model's own label set
     unknown = [f for f in findings or () if f not in index]
@@ -136,7 +143,7 @@ def explain(model_uri: str, out: str, data: str | None = None, images: str | Non
     if data is not None:
         targets, errors = targets_from_data(data, split, findings)
     else:
-        targets, errors = targets_from_images(images, findings), []
+        targets, errors = listed, []
     inputs = len(targets) + len(errors)  # annotated rows without a usable image are listed, not dropped
     scores = _scores(loaded, [t.path for t in targets], batch_size, tracking_uri)
     cam = GradCam(loaded.model)

@@ -58,6 +58,14 @@ def _checked_findings(model: Any, names: list[str] | tuple[str, ...] | None, whe
     return found
 
 
+def require_tracking(uri: str, tracking_uri: str | None) -> None:
+    """A runs:/ or models:/ URI with no tracking URI fails at once, unless ./mlflow.db (MLflow's default store, and
+    cxr train's) is there: MLflow would otherwise make an empty one and say only that the model is not found."""
+    if uri.startswith(("models:/", "runs:/")) and not tracking_uri and not os.path.exists("mlflow.db"):
+        raise ValueError(f"{redact(uri)} is a model in an MLflow store, and no store was named (there is no "
+                         "./mlflow.db here): pass --tracking-uri URI (or set MLFLOW_TRACKING_URI)")
+
+
 def load(uri: str, tracking_uri: str | None = None) -> LoadedModel:
     """A checkpoint folder (local or any fsspec URL) or an MLflow model URI → its Keras model, float32."""
     import keras
