@@ -109,6 +109,9 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{s['test_images_skipped']} test image(s) (listed in the run's skipped_images.txt)")
     print(f"checkpoints: {redact(s['run_path'])}")
     print(f"MLflow: {redact(s['tracking_uri'])}  experiment {s['experiment']!r}  run {s['mlflow_run_id']}")
+    from cxr.tracking.runs import ui_line
+
+    print(ui_line(s["tracking_uri"], s["experiment_id"]))
     if s["model_version"]:
         print(f"model: {s['model_name']} version {s['model_version']} (models:/{s['model_name']}/{s['model_version']})")
     if s.get("decision"):
@@ -168,7 +171,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     findings = [f.strip() for f in args.findings.split(",") if f.strip()] if args.findings else None
     ex = explain(args.model, args.out, data=args.data, images=args.images, findings=findings,
                  split=None if args.split == "all" else args.split, max_overlays=args.max_overlays,
-                 batch_size=args.batch_size, tracking_uri=args.tracking_uri, record=not args.no_record)
+                 batch_size=args.batch_size, tracking_uri=args.tracking_uri,
+                 record=True if args.record else False if args.no_record else None)
     print(f"explained {ex.explained:,} of {ex.images:,} images in {ex.seconds:.1f} s"
           + (f"; {len(ex.errors):,} could not be read, listed with why in {redact(args.out)}/errors.csv"
              if ex.errors else ""))
@@ -355,7 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--batch-size", type=int, default=16, help="images per Grad-CAM batch")
     x.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    x.add_argument("--no-record", action="store_true", help="do not log the figures to the model's MLflow run")
+    record = x.add_mutually_exclusive_group()
+    record.add_argument("--record", action="store_true", help="with --images: log the overlays to the model's MLflow "
+                        "run too (by default only --data's annotated-set figures and scores are logged there)")
+    record.add_argument("--no-record", action="store_true", help="with --data: do not log to the model's MLflow run")
     x.set_defaults(func=cmd_explain)
 
     c = _parser(sub, "config", "print a config file plus overrides as resolved, or the reference of every key", verbose)

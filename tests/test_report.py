@@ -15,10 +15,14 @@ from cxr.labels import FINDINGS
 
 def test_learning_curves_draw_losses_and_validation_mean_auroc():
     # history rows as the training loop writes them (train_loss, val_loss, val_auroc_mean, ...)
-    history = [{"epoch": 1.0, "train_loss": 0.6, "val_loss": 0.5, "val_auroc_mean": 0.71},
-               {"epoch": 2.0, "train_loss": 0.4, "val_loss": 0.45, "val_auroc_mean": 0.83}]
+    history = [{"epoch": 1.0, "train_loss": 0.6, "val_loss": 0.5, "val_auroc_mean": 0.71, "val_auroc/Mass": 0.6,
+                "val_auroc/Hernia": 0.8},
+               {"epoch": 2.0, "train_loss": 0.4, "val_loss": 0.45, "val_auroc_mean": 0.83, "val_auroc/Mass": 0.7,
+                "val_auroc/Hernia": 0.9}]
     fig = figures.learning_curves(history)
-    loss, auroc = fig.axes
+    loss, auroc, per_finding = fig.axes
+    assert {line.get_label(): list(line.get_ydata()) for line in per_finding.get_lines()} == {
+        "Hernia": [0.8, 0.9], "Mass": [0.6, 0.7]}
     drawn = {line.get_label(): list(line.get_ydata()) for line in loss.get_lines()}
     assert drawn == {"train_loss": [0.6, 0.4], "val_loss": [0.5, 0.45]}
     (curve,) = auroc.get_lines()

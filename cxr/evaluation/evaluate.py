@@ -164,7 +164,8 @@ def write(evaluation: Evaluation, out: str) -> None:
         with open(os.path.join(local, "report.md"), "w") as fh:
             fh.write(report.markdown(rep))
         title = f"{rep['model']['uri']} on {split}"
-        figures.roc_grid_ci(labels, probs, evaluation.ci, f"{title}: ROC").savefig(os.path.join(local, "roc.png"))
+        figures.roc_grid_ci(labels, probs, evaluation.ci, f"{title}: ROC", rep["findings"]).savefig(
+            os.path.join(local, "roc.png"))
         figures.pr_grid(labels, probs, f"{title}: precision-recall", names).savefig(os.path.join(local, "pr.png"))
         figures.reliability_grid(labels, probs, f"{title}: calibration", names=names).savefig(
             os.path.join(local, "reliability.png"))
