@@ -96,7 +96,8 @@ def test_small_cells_say_why_and_unknown_values_are_counted():
                                                                        "findings": {"Finding": {}}}}))
     assert "### Sex" in md and "### Age" in md
     assert "| Finding | F | 2/2 | not scored: 2 positive images, fewer than 3 | – |" in md
-    assert "unknown: 2 images of 1 patients" in md
+    assert "unknown: 2 images of 1 patient." in md and "0-17: 0 images of 0 patients" in md
+    assert "| all | 0-17 |" not in md and "| all | unknown |" in md  # an empty cell has no rows
 
 
 def test_bad_requests_name_what_is_wrong_and_shared_draws_change_nothing():

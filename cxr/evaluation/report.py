@@ -146,14 +146,16 @@ def subgroup_tables(rep: dict) -> list[str]:
                   f"{sub['min_count']} negative images. A gap in bold has an interval excluding 0; the intervals "
                   "are per cell and finding, not simultaneous, so some will exclude 0 by chance. \"all\" is the "
                   "mean over the findings the cell scores, its gap against the overall mean of the same findings."]
-    for attribute, cells in sub["attributes"].items():
+    for attribute, every in sub["attributes"].items():
         lines += ["", f"### {attribute.capitalize()}", "",
-                  ", ".join(f"{cell}: {c['images']:,} images of {c['patients']:,} patients" for cell, c in
-                            cells.items()) + ".", ""]
+                  ", ".join(f"{cell}: {c['images']:,} image{'s' * (c['images'] != 1)} of {c['patients']:,} "
+                            f"patient{'s' * (c['patients'] != 1)}" for cell, c in every.items()) + ".", ""]
+        cells = {cell: c for cell, c in every.items() if c["images"]}  # an empty cell is in the line above only
         rows = []
         for cell, c in cells.items():
             m = c["mean"]
-            rows.append(["all", cell, "–", "–" if m["auroc"] is None else _interval(m, "auroc", "low", "high")
+            rows.append(["all", cell, "–", f"not scored: no finding has {sub['min_count']} positive and negative "
+                         "images" if m["auroc"] is None else _interval(m, "auroc", "low", "high")
                          + f" ({m['findings']})", _gap(m)])
         for name in rep["auroc"]["findings"]:
             for i, (cell, c) in enumerate(cells.items()):
