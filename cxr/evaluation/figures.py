@@ -165,14 +165,15 @@ def learning_curves(history: Sequence[dict[str, float]]) -> Figure:
 
 def subgroup_grid(rep: dict, title: str) -> Figure:
     """AUROC per subgroup cell with its CI, one panel per finding (report.json's "subgroups"): cells grouped by
-    attribute, the dashed line the overall AUROC; a cell too small to score has its tick but no point."""
+    attribute, the dashed line the overall AUROC; a cell too small to score a finding is a grey x at the bottom,
+    a cell without images is left out."""
     sub, overall = rep["subgroups"], rep["auroc"]["findings"]
     names = list(overall)
-    fig, axes = _grid(len(names), title)
+    fig, axes = _grid(len(names), f"{title}   (x: too few positive or negative images to score)")
     colours = dict(zip(sub["attributes"], ("tab:blue", "tab:orange", "tab:green", "tab:purple"), strict=False))
-    ticks = [(attribute, cell) for attribute, cells in sub["attributes"].items() for cell in cells]
-    xs = np.arange(len(ticks)) + np.repeat(np.arange(len(sub["attributes"])),
-                                           [len(c) for c in sub["attributes"].values()])  # a gap between attributes
+    held = {a: [cell for cell, c in cells.items() if c["images"]] for a, cells in sub["attributes"].items()}
+    ticks = [(attribute, cell) for attribute, cells in held.items() for cell in cells]
+    xs = np.arange(len(ticks)) + np.repeat(np.arange(len(held)), [len(c) for c in held.values()])  # attribute gaps
     for ax, name in zip(axes, names, strict=True):
         whole = overall[name]
         if whole["auroc"] is not None:
@@ -183,6 +184,8 @@ def subgroup_grid(rep: dict, title: str) -> Figure:
                 err = None if f["low"] is None else [[f["auroc"] - f["low"]], [f["high"] - f["auroc"]]]
                 ax.errorbar([x], [f["auroc"]], yerr=err, fmt="o", ms=3, lw=1, capsize=2,
                             color=colours[attribute], label=attribute)
+            else:
+                ax.plot([x], [0.03], marker="x", ms=4, color="0.6", ls="none")
         ax.set_xticks(xs, [cell for _, cell in ticks], rotation=90, fontsize=6)
         ax.set_xlim(xs[0] - 0.7, xs[-1] + 0.7)
         ax.set_ylim(0, 1.02)
