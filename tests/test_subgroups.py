@@ -119,3 +119,13 @@ def test_bad_requests_name_what_is_wrong_and_shared_draws_change_nothing():
     assert plain == shared and np.array_equal(plain.replicates, shared.replicates, equal_nan=True)
     with pytest.raises(ValueError, match="do not fit"):
         bootstrap.auroc_ci(y, s, pid, 100, seed=4, draws=bootstrap.patient_resamples(pid, 200, 4))
+
+
+def test_cxr_evaluate_refuses_a_bad_subgroup_request_before_touching_the_model(capsys, tmp_path):
+    from cxr.cli import main
+
+    missing = str(tmp_path / "no-such-model")  # were the model looked at first, this would fail differently
+    assert main(["evaluate", "--model", missing, "--subgroups", "sex,race"]) == 2
+    assert "unknown attribute(s) ['race']" in capsys.readouterr().err
+    assert main(["evaluate", "--model", missing, "--age-bands", "0,60,40"]) == 2
+    assert "--age-bands '0,60,40'" in capsys.readouterr().err
