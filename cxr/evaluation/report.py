@@ -153,10 +153,10 @@ def subgroup_tables(rep: dict) -> list[str]:
         cells = {cell: c for cell, c in every.items() if c["images"]}  # an empty cell is in the line above only
         rows = []
         for cell, c in cells.items():
-            m = c["mean"]
-            rows.append(["all", cell, "–", f"not scored: no finding has {sub['min_count']} positive and negative "
-                         "images" if m["auroc"] is None else _interval(m, "auroc", "low", "high")
-                         + f" ({m['findings']})", _gap(m)])
+            m, least = c["mean"], sub["min_count"]
+            rows.append(["all", cell, "–", f"not scored: no finding has {least} positive and {least} negative images"
+                         if m["auroc"] is None else _interval(m, "auroc", "low", "high") + f" ({m['findings']})",
+                         _gap(m)])
         for name in rep["auroc"]["findings"]:
             for i, (cell, c) in enumerate(cells.items()):
                 f = c["findings"][name]
