@@ -129,3 +129,18 @@ def test_cxr_evaluate_refuses_a_bad_subgroup_request_before_touching_the_model(c
     assert "unknown attribute(s) ['race']" in capsys.readouterr().err
     assert main(["evaluate", "--model", missing, "--age-bands", "0,60,40"]) == 2
     assert "--age-bands '0,60,40'" in capsys.readouterr().err
+
+
+def test_the_figure_draws_each_scored_cell_at_its_auroc():
+    from cxr.evaluation import figures
+
+    out, _, ci = _stats({"sex": SEX, "age": np.repeat([30, 30, 50, 50, np.nan, 85], 2)})
+    fig = figures.subgroup_grid({"subgroups": out, "auroc": ci.to_dict()}, "t")
+    (ax,) = [a for a in fig.axes if a.get_visible() and a.axison]
+    drawn = sorted(float(line.get_ydata()[0]) for line in ax.get_lines() if line.get_marker() == "o")
+    want = sorted(f["auroc"] for a in out["attributes"].values() for c in a.values()
+                  for f in c["findings"].values() if f["auroc"] is not None)
+    assert drawn == pytest.approx(want) and len(want) >= 3
+    crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]  # cells too small to score
+    assert len(crosses) == 3  # sex unknown, age unknown, age 80+ (no negative); 0-17 and 60-79 are empty
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["F", "M", "unknown", "18-39", "40-59", "80+", "unknown"]

@@ -176,6 +176,7 @@ def subgroup_grid(rep: dict, title: str) -> Figure:
     xs = np.arange(len(ticks)) + np.repeat(np.arange(len(held)), [len(c) for c in held.values()])  # attribute gaps
     for ax, name in zip(axes, names, strict=True):
         whole = overall[name]
+        lowest = [whole["auroc"]] if whole["auroc"] is not None else []
         if whole["auroc"] is not None:
             ax.axhline(whole["auroc"], color="0.5", lw=1, ls="--")
         for x, (attribute, cell) in zip(xs, ticks, strict=True):
@@ -184,11 +185,12 @@ def subgroup_grid(rep: dict, title: str) -> Figure:
                 err = None if f["low"] is None else [[f["auroc"] - f["low"]], [f["high"] - f["auroc"]]]
                 ax.errorbar([x], [f["auroc"]], yerr=err, fmt="o", ms=3, lw=1, capsize=2,
                             color=colours[attribute], label=attribute)
-            else:
-                ax.plot([x], [0.03], marker="x", ms=4, color="0.6", ls="none")
+                lowest.append(f["auroc"] if f["low"] is None else f["low"])
+            else:  # at the foot of the panel whatever its scale
+                ax.plot([x], [0.03], marker="x", ms=4, color="0.6", ls="none", transform=ax.get_xaxis_transform())
         ax.set_xticks(xs, [cell for _, cell in ticks], rotation=90, fontsize=6)
         ax.set_xlim(xs[0] - 0.7, xs[-1] + 0.7)
-        ax.set_ylim(0, 1.02)
+        ax.set_ylim(max(0.0, math.floor(20 * min(lowest, default=0.0)) / 20 - 0.05), 1.01)  # zoomed on the points
         ax.tick_params(axis="y", labelsize=7)
         ax.set_ylabel("AUROC", fontsize=7)
         head = "undefined" if whole["auroc"] is None else f"overall {whole['auroc']:.3f} (dashed)"
