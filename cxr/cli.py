@@ -139,11 +139,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     ev = evaluate(args.model, args.data, split=args.split, val_split=args.val_split, out=args.out,
                   resamples=args.resamples, confidence=args.confidence, seed=args.seed, batch_size=args.batch_size,
-                  tracking_uri=args.tracking_uri, record=not args.no_record)
+                  tracking_uri=args.tracking_uri, record=not args.no_record, subgroup_attributes=args.subgroups,
+                  age_bands=args.age_bands)
     rep = ev.report
     print(report.console(rep))
     if args.out:
-        print(f"report: {redact(args.out)}/report.md (and report.json, roc.png, pr.png, reliability.png)")
+        print(f"report: {redact(args.out)}/report.md (and report.json, roc.png, pr.png, reliability.png"
+              + (", subgroups.png)" if rep.get("subgroups", {}).get("attributes") else ")"))
     if rep["model"]["run_id"] and not args.no_record:
         print(f"logged to MLflow run {rep['model']['run_id']} under evaluation/{rep['data']['split']}/")
     return 0
@@ -323,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--val-split", default="val", help="the split the operating thresholds are chosen on")
     e.add_argument("--out", default=None, help="folder (local or URL) for report.json, report.md and the figures")
     _scoring_arguments(e)
+    e.add_argument("--subgroups", default="auto", help="AUROC per subgroup of these attributes: sex,age,view or "
+                   "some of them; 'auto' (default): each the data records; 'none': skip")
+    e.add_argument("--age-bands", default="0,18,40,60,80", help="with --subgroups age: lower edges of the bands, "
+                   "in years (the last band is open-ended)")
     e.add_argument("--no-record", action="store_true", help="do not log the evaluation to the model's MLflow run")
     e.set_defaults(func=cmd_evaluate)
 

@@ -269,6 +269,29 @@ def split_patients(shards: list[Shard]) -> np.ndarray:
     return out
 
 
+def split_attributes(shards: list[Shard]) -> dict[str, np.ndarray]:
+    """Each image's sex, age and view by position in the split, as prepare stored them (what subgroups group by).
+
+    Unknown stays unknown: "" for sex and view, NaN for age (stored as -1); a shard without the feature reads so.
+    """
+    import tensorflow as tf
+
+    n = sum(s.records for s in shards)
+    out = {"sex": np.full(n, "", dtype=object), "age": np.full(n, np.nan), "view": np.full(n, "", dtype=object)}
+    spec = {"sex": tf.io.FixedLenFeature([1], tf.string, default_value=[b""]),
+            "view": tf.io.FixedLenFeature([1], tf.string, default_value=[b""]),
+            "age": tf.io.FixedLenFeature([1], tf.float32, default_value=[-1.0])}
+    for loaded in ordered_map(fetch_shard, shards, 4, 4):
+        records = tf.strings.substr(loaded.blob, loaded.starts, loaded.lengths)
+        parsed = tf.io.parse_example(records, spec)
+        at = slice(loaded.shard.offset, loaded.shard.offset + loaded.shard.records)
+        for key in ("sex", "view"):
+            out[key][at] = [v.decode("utf-8", "replace").strip() for v in parsed[key].numpy()[:, 0]]
+        age = parsed["age"].numpy()[:, 0].astype(np.float64)
+        out["age"][at] = np.where(age < 0, np.nan, age)
+    return out
+
+
 def _check_pass(plan: ShardAssignment, p: int, produced: int, stats: Stats) -> None:
     """A training pass that produced nothing would spin forever if every shard of this worker is unusable."""
     if produced == 0 and all(piece.shard.url in stats.skipped for piece in plan.order(p)):

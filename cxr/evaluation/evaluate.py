@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from cxr import storage
-from cxr.evaluation import figures, report, saved
-from cxr.evaluation.bootstrap import AurocCI, auroc_ci
+from cxr.evaluation import figures, report, saved, subgroups
+from cxr.evaluation.bootstrap import AurocCI, auroc_ci, patient_resamples
 from cxr.evaluation.labelsets import SharedFindings, shared_findings
 from cxr.evaluation.metrics import metric_name
 from cxr.evaluation.operating import evaluate_operating
@@ -70,16 +70,20 @@ class Evaluation:
 def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", val_split: str | None = "val",
              out: str | None = None, resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
              batch_size: int = 64, tracking_uri: str | None = None, record: bool = True,
-             split_tags: dict[str, str] | None = None, reuse: bool = False) -> Evaluation:
+             split_tags: dict[str, str] | None = None, reuse: bool = False, subgroup_attributes: str | tuple = "auto",
+             age_bands: tuple[int, ...] = subgroups.AGE_BANDS) -> Evaluation:
     """Evaluate the model at `model_uri` on `split` of `data_uri` (default: the data it was trained on).
 
     A raw root is split as the model's run split it, or as `split_tags` say (a promotion scores both models on
     the candidate's split); images are preprocessed as the model's were. `val_split=None` skips the operating
     points (their thresholds need the validation split predicted too). `reuse`: take the predictions saved in
-    the model's run when they were made under exactly these settings (`cxr.evaluation.saved`)."""
+    the model's run when they were made under exactly these settings (`cxr.evaluation.saved`).
+    `subgroup_attributes`: "auto" (sex, age, view where the data has them), () for none, or some of them."""
     from cxr.data import source as sources
     from cxr.models import loading
 
+    subgroup_attributes = subgroups.parse_attributes(subgroup_attributes)  # a typo fails before any prediction
+    age_bands = subgroups.parse_bands(age_bands)
     loaded = loading.describe(model_uri, tracking_uri)
     data_uri = data_uri or loaded.tags.get("cxr.data")
     if not data_uri:
@@ -106,7 +110,11 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
     patients = source.patients(data, split)[test.seen]
     probs, labels = mapping.take(*test.present())
     names = mapping.names
-    ci = auroc_ci(labels, probs, patients, resamples=resamples, confidence=confidence, seed=seed, names=names)
+    draws = patient_resamples(patients, resamples, seed)  # one draw: the subgroups' gaps pair with the overall CI
+    ci = auroc_ci(labels, probs, patients, resamples=resamples, confidence=confidence, seed=seed, names=names,
+                  draws=draws)
+    groups = subgroups.for_split(source, data, split, test.seen, labels, probs, draws, ci, subgroup_attributes,
+                                 age_bands)
     ops = []
     if val_split is not None:
         val_probs, val_labels = mapping.take(*preds[val_split].present())
@@ -124,6 +132,8 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
         "unscored": mapping.unscored,
         "anchors": list(ANCHORS) if names == FINDINGS else [],  # the published means are over NIH's 14
     }
+    if groups is not None:
+        summary["subgroups"] = groups
     if mapping.unscored:
         log.warning("findings not scored: %s", "; ".join(f"{u['finding']} ({u['reason']})" for u in mapping.unscored))
     evaluation = Evaluation(summary, test, patients, ci, out, mapping, saved_key(loaded, data, split, fingerprint,
@@ -169,6 +179,8 @@ def write(evaluation: Evaluation, out: str) -> None:
         figures.pr_grid(labels, probs, f"{title}: precision-recall", names).savefig(os.path.join(local, "pr.png"))
         figures.reliability_grid(labels, probs, f"{title}: calibration", names=names).savefig(
             os.path.join(local, "reliability.png"))
+        if rep.get("subgroups", {}).get("attributes"):
+            figures.subgroup_grid(rep, f"{title}: AUROC by subgroup").savefig(os.path.join(local, "subgroups.png"))
         saved.write(os.path.join(local, saved.FILE), probs, labels, evaluation.patients,
                     np.flatnonzero(evaluation.predictions.seen), rep["data"]["fingerprint"], evaluation.key)
         for name in sorted(os.listdir(local)):

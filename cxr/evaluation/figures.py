@@ -196,3 +196,43 @@ def learning_curves(history: Sequence[dict[str, float]]) -> Figure:
         ax.set_xlabel("epoch", fontsize=LABEL)
         ax.tick_params(labelsize=TICK)
     return fig
+
+
+def subgroup_grid(rep: dict, title: str) -> Figure:
+    """AUROC per subgroup cell with its CI, one panel per finding (report.json's "subgroups"): cells grouped by
+    attribute, the dashed line the overall AUROC; a cell too small to score a finding is a grey x at the bottom,
+    a cell without images is left out."""
+    sub, overall = rep["subgroups"], rep["auroc"]["findings"]
+    names = list(overall)
+    fig, axes = _grid(len(names), f"{title}   (x: too few positive or negative images to score)")
+    colours = dict(zip(sub["attributes"], ("tab:blue", "tab:orange", "tab:green", "tab:purple"), strict=False))
+    held = {a: [cell for cell, c in cells.items() if c["images"]] for a, cells in sub["attributes"].items()}
+    ticks = [(attribute, cell) for attribute, cells in held.items() for cell in cells]
+    xs = np.arange(len(ticks)) + np.repeat(np.arange(len(held)), [len(c) for c in held.values()])  # attribute gaps
+    for ax, name in zip(axes, names, strict=True):
+        whole = overall[name]
+        lowest = [whole["auroc"]] if whole["auroc"] is not None else []
+        if whole["auroc"] is not None:
+            ax.axhline(whole["auroc"], color="0.5", lw=1, ls="--")
+        for x, (attribute, cell) in zip(xs, ticks, strict=True):
+            f = sub["attributes"][attribute][cell]["findings"][name]
+            if f["auroc"] is not None:
+                err = None if f["low"] is None else [[f["auroc"] - f["low"]], [f["high"] - f["auroc"]]]
+                ax.errorbar([x], [f["auroc"]], yerr=err, fmt="o", ms=3, lw=1, capsize=2,
+                            color=colours[attribute], label=attribute)
+                lowest.append(f["auroc"] if f["low"] is None else f["low"])
+            else:  # at the foot of the panel whatever its scale
+                ax.plot([x], [0.03], marker="x", ms=4, color="0.6", ls="none", transform=ax.get_xaxis_transform())
+        ax.set_xticks(xs, [cell for _, cell in ticks], rotation=90, fontsize=6)
+        ax.set_xlim(xs[0] - 0.7, xs[-1] + 0.7)
+        ax.set_ylim(max(0.0, math.floor(20 * min(lowest, default=0.0)) / 20 - 0.05), 1.01)  # zoomed on the points
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_ylabel("AUROC", fontsize=7)
+        head = "undefined" if whole["auroc"] is None else f"overall {whole['auroc']:.3f} (dashed)"
+        ax.set_title(f"{name}\n{head}", fontsize=9)
+    if axes:
+        handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
+        if handles:
+            axes[0].legend(list(handles.values()), list(handles), fontsize=6, loc="lower left")
+    fig.tight_layout()
+    return fig
