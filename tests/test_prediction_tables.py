@@ -153,6 +153,11 @@ def test_against_another_table_is_promotes_paired_comparison(scored, tmp_path):
     same = evaluate_table(str(base / "preds.csv"), scored["data"], split="test", resamples=50,
                           subgroup_attributes=(), against=str(base / "preds.csv")).report["comparison"]
     assert same["mean"]["difference"] == 0.0 and same["left_out"] == 0
+    model = evaluate_table(str(base / "preds.csv"), scored["data"], split="test", resamples=50,
+                           subgroup_attributes=(), against=scored["model"],
+                           tracking_uri=scored["uri"]).report["comparison"]  # the model that wrote the table
+    assert model["images"] == len(paths) and model["mean"]["difference"] == 0.0
+    assert all(f["difference"] in (0.0, None) for f in model["findings"].values())
 
 
 def _paths_in_order(scored) -> np.ndarray:
