@@ -119,7 +119,7 @@ def test_bad_tables_are_refused_naming_rows_and_columns(scored, tmp_path):
     refused(t.rename(columns={"path": "file"}), "no image column")
 
 
-def test_against_another_table_is_promotes_paired_comparison(scored, tmp_path):
+def test_against_another_table_or_a_model_is_cxr_promotes_paired_comparison(scored, tmp_path):
     """--against: `cxr promote`'s paired patient bootstrap on the common images (this table - the other),
     through the command line; a table against itself differs by exactly 0."""
     from cxr.evaluation.bootstrap import paired_difference
