@@ -137,10 +137,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cxr.evaluation import report
     from cxr.evaluation.evaluate import evaluate
 
-    ev = evaluate(args.model, args.data, split=args.split, val_split=args.val_split, out=args.out,
-                  resamples=args.resamples, confidence=args.confidence, seed=args.seed, batch_size=args.batch_size,
-                  tracking_uri=args.tracking_uri, record=not args.no_record, subgroup_attributes=args.subgroups,
-                  age_bands=args.age_bands)
+    if args.predictions:  # a table of predictions made elsewhere, scored against --data's labels
+        from cxr.evaluation.tables import evaluate_table
+        ev = evaluate_table(args.predictions, args.data, args.image_column, args.split, args.val_split, args.out,
+                            args.resamples, args.confidence, args.seed, args.subgroups, args.age_bands, args.against,
+                            args.tracking_uri, args.batch_size)
+    else:
+        ev = evaluate(args.model, args.data, split=args.split or "test", val_split=args.val_split, out=args.out,
+                      resamples=args.resamples, confidence=args.confidence, seed=args.seed,
+                      batch_size=args.batch_size, tracking_uri=args.tracking_uri, record=not args.no_record,
+                      subgroup_attributes=args.subgroups, age_bands=args.age_bands)
     rep = ev.report
     print(report.console(rep))
     if args.out:
@@ -317,11 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = _parser(sub, "evaluate", "score a model on a split: per-finding AUROC with patient-level CIs, operating "
                 "points, calibration, figures", verbose)
-    e.add_argument("--model", required=True, help="a checkpoint folder, runs:/RUN/NAME, models:/NAME/VERSION or "
-                   "models:/NAME@ALIAS")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a checkpoint folder, runs:/RUN/NAME, models:/NAME/VERSION or "
+                       "models:/NAME@ALIAS")
+    which.add_argument("--predictions", help="or a CSV/Parquet table of predictions made elsewhere (an image column "
+                       "and one probability column per finding), scored against --data's labels")
+    e.add_argument("--image-column", default=None, help="with --predictions: the image-name column (default: "
+                   "'Image Index' or 'path')")
+    e.add_argument("--against", default=None, help="with --predictions: a model or another table, compared on the "
+                   "common images by a paired patient bootstrap")
     e.add_argument("--data", default=None, help="manifest (or its folder) or dataset root (default: the data the "
                    "model was trained on)")
-    e.add_argument("--split", default="test", help="the split to score")
+    e.add_argument("--split", default=None, help="the split to score (default: test; with --predictions, "
+                   "the table's rows)")
     e.add_argument("--val-split", default="val", help="the split the operating thresholds are chosen on")
     e.add_argument("--out", default=None, help="folder (local or URL) for report.json, report.md and the figures")
     _scoring_arguments(e)

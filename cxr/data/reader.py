@@ -269,6 +269,27 @@ def split_patients(shards: list[Shard]) -> np.ndarray:
     return out
 
 
+def split_images(shards: list[Shard]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Each image's name, labels (1, 0, -1 uncertain) and patient id by position in the split, as prepare stored
+    them: what a table of predictions made elsewhere is joined on (`cxr.evaluation.tables`)."""
+    import tensorflow as tf
+
+    names: list[str] = [""] * sum(s.records for s in shards)
+    labels: list[np.ndarray] = [np.zeros((0, 0), np.float32)] * len(shards)
+    patients = np.zeros(len(names), np.int64)
+    for k, loaded in enumerate(ordered_map(fetch_shard, shards, 4, 4)):
+        records = tf.strings.substr(loaded.blob, loaded.starts, loaded.lengths)
+        parsed = tf.io.parse_example(records, {"image_index": tf.io.FixedLenFeature([1], tf.string),
+                                               "labels": tf.io.VarLenFeature(tf.int64),
+                                               "patient": tf.io.FixedLenFeature([1], tf.int64)})
+        at = slice(loaded.shard.offset, loaded.shard.offset + loaded.shard.records)
+        names[at] = [v.decode("utf-8", "replace") for v in parsed["image_index"].numpy()[:, 0]]
+        labels[k] = tf.sparse.to_dense(parsed["labels"]).numpy().astype(np.float32)
+        patients[at] = parsed["patient"].numpy()[:, 0]
+    y = np.concatenate(labels) if shards else np.zeros((0, 0), np.float32)
+    return names, y, patients
+
+
 def split_attributes(shards: list[Shard]) -> dict[str, np.ndarray]:
     """Each image's sex, age and view by position in the split, as prepare stored them (what subgroups group by).
 

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,15 +111,14 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
     patients = source.patients(data, split)[test.seen]
     probs, labels = mapping.take(*test.present())
     names = mapping.names
-    draws = patient_resamples(patients, resamples, seed)  # one draw: the subgroups' gaps pair with the overall CI
-    ci = auroc_ci(labels, probs, patients, resamples=resamples, confidence=confidence, seed=seed, names=names,
-                  draws=draws)
-    groups = subgroups.for_split(source, data, split, test.seen, labels, probs, draws, ci, subgroup_attributes,
-                                 age_bands)
-    ops = []
-    if val_split is not None:
-        val_probs, val_labels = mapping.take(*preds[val_split].present())
-        ops = evaluate_operating(val_labels, val_probs, labels, probs, names=names)
+
+    def attributes() -> dict[str, np.ndarray] | None:
+        return None if source.attributes is None else {a: np.asarray(v)[test.seen]
+                                                       for a, v in source.attributes(data, split).items()}
+
+    val = None if val_split is None else mapping.take(*preds[val_split].present())
+    ci, stats = statistics(probs, labels, patients, names, attributes, f"the {split} split", val, resamples,
+                           confidence, seed, subgroup_attributes, age_bands)
     summary = {
         "model": {"uri": redact(model_uri), "run_id": loaded.run_id,
                   "registered": None if loaded.registered is None else
@@ -126,14 +126,13 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
         "data": {"uri": redact(data_uri), "fingerprint": fingerprint, "split": split,
                  "threshold_split": val_split, "images": int(test.seen.sum()), "patients": int(len(set(patients))),
                  "unreadable_images": test.missing, "preprocessing": preprocessing(data)},
-        "auroc": ci.to_dict(),
-        "findings": {f.finding: f.to_dict() for f in ops},
+        **stats,
         "label_map": mapping.describe(),
         "unscored": mapping.unscored,
         "anchors": list(ANCHORS) if names == FINDINGS else [],  # the published means are over NIH's 14
     }
-    if groups is not None:
-        summary["subgroups"] = groups
+    if "subgroups" in stats:  # after the anchors, where report.json always had it
+        summary["subgroups"] = summary.pop("subgroups")
     if mapping.unscored:
         log.warning("findings not scored: %s", "; ".join(f"{u['finding']} ({u['reason']})" for u in mapping.unscored))
     evaluation = Evaluation(summary, test, patients, ci, out, mapping, saved_key(loaded, data, split, fingerprint,
@@ -143,6 +142,26 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
     if record and loaded.run_id:
         _record(evaluation, loaded, tracking_uri)
     return evaluation
+
+
+def statistics(probs: np.ndarray, labels: np.ndarray, patients: np.ndarray, names: tuple[str, ...],
+               attributes: Callable[[], dict[str, np.ndarray] | None], where: str,
+               val: tuple[np.ndarray, np.ndarray] | None, resamples: int, confidence: float, seed: int,
+               subgroup_attributes: str | tuple, age_bands: tuple[int, ...]) -> tuple[AurocCI, dict[str, Any]]:
+    """The report's statistics of scored predictions, whoever made them (a model here, a table in
+    `cxr.evaluation.tables`): AUROC CIs, operating points with thresholds from `val` (probabilities, labels),
+    and the subgroups of `attributes()` (each scored image's sex / age / view; None: the data records none)."""
+    draws = patient_resamples(patients, resamples, seed)  # one draw: the subgroups' gaps pair with the overall CI
+    ci = auroc_ci(labels, probs, patients, resamples=resamples, confidence=confidence, seed=seed, names=names,
+                  draws=draws)
+    groups = None
+    if subgroups.parse_attributes(subgroup_attributes):
+        groups = subgroups.for_values(attributes(), where, labels, probs, draws, ci, subgroup_attributes, age_bands)
+    ops = [] if val is None else evaluate_operating(val[1], val[0], labels, probs, names=names)
+    stats: dict[str, Any] = {"auroc": ci.to_dict(), "findings": {f.finding: f.to_dict() for f in ops}}
+    if groups is not None:
+        stats["subgroups"] = groups
+    return ci, stats
 
 
 def preprocessing(data: Any) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def markdown(rep: dict) -> str:
                           "resamples of patients). No validation split was scored: no thresholds.", "",
                           *_table(["finding", f"AUROC [{pct} CI]"], "lr", [[n, _ci(v)] for n, v in
                                                                            au["findings"].items()]),
-                          *subgroup_tables(rep), ""])
+                          *subgroup_tables(rep), *comparison(rep), ""])
     target = next(iter(rep["findings"].values()))["thresholds"]["sensitivity_target"]
     lines = [f"# Evaluation of {model['uri']}" + (f" ({reg['name']} version {reg['version']})" if reg else ""), "",
              f"Split **{split}** of `{data['uri']}`: {data['images']:,} images of {data['patients']:,} "
@@ -109,7 +109,7 @@ def markdown(rep: dict) -> str:
                 notes.append(f"- {name}: {why}.")
     if notes:
         lines += ["", "## Undefined values", "", *dict.fromkeys(notes)]
-    lines += subgroup_tables(rep)
+    lines += subgroup_tables(rep) + comparison(rep)
     if rep["anchors"]:
         lines += ["", "## Published results", "", "Mean AUROCs for orientation (other models, other test sets):", ""]
         lines += _table(["model", "split", "mean AUROC"], "llr",
@@ -169,6 +169,24 @@ def subgroup_tables(rep: dict) -> list[str]:
     return lines
 
 
+def comparison(rep: dict) -> list[str]:
+    """`--against`'s paired comparison (report.json's "comparison"): the mean difference, then per finding."""
+    c = rep.get("comparison")
+    if not c:
+        return []
+    pct, m = f"{100 * c['confidence']:.0f}%", c["mean"]
+    head = (f"Against `{c['against']}` on their {c['images']:,} common images of {c['patients']:,} patients "
+            f"({c['left_out']} without its prediction left out): mean AUROC {_num(m['b'])} here, {_num(m['a'])} "
+            f"there, difference " + ("undefined" if m["difference"] is None else _interval(m, "difference", "low",
+                                                                                            "high", "+"))
+            + f" ({pct} CI, {c['resamples']:,} paired resamples of patients, as `cxr promote` compares).")
+    rows = [[n, _num(f["b"]), _num(f["a"]), "–" if f["difference"] is None else _interval(f, "difference", "low",
+                                                                                            "high", "+")]
+            for n, f in c["findings"].items()]
+    return ["", "## Comparison", "", head, "", *_table(["finding", "AUROC here", "AUROC there",
+                                                         f"difference [{pct} CI]"], "lrrr", rows)]
+
+
 def console(rep: dict) -> str:
     """The evaluation as `cxr evaluate` prints it: per finding AUROC [CI], AUPRC, ECE, the mean, what was not
     scored (another dataset's label set) and why."""
@@ -192,6 +210,11 @@ def console(rep: dict) -> str:
     mean = au["mean"]
     if mean["auroc"] is not None:
         lines.append(f"{'mean':<{width}}{mean['auroc']:>8.4f}  [{mean['low']:.4f}, {mean['high']:.4f}]")
+    if rep.get("comparison"):
+        c = rep["comparison"]["mean"]
+        lines.append(f"against {rep['comparison']['against']}: mean AUROC difference "
+                     + ("undefined" if c["difference"] is None else _interval(c, "difference", "low", "high", "+"))
+                     + f" on {rep['comparison']['images']:,} common images")
     for side in ("model", "data"):
         names = [u["finding"] for u in rep.get("unscored", []) if u["side"] == side]
         if names:

@@ -204,23 +204,23 @@ def subgroup_stats(y_true: ArrayLike, scores: ArrayLike, draws: Resamples, overa
             "gap": "cell AUROC - overall AUROC, paired on the overall CI's patient resamples"}
 
 
-def for_split(source: Any, data: Any, split: str, seen: np.ndarray, y_true: np.ndarray, scores: np.ndarray,
-              draws: Resamples, overall: AurocCI, wanted: str | Sequence[str], bands: Sequence[int] = AGE_BANDS,
-              min_count: int = MIN_COUNT) -> dict[str, Any] | None:
-    """`cxr evaluate`'s subgroups of the scored images (`seen` of the split): "auto" takes every attribute that
-    has a known value; an attribute without any is skipped and said so. None when none was asked for."""
+def for_values(values: dict[str, np.ndarray] | None, where: str, y_true: np.ndarray, scores: np.ndarray,
+               draws: Resamples, overall: AurocCI, wanted: str | Sequence[str], bands: Sequence[int] = AGE_BANDS,
+               min_count: int = MIN_COUNT) -> dict[str, Any] | None:
+    """`cxr evaluate`'s subgroups of the scored images, whose sex / age / view are `values` (None: the data
+    records none): "auto" takes every attribute that has a known value; an attribute without any is skipped and
+    said so, `where` naming the images ("the test split"). None when none was asked for."""
     wanted, bands = parse_attributes(wanted), parse_bands(bands)
     if not wanted:
         return None
     names = ATTRIBUTES if wanted == "auto" else tuple(wanted)
-    if source.attributes is None:
+    if values is None:
         return {"attributes": {}, "skipped": {a: "the data source records no per-image attributes" for a in names}}
-    values = {a: np.asarray(v)[seen] for a, v in source.attributes(data, split).items()}
     chosen, skipped = {}, {}
     for a in names:
         idx, cell_names = cells(a, values[a], bands)
         if (idx == len(cell_names) - 1).all():
-            skipped[a] = f"no image of the {split} split has a known {a}"
+            skipped[a] = f"no image of {where} has a known {a}"
         else:
             chosen[a] = values[a]
     out = subgroup_stats(y_true, scores, draws, overall, chosen, bands, min_count)
