@@ -30,6 +30,7 @@ import time
 log = logging.getLogger(__name__)
 
 SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+API_SERVER = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients go instead of searching the machine
 TEMP_PREFIX = "cxr-ray-"
 _reaper: subprocess.Popen | None = None
 _temp_dir: str | None = None  # the folder of the local Ray this process started (None: none started)
@@ -78,8 +79,13 @@ def _start_local(num_cpus: int | None) -> None:
     _reaper = _spawn_reaper(temp_dir, os.path.dirname(ray.__file__))
     try:
         # The dashboard (on 127.0.0.1) serves Ray's State API, which Ray Train's placement-group cleaner polls.
+        # Named to every process of this Ray (they inherit the variable): otherwise the cleaner looks for "the"
+        # Ray of the machine, finds this one and any other (a second cxr command, a test's cluster), and dies
+        # printing a traceback through the command's output ("Found multiple active Ray instances").
+        port = _free_port()
+        os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
         info = ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=True,
-                        dashboard_host="127.0.0.1", dashboard_port=_free_port(), log_to_driver=True,
+                        dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
                         _temp_dir=temp_dir, logging_level=logging.WARNING)
     except BaseException:
         stop_local()

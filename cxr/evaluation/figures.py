@@ -234,5 +234,4 @@ def subgroup_grid(rep: dict, title: str) -> Figure:
         handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
         if handles:
             axes[0].legend(list(handles.values()), list(handles), fontsize=6, loc="lower left")
-    fig.tight_layout()
     return fig
