@@ -159,10 +159,7 @@ def _score_and_record(cfg: cfgmod.Config, source: sources.DataSource, result: An
     table = report.auroc_text({"val": val, test_split: test})
 
     client = MlflowClient(uri)
-    on_record = runs.logged_epochs(client, run_id)
-    for row in history:  # epochs rank 0 could not log live (server away, or a run from before)
-        if int(row["epoch"]) not in on_record:
-            runs.log_epoch(client, run_id, row)
+    runs.log_missing_epochs(client, run_id, history)  # epochs rank 0 could not log live (server away, an old run)
     mlflow.log_metrics({f"{test_split}_auroc/{metric_name(k)}": v for k, v in test.items()
                         if v is not None and k != "mean"}, step=best_epoch)
     mlflow.log_metrics({f"{test_split}_auroc_mean": test["mean"] if test["mean"] is not None else math.nan,

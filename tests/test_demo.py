@@ -56,7 +56,7 @@ def test_the_demo_trains_registers_evaluates_and_localizes_better_than_a_centred
     p = run.data.params
     assert p["optim.lr_schedule"] == "cosine"
     epochs, peak, floor = int(p["optim.epochs"]), float(p["optim.lr"]), float(p["optim.min_lr"])
-    lrs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)]
+    lrs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "epoch/train/lr"), key=lambda m: m.step)]
     assert lrs == pytest.approx([floor + (peak - floor) * (1 + math.cos(math.pi * e / epochs)) / 2
                                  for e in range(epochs)], rel=1e-9)  # each epoch trained at its cosine rate
     assert run.data.tags["cxr.data.synthetic"] == "true"  # `cxr predict` warns of a model trained on phantoms

@@ -141,7 +141,7 @@ def test_ray_job_submit_with_token(bystander, ray_head, phantom_shards, mlflow_s
     client, run = _mlflow_run(mlflow_server, "submitted")
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "small_cnn" and run.data.params["scaling.num_workers"] == "2"
-    history = client.get_metric_history(run.info.run_id, "val_auroc_mean")
+    history = client.get_metric_history(run.info.run_id, "epoch/val_auroc/mean")
     assert [m.step for m in history] == [1, 2]  # epochs count from 1 everywhere
     assert 0.0 <= run.data.metrics["test_auroc_mean"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -245,7 +245,7 @@ def test_killed_worker_resumes_from_checkpoint(phantom_shards, mlflow_server, tm
     assert len(resumes) == 1 and 1 <= resumes[0] < epochs, (resumes, kill_note + text[-4000:])
     client, run = _mlflow_run(mlflow_server, "killed")
     assert run.info.status == "FINISHED"
-    history = client.get_metric_history(run.info.run_id, "val_auroc_mean")
+    history = client.get_metric_history(run.info.run_id, "epoch/val_auroc/mean")
     assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # each epoch once: continued, not restarted
 
 
@@ -257,6 +257,6 @@ def test_dead_run_is_on_record_as_failed_with_its_epochs(phantom_shards, mlflow_
     client, run = _mlflow_run(mlflow_server, "dead")
     assert run.info.status == "FAILED"
     assert run.data.params["run.max_failures"] == "0"
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_auroc_mean"))
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch/val_auroc/mean"))
     # rank 0 logs an epoch right after its checkpoint, so the last one on disk may have missed MLflow
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= done_at_kill - 1 >= 1, (steps, done_at_kill)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import mlflow_ui
 import numpy as np
 import pytest
 from conftest import ROOT, MlflowServer, quiet_env, tiny_run
@@ -81,8 +82,8 @@ def test_training_registers_the_best_model_with_its_provenance(trained):
 
     best = int(run.data.metrics["best_epoch"])
     history = {key: [(m.step, m.value) for m in client.get_metric_history(rid, key)]
-               for key in ("val_auroc/Mass", "test_auroc/Mass", "best_epoch", "val_auroc_mean")}
-    assert [s for s, _ in history["val_auroc/Mass"]] == list(range(1, EPOCHS + 1))  # epochs count from 1
+               for key in ("epoch/val_auroc/Mass", "test_auroc/Mass", "best_epoch")}
+    assert [s for s, _ in history["epoch/val_auroc/Mass"]] == list(range(1, EPOCHS + 1))  # epochs count from 1
     assert [s for s, _ in history["test_auroc/Mass"]] == [best]  # at the best epoch, once
     assert history["best_epoch"] == [(best, float(best))]  # a summary, not a series that loops back
     assert any(k.startswith("system/") for k in run.data.metrics), "no system metrics"
@@ -90,7 +91,7 @@ def test_training_registers_the_best_model_with_its_provenance(trained):
                  if m.source_run_id == rid]
     assert logged.name == f"life-epoch{best}"
     linked = {(m.key, m.step) for m in logged.metrics}
-    assert ("val_auroc_mean", best) in linked and ("test_auroc_mean", best) in linked
+    assert ("epoch/val_auroc/mean", best) in linked and ("test_auroc_mean", best) in linked
 
 
 CHILD = textwrap.dedent("""
@@ -201,6 +202,22 @@ def test_evaluate_reports_patient_level_intervals_and_logs_to_the_model_run(trai
     local = _cli("evaluate", "--model", str(ckpt), "--data", trained["manifest"], "--resamples", "200",
                  "--no-record", cwd=trained["base"])
     assert local.returncode == 0 and "mean" in local.stdout, local.stderr[-2000:]
+
+
+def test_the_run_page_charts_the_curves_before_the_single_values(trained):
+    """MLflow's run page (its section rule: tests/mlflow_ui.py) on the run's real metrics: the losses and the
+    per-finding validation curves first, the test split's single values after every curve."""
+    client, rid = trained["client"], trained["run"].info.run_id
+    keys = list(client.get_run(rid).data.metrics)  # after `cxr evaluate` too, when the module runs in order
+    order = mlflow_ui.sections(keys)
+    assert order[:4] == ["epoch/loss", "epoch/train", "epoch/val", "epoch/val_auroc"], order
+    assert order[-2:] == ["test_auroc", mlflow_ui.MODEL] and mlflow_ui.sorted_alike(order[:-1]), order
+    steps = {k: len(client.get_metric_history(rid, k)) for k in keys if not k.startswith("system/")}
+    curves = {mlflow_ui.section(k) for k, n in steps.items() if n == EPOCHS}
+    single = {mlflow_ui.section(k) for k, n in steps.items() if n == 1}
+    assert set(steps.values()) == {1, EPOCHS} and curves.isdisjoint(single), steps
+    assert max(map(order.index, curves)) < min(map(order.index, single)), (curves, single)
+    assert {"epoch/loss/train", "epoch/loss/val", "epoch/val_auroc/Mass", "test_auroc/Mass"} <= set(steps)
 
 
 # ------------------------------------------------------------------------------------------- promotion

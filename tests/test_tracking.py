@@ -13,8 +13,9 @@ from cxr.tracking.handlers import EpochLogger
 
 
 def _row(epoch: int, auroc: float) -> dict:
-    return {"epoch": epoch, "lr": 1e-3, "loss": 0.5, "val_auroc_mean": auroc, "val_auroc/Mass": auroc,
-            "val_auroc/Hernia": float("nan"), "is_best": True}
+    return {"epoch": epoch, "lr": 1e-3, "train_loss": 0.5, "val_loss": 0.6, "val_auroc_mean": auroc,
+            "val_auroc/Mass": auroc, "val_auroc/Hernia": float("nan"), "val_images_skipped": 0.0, "is_best": True,
+            "best_epoch": epoch}
 
 
 def test_open_run_creates_once_and_finds_by_key(mlflow_server):
@@ -44,12 +45,45 @@ def test_each_epoch_is_logged_once_across_restarts(mlflow_server):
     assert restarted.log(_row(2, 0.99)) and restarted.log(_row(3, 0.80))
 
     client = MlflowClient(mlflow_server)
-    history = client.get_metric_history(run_id, "val_auroc_mean")
+    history = client.get_metric_history(run_id, "epoch/val_auroc/mean")
     assert sorted((m.step, m.value) for m in history) == [(1, 0.61), (2, 0.72), (3, 0.80)]
-    assert [m.value for m in client.get_metric_history(run_id, "val_auroc/Mass")] == [0.61, 0.72, 0.80]
-    metrics = client.get_run(run_id).data.metrics
-    assert "val_auroc/Hernia" not in metrics and "is_best" not in metrics and "epoch" not in metrics
+    assert [m.value for m in client.get_metric_history(run_id, "epoch/val_auroc/Mass")] == [0.61, 0.72, 0.80]
+    metrics = client.get_run(run_id).data.metrics  # by their MLflow names; NaN, flags and running values left out
+    assert set(metrics) == {"epoch/train/lr", "epoch/loss/train", "epoch/loss/val", "epoch/val_auroc/mean",
+                            "epoch/val_auroc/Mass", "epoch/val/images_skipped"}
     assert runs.logged_epochs(client, run_id) == {1, 2, 3}
+
+
+def test_a_run_logged_under_the_old_names_gets_whole_curves_under_the_new(mlflow_server):
+    """A run begun before the "epoch/" names and resumed now: its old series stay as they are, and every epoch of
+    the history is logged once under the new names (so its charts sort like a new run's)."""
+    from mlflow.entities import Metric
+
+    run_id = runs.open_run(mlflow_server, "cxr-tracking-tests", "old", f"/runs/{uuid.uuid4().hex}", {})
+    client = MlflowClient(mlflow_server)
+    old = {1: 0.6, 2: 0.7}
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, e) for e in old for k, v in  # as cxr logged them before
+                                      {"val_auroc_mean": old[e], "train_loss": 0.5, "lr": 1e-3}.items()])
+    assert runs.logged_epochs(client, run_id) == set()
+    assert EpochLogger(mlflow_server, run_id).log(_row(3, 0.80))  # the resumed run's next epoch, live
+    history = [_row(1, 0.6), _row(2, 0.7), _row(3, 0.99)]  # the checkpointed history at the end
+    assert runs.log_missing_epochs(client, run_id, history) == [1, 2]
+    assert runs.log_missing_epochs(client, run_id, history) == []
+    steps = {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
+             for k in ("epoch/val_auroc/mean", "val_auroc_mean")}
+    assert steps == {"epoch/val_auroc/mean": [(1, 0.6), (2, 0.7), (3, 0.8)], "val_auroc_mean": [(1, 0.6), (2, 0.7)]}
+
+
+def test_only_the_mlflow_names_change():
+    """The loop, checkpoints, Ray and the history keep their keys; MLflow gets the "epoch/" names."""
+    from cxr.evaluation.metrics import SCORE
+
+    assert runs.epoch_name(SCORE) == "epoch/val_auroc/mean"
+    assert {k: runs.epoch_name(k) for k in ("train_loss", "val_loss", "val_auroc/Pleural Effusion", "next_lr",
+                                            "images_per_s_total", "eval_time_s")} == {
+        "train_loss": "epoch/loss/train", "val_loss": "epoch/loss/val",
+        "val_auroc/Pleural Effusion": "epoch/val_auroc/Pleural Effusion", "next_lr": "epoch/train/next_lr",
+        "images_per_s_total": "epoch/train/images_per_s_total", "eval_time_s": "epoch/val/eval_time_s"}
 
 
 def test_unreachable_server_warns_without_credentials_and_never_raises(monkeypatch, caplog):

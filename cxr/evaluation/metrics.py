@@ -63,8 +63,8 @@ def auroc_summary(y_true: np.ndarray, y_score: np.ndarray,
 
 def auroc_metrics(y_true: np.ndarray, y_score: np.ndarray, prefix: str,
                   names: tuple[str, ...] = FINDINGS) -> dict[str, float]:
-    """`{prefix}_auroc_mean` and `{prefix}_auroc/{finding}` (NaN where undefined): metric names that group
-    per split in the MLflow UI and line up across runs."""
+    """`{prefix}_auroc_mean` and `{prefix}_auroc/{finding}` (NaN where undefined): a split's keys in an epoch's
+    metrics (MLflow gets them as `cxr.tracking.runs.epoch_name` says: epoch/val_auroc/mean, epoch/val_auroc/…)."""
     aurocs = auroc_per_finding(y_true, y_score)
     metrics = {f"{prefix}_auroc_mean": mean_auroc(aurocs)}
     metrics.update({f"{prefix}_auroc/{metric_name(name)}": float(a) for name, a in zip(names, aurocs, strict=True)})

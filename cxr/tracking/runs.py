@@ -57,12 +57,28 @@ def finite_numbers(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 SUMMARY_KEYS = ("epoch", "best_epoch", "best_val_auroc_mean")  # running values: logged once, at the best epoch
+EPOCH = "epoch/"  # every per-epoch series in MLflow: its charts sort before the run's single values (test_auroc/…)
+RENAMED = {"train_loss": "loss/train", "val_loss": "loss/val", "val_auroc_mean": "val_auroc/mean",
+           "eval_time_s": "val/eval_time_s"}
+
+
+def epoch_name(key: str) -> str:
+    """The MLflow name of an epoch metric (the loop, checkpoints, Ray and the history keep `key`).
+
+    MLflow's UI charts a run's metrics in sections named by the part before the last "/", sorted by name,
+    unprefixed ones last ("Model metrics"). Under "epoch/" the curves come first: "epoch/loss" (train, val),
+    "epoch/train" (lr, throughput), "epoch/val", "epoch/val_auroc" (each finding, and the mean); then
+    `cxr evaluate`'s and `cxr explain`'s sections and "test_auroc", then best_epoch and the test mean."""
+    if key in RENAMED:
+        return EPOCH + RENAMED[key]
+    if "/" in key:  # val_auroc/<finding>
+        return EPOCH + key
+    return EPOCH + (f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}")
 
 
 def epoch_metrics(row: Mapping[str, Any]) -> dict[str, float]:
-    """An epoch's metrics as MLflow takes them: finite numbers only; "val_auroc/Mass" keeps its "/", by which
-    the MLflow UI groups the per-finding charts into one section per split."""
-    return {k: v for k, v in finite_numbers(row).items() if k not in SUMMARY_KEYS}
+    """An epoch's metrics as MLflow takes them, by their MLflow names: finite numbers only."""
+    return {epoch_name(k): v for k, v in finite_numbers(row).items() if k not in SUMMARY_KEYS}
 
 
 def run_tags(cfg: Any, fingerprint: str) -> dict[str, str]:
@@ -147,10 +163,11 @@ def log_datasets(client: Any, run_id: str, cfg: Any, fingerprint: str, sizes: Ma
 
 
 def logged_epochs(client: Any, run_id: str) -> set[int]:
-    """Epochs on record: every epoch logs the validation mean AUROC."""
+    """Epochs on record under today's names: every epoch logs the validation mean AUROC. A run begun before the
+    "epoch/" names (its mean is `val_auroc_mean`) has none, so a resumed one logs them all again, whole curves."""
     from cxr.evaluation.metrics import SCORE
 
-    return {int(m.step) for m in client.get_metric_history(run_id, SCORE)}
+    return {int(m.step) for m in client.get_metric_history(run_id, epoch_name(SCORE))}
 
 
 def log_epoch(client: Any, run_id: str, row: Mapping[str, Any]) -> None:
@@ -159,6 +176,16 @@ def log_epoch(client: Any, run_id: str, row: Mapping[str, Any]) -> None:
     now = int(time.time() * 1000)
     step = int(row["epoch"])
     client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in epoch_metrics(row).items()])
+
+
+def log_missing_epochs(client: Any, run_id: str, history: list[Mapping[str, Any]]) -> list[int]:
+    """The epochs of `history` not on record yet (rank 0 could not log them live, or the run is older than the
+    "epoch/" names), logged; returns them."""
+    on_record = logged_epochs(client, run_id)
+    missing = [row for row in history if int(row["epoch"]) not in on_record]
+    for row in missing:
+        log_epoch(client, run_id, row)
+    return [int(row["epoch"]) for row in missing]
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # model training, not GenAI traces
