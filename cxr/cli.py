@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "common images by a paired patient bootstrap")
     e.add_argument("--data", default=None, help="manifest (or its folder) or dataset root (default: the data the "
                    "model was trained on)")
+    e.add_argument("--dataset", default=None, metavar="NAME_OR_SPEC.yaml", help="how --data, a raw root, is read: "
+                   "a built-in dataset spec (nih, chexpert, mimic-cxr-jpg, padchest, csv) or a spec file (default: "
+                   "as the model's run read it, else nih; docs/data.md)")
+    e.add_argument("--labels", default=None, metavar="FILE", help="a CSV/Parquet of expert labels: the images it "
+                   "labels are scored against it instead of the data's labels (needs --label-map)")
+    e.add_argument("--label-map", default=None, metavar="NAME_OR_MAP.yaml", help="with --labels: which column is "
+                   "which finding, what its values mean, which predicted findings score it; a built-in "
+                   "(nih-majkowska2019) or a YAML file (docs/evaluation.md)")
     e.add_argument("--split", default=None, help="the split to score (default: test; with --predictions, "
                    "the table's rows)")
     e.add_argument("--val-split", default="val", help="the split the operating thresholds are chosen on")

@@ -135,22 +135,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cxr.evaluation import report
     from cxr.evaluation.evaluate import evaluate
 
+    if args.model and (args.against or args.image_column):  # they mean nothing for a model: never ignored
+        given = " and ".join(o for o, v in (("--against", args.against), ("--image-column", args.image_column)) if v)
+        raise ValueError(f"{given}: only with --predictions (a table); to compare models use `cxr promote`, or "
+                         "score a table of the model's predictions with --against MODEL")
+    if bool(args.labels) != bool(args.label_map):
+        raise ValueError("--labels FILE and --label-map MAP go together: the file of expert labels and how to read "
+                         "it (a built-in such as nih-majkowska2019, or a YAML file; docs/evaluation.md)")
     if args.predictions:  # a table of predictions made elsewhere, scored against --data's labels
         from cxr.evaluation.tables import evaluate_table
         ev = evaluate_table(args.predictions, args.data, args.image_column, args.split, args.val_split, args.out,
                             args.resamples, args.confidence, args.seed, args.subgroups, args.age_bands, args.against,
-                            args.tracking_uri, args.batch_size)
+                            args.tracking_uri, args.batch_size, args.dataset, args.labels, args.label_map)
     else:
         ev = evaluate(args.model, args.data, split=args.split or "test", val_split=args.val_split, out=args.out,
                       resamples=args.resamples, confidence=args.confidence, seed=args.seed,
                       batch_size=args.batch_size, tracking_uri=args.tracking_uri, record=not args.no_record,
-                      subgroup_attributes=args.subgroups, age_bands=args.age_bands)
+                      subgroup_attributes=args.subgroups, age_bands=args.age_bands, dataset=args.dataset,
+                      labels=args.labels, label_map=args.label_map)
     rep = ev.report
     print(report.console(rep))
     if args.out:
         print(f"report: {redact(args.out)}/report.md (and report.json, roc.png, pr.png, reliability.png"
               + (", subgroups.png)" if rep.get("subgroups", {}).get("attributes") else ")"))
-    if rep["model"]["run_id"] and not args.no_record:
+    if rep["model"]["run_id"] and not args.no_record and not rep.get("labels"):
         print(f"logged to MLflow run {rep['model']['run_id']} under evaluation/{rep['data']['split']}/")
     return 0
 

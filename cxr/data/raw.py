@@ -52,19 +52,24 @@ def split_patients(data_root: str, split: str, split_seed: int = 0, val_fraction
 
 
 def split_images(data_root: str, split: str, split_seed: int = 0, val_fraction: float = 0.1,
-                 test_fraction: float = 0.2, dataset: str = "nih") -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Each image's name (relative to the root), labels (1, 0, -1 uncertain) and patient id by position in the
-    split: what a table of predictions made elsewhere is joined on (`cxr.evaluation.tables`)."""
+                 test_fraction: float = 0.2, dataset: str = "nih",
+                 ) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Each image's name (relative to the root), labels (1, 0, -1 uncertain), patient id and sex / age / view by
+    position in the split, from one read of the metadata: what a table of predictions made elsewhere is joined on
+    (`cxr.evaluation.tables`)."""
     rows = _split_records(data_root, split, split_seed, val_fraction, test_fraction, dataset)
     y = np.array([r["y"] for r in rows], dtype=np.float32).reshape(len(rows), -1)
-    return [str(r["image"]) for r in rows], y, np.array([int(r["patient"]) for r in rows], dtype=np.int64)
+    return ([str(r["image"]) for r in rows], y, np.array([int(r["patient"]) for r in rows], dtype=np.int64),
+            _attributes(rows))
 
 
 def split_attributes(data_root: str, split: str, split_seed: int = 0, val_fraction: float = 0.1,
                      test_fraction: float = 0.2, dataset: str = "nih") -> dict[str, np.ndarray]:
     """Each image's sex, age and view by position in the split, as the shards store them ("" / NaN: unknown)."""
-    rows = _split_records(data_root, split, split_seed, val_fraction, test_fraction, dataset)
+    return _attributes(_split_records(data_root, split, split_seed, val_fraction, test_fraction, dataset))
 
+
+def _attributes(rows: tuple[dict, ...]) -> dict[str, np.ndarray]:
     def text(key: str) -> np.ndarray:
         return np.array(["" if not isinstance(r[key], str) else r[key].strip() for r in rows], dtype=object)
 

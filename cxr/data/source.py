@@ -24,6 +24,7 @@ StoredSizeFn = Callable[[cfgmod.Data], int | None]
 PatientsFn = Callable[[cfgmod.Data, str], np.ndarray]
 FindingsFn = Callable[[cfgmod.Data], tuple[str, ...]]
 AttributesFn = Callable[[cfgmod.Data, str], dict[str, np.ndarray]]
+DescribedFn = Callable[[cfgmod.Data, str], tuple[np.ndarray, dict[str, np.ndarray]]]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class DataSource:
     patient_ids: PatientsFn | None = None  # a split's distinct patient ids, sorted (what a model learned from)
     findings: FindingsFn = lambda data: FINDINGS  # the label set, in label order: sizes the head, names metrics
     attributes: AttributesFn | None = None  # each image's sex / age / view by split position ("" / NaN: unknown)
+    described: DescribedFn | None = None  # (patients, attributes) of a split from one read of its records
 
 
 def for_config(data: cfgmod.Data) -> DataSource:
@@ -125,9 +127,16 @@ def _shard_attributes(data: cfgmod.Data, split: str) -> dict[str, np.ndarray]:
     return reader.split_attributes(manifest.load(data.manifest_uri).shards(split))
 
 
+def _shard_described(data: cfgmod.Data, split: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    from cxr.data import manifest, reader
+
+    _, _, patients, attributes = reader.split_images(manifest.load(data.manifest_uri).shards(split))
+    return patients, attributes
+
+
 SHARDS = DataSource(_shard_dataset, _shard_size, _shard_counts, _shard_stored_size, patients=_shard_patients,
                     patient_ids=_shard_patient_ids, findings=lambda data: tuple(_manifest(data).findings),
-                    attributes=_shard_attributes)
+                    attributes=_shard_attributes, described=_shard_described)
 
 
 # --------------------------------------------------------------------------------------------------- raw
@@ -185,9 +194,17 @@ def _raw_attributes(data: cfgmod.Data, split: str) -> dict[str, np.ndarray]:
                                 data.dataset)
 
 
+def _raw_described(data: cfgmod.Data, split: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    from cxr.data import raw
+
+    _, _, patients, attributes = raw.split_images(data.root, split, data.split_seed, data.val_fraction,
+                                                  data.test_fraction, data.dataset)
+    return patients, attributes
+
+
 RAW = DataSource(_raw_dataset, _raw_size, _raw_counts, _raw_stored_size, may_skip=True, patients=_raw_patients,
                  patient_ids=lambda data, split: np.unique(_raw_patients(data, split)), findings=_raw_findings,
-                 attributes=_raw_attributes)
+                 attributes=_raw_attributes, described=_raw_described)
 
 
 # ------------------------------------------------------------------------------------- data by its URI
@@ -232,7 +249,8 @@ def data_config(uri: str, image_size: int, tags: dict[str, str] | None = None,
     from cxr.data import manifest
 
     if storage.exists(manifest.url_of(uri)):
-        return cfgmod.Data(source="shards", manifest_uri=uri, image_size=image_size, allow_upsample=True)
+        return cfgmod.Data(source="shards", manifest_uri=uri, image_size=image_size, allow_upsample=True,
+                           dataset=dataset)  # checked against the manifest's own when its findings are read
     tags = tags or {}
     split = tags if split_tags is None else split_tags
     raw_size = tags.get("cxr.preprocessing.raw_size")

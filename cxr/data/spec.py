@@ -253,26 +253,46 @@ def load(name_or_path: str) -> tuple[Spec, str]:
     return parse(text, source), source
 
 
-def parse(text: str, source: str) -> Spec:
+def parse(text: str, source: str, model: type[BaseModel] = Spec, what: str = "dataset spec",
+          keys: str = "name, metadata, image, patient, labels, …") -> Any:
+    """`text` validated as a `model` (a dataset spec, or another file in its style such as an evaluation's label
+    map): every error names `source` and the dotted key."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise SpecError(f"{source}: a dataset spec is a mapping of keys (name, metadata, image, patient, labels, …)")
+        raise SpecError(f"{source}: a {what} is a mapping of keys ({keys})")
     try:
-        return Spec.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        lines = "\n  ".join(_describe(err) for err in exc.errors())
-        raise SpecError(f"{source}: invalid dataset spec:\n  {lines}") from None
+        known = _keys() if model is Spec else _fields(model)
+        lines = "\n  ".join(_describe(err, known) for err in exc.errors())
+        raise SpecError(f"{source}: invalid {what}:\n  {lines}") from None
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _fields(model: type[BaseModel]) -> list[str]:
+    """Every key of `model` and of the models its fields hold (for "did you mean")."""
+    import typing
+
+    out, todo = set(), [model]
+    while todo:
+        m = todo.pop()
+        for name, info in m.model_fields.items():
+            out.add(name)
+            todo += [t for t in (info.annotation, *typing.get_args(info.annotation))
+                     if isinstance(t, type) and issubclass(t, BaseModel)]
+            todo += [a for t in typing.get_args(info.annotation) for a in typing.get_args(t)
+                     if isinstance(a, type) and issubclass(a, BaseModel)]
+    return sorted(out)
+
+
+def _describe(err: dict[str, Any], known: list[str] | None = None) -> str:
     """One line per error: the dotted key (list positions included), what is wrong, a close key if misspelt."""
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc[-1], _keys(), n=1)
+        close = difflib.get_close_matches(loc[-1], known or _keys(), n=1)
         return f"{key}: unknown key" + (f" (did you mean {close[0]}?)" if close else "")
     if err["type"] == "missing":
         return f"{key}: required but missing"

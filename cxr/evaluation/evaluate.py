@@ -72,14 +72,18 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
              out: str | None = None, resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
              batch_size: int = 64, tracking_uri: str | None = None, record: bool = True,
              split_tags: dict[str, str] | None = None, reuse: bool = False, subgroup_attributes: str | tuple = "auto",
-             age_bands: tuple[int, ...] = subgroups.AGE_BANDS) -> Evaluation:
+             age_bands: tuple[int, ...] = subgroups.AGE_BANDS, dataset: str | None = None, labels: str | None = None,
+             label_map: str | None = None) -> Evaluation:
     """Evaluate the model at `model_uri` on `split` of `data_uri` (default: the data it was trained on).
 
     A raw root is split as the model's run split it, or as `split_tags` say (a promotion scores both models on
     the candidate's split); images are preprocessed as the model's were. `val_split=None` skips the operating
     points (their thresholds need the validation split predicted too). `reuse`: take the predictions saved in
     the model's run when they were made under exactly these settings (`cxr.evaluation.saved`).
-    `subgroup_attributes`: "auto" (sex, age, view where the data has them), () for none, or some of them."""
+    `subgroup_attributes`: "auto" (sex, age, view where the data has them), () for none, or some of them.
+    `dataset`: how a raw root is read (a spec name or file; default: as the model's run read its own, else NIH's).
+    `labels` (read through `label_map`): the images that file labels are scored against its labels instead of
+    the data's (`cxr.evaluation.expert`); such an evaluation is not recorded in the model's run."""
     from cxr.data import source as sources
     from cxr.models import loading
 
@@ -89,7 +93,7 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
     data_uri = data_uri or loaded.tags.get("cxr.data")
     if not data_uri:
         raise ValueError(f"{redact(model_uri)}: no --data given and the model's run does not name its data")
-    data = sources.data_config(data_uri, loaded.image_size, loaded.tags, split_tags)
+    data = sources.data_config(data_uri, loaded.image_size, loaded.tags, split_tags, dataset)
     source = sources.for_config(data)
     log.debug("evaluating %s on %s of %s", redact(model_uri), split, redact(data_uri))
     mapping = shared_findings(loaded.findings, sources.findings(data))
@@ -108,40 +112,87 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
         preds.update(predict_splits(loaded.pinned, data, todo, outputs=len(loaded.findings), batch_size=batch_size,
                                     tracking_uri=tracking_uri))
     test = preds[split]
-    patients = source.patients(data, split)[test.seen]
-    probs, labels = mapping.take(*test.present())
+    if subgroup_attributes and source.described is not None:  # patients and attributes from one read
+        patients, values = source.described(data, split)
+    else:
+        patients, values = source.patients(data, split), None
+    patients, scored = patients[test.seen], test.seen.copy()  # scored: the split's images in the report
+    probs, y = mapping.take(*test.present())
     names = mapping.names
+    val = None if val_split is None else mapping.take(*preds[val_split].present())
+    rel = None
+    if labels is not None:  # the images the file labels, scored against its labels through the model's outputs
+        probs, y, val, rel = _relabel(labels, label_map, loaded.findings, data, data_uri, preds, split, val_split)
+        patients, scored[test.seen] = patients[rel[1]], rel[1]
+        names = rel[0].labels.names
 
     def attributes() -> dict[str, np.ndarray] | None:
-        return None if source.attributes is None else {a: np.asarray(v)[test.seen]
-                                                       for a, v in source.attributes(data, split).items()}
+        return None if values is None else {a: np.asarray(v)[scored] for a, v in values.items()}
 
-    val = None if val_split is None else mapping.take(*preds[val_split].present())
-    ci, stats = statistics(probs, labels, patients, names, attributes, f"the {split} split", val, resamples,
+    ci, stats = statistics(probs, y, patients, names, attributes, f"the {split} split", val, resamples,
                            confidence, seed, subgroup_attributes, age_bands)
     summary = {
         "model": {"uri": redact(model_uri), "run_id": loaded.run_id,
                   "registered": None if loaded.registered is None else
                   {"name": loaded.registered[0], "version": loaded.registered[1]}},
         "data": {"uri": redact(data_uri), "fingerprint": fingerprint, "split": split,
-                 "threshold_split": val_split, "images": int(test.seen.sum()), "patients": int(len(set(patients))),
-                 "unreadable_images": test.missing, "preprocessing": preprocessing(data)},
+                 "threshold_split": val_split if val is not None else None, "images": int(scored.sum()),
+                 "patients": int(len(set(patients))), "unreadable_images": test.missing,
+                 "preprocessing": preprocessing(data)},
         **stats,
-        "label_map": mapping.describe(),
-        "unscored": mapping.unscored,
+        "label_map": mapping.describe() if rel is None else None,
+        "unscored": mapping.unscored if rel is None else rel[0].labels.unscored,
         "anchors": list(ANCHORS) if names == FINDINGS else [],  # the published means are over NIH's 14
     }
+    if rel is not None:
+        summary["labels"] = rel[0].describe(int(scored.sum()), rel[2])
     if "subgroups" in stats:  # after the anchors, where report.json always had it
         summary["subgroups"] = summary.pop("subgroups")
-    if mapping.unscored:
-        log.warning("findings not scored: %s", "; ".join(f"{u['finding']} ({u['reason']})" for u in mapping.unscored))
-    evaluation = Evaluation(summary, test, patients, ci, out, mapping, saved_key(loaded, data, split, fingerprint,
-                                                                            source) if mapping.identity else None)
+    if summary["unscored"]:
+        log.warning("findings not scored: %s", "; ".join(f"{u['finding']} ({u['reason']})"
+                                                         for u in summary["unscored"]))
+    if rel is None:
+        evaluation = Evaluation(summary, test, patients, ci, out, mapping, saved_key(
+            loaded, data, split, fingerprint, source) if mapping.identity else None)
+    else:
+        evaluation = Evaluation(summary, Predictions(probs, y, np.ones(len(y), bool)), patients, ci, out)
     if out:
         write(evaluation, out)
-    if record and loaded.run_id:
+    if record and loaded.run_id and rel is None:
         _record(evaluation, loaded, tracking_uri)
+    elif record and loaded.run_id:
+        log.info("not recorded in the model's run: scored against %s, not the data's labels", redact(labels or ""))
     return evaluation
+
+
+def _relabel(labels: str, label_map: str | None, findings: tuple[str, ...], data: Any, data_uri: str,
+             preds: dict[str, Predictions], split: str, val_split: str | None) -> tuple:
+    """The test split's images `labels` covers, scored against it: (scores, labels, validation (scores, labels)
+    or None when it labels no validation image, (the join, which predicted test images it covers, how many
+    validation images))."""
+    from cxr.evaluation import expert, tables
+
+    if not label_map:
+        raise ValueError(f"{redact(labels)}: expert labels need their map (--label-map: a built-in name such as "
+                         f"{', '.join(expert.builtin_names())}, or a YAML file)")
+    images = tables.known(data, data.uncertain)
+    rel = expert.relabel(labels, label_map, tuple(findings), images, data_uri)
+
+    def take(s: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        here = np.flatnonzero(images.split == s)
+        if len(here) != len(preds[s].seen):
+            raise ValueError(f"{redact(data_uri)}: {len(here)} images in its {s} split, {len(preds[s].seen)} predicted")
+        return rel.take(here[preds[s].seen], preds[s].probs[preds[s].seen])
+
+    keep, y, probs = take(split)
+    if not keep.any():
+        raise ValueError(f"{redact(labels)} labels none of the {int(keep.size)} predicted images of the {split} split "
+                         f"of {redact(data_uri)}")
+    val = None
+    if val_split is not None:
+        val_keep, val_y, val_probs = take(val_split)
+        val = (val_probs, val_y) if val_keep.any() else None
+    return probs, y, val, (rel, keep, 0 if val is None else len(val[1]))
 
 
 def statistics(probs: np.ndarray, labels: np.ndarray, patients: np.ndarray, names: tuple[str, ...],

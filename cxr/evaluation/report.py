@@ -70,7 +70,9 @@ def markdown(rep: dict) -> str:
                                                                else ""), "",
                           f"Split **{split}** of `{data['uri']}`: {data['images']:,} images of {data['patients']:,} "
                           f"patients. **Mean AUROC {_ci(au['mean'])}** ({pct} CI, {au['resamples']:,} bootstrap "
-                          "resamples of patients). No validation split was scored: no thresholds.", "",
+                          "resamples of patients). "
+                          + ("The label file labels no image of the validation split" if rep.get("labels") else
+                             "No validation split was scored") + ": no thresholds.", "", *label_source(rep),
                           *_table(["finding", f"AUROC [{pct} CI]"], "lr", [[n, _ci(v)] for n, v in
                                                                            au["findings"].items()]),
                           *subgroup_tables(rep), *comparison(rep), ""])
@@ -79,7 +81,7 @@ def markdown(rep: dict) -> str:
              f"Split **{split}** of `{data['uri']}`: {data['images']:,} images of {data['patients']:,} "
              f"patients (data fingerprint `{data['fingerprint'][:16]}…`)."
              + (f" {data['unreadable_images']} unreadable images were left out." if data["unreadable_images"] else ""),
-             "",
+             "", *label_source(rep),
              f"**Mean AUROC {_ci(au['mean'])}** ({pct} CI, {au['resamples']:,} bootstrap resamples of patients, "
              f"seed {au['seed']}). Thresholds were chosen on the {val} split and applied unchanged here.", "",
              "## Discrimination", ""]
@@ -115,6 +117,20 @@ def markdown(rep: dict) -> str:
         lines += _table(["model", "split", "mean AUROC"], "llr",
                         [[a["model"], a["split"], f"{a['mean_auroc']:.3f}"] for a in rep["anchors"]])
     return "\n".join(lines) + "\n"
+
+
+def label_source(rep: dict) -> list[str]:
+    """Where the labels came from when they are not the data's (`--labels`): the file, its map, its coverage."""
+    lab = rep.get("labels")
+    if not lab:
+        return []
+    how = "; ".join(f"{n}: column `{f['column']}`, " + (f"{f['score']} {', '.join(f['scored_by'])}" if f["scored_by"]
+                                                          else f"not scored: {f['reason']}")
+                    for n, f in lab["findings"].items())
+    return [f"**Labels: `{lab['file']}`**, read through {lab['map']} ({how}). It labels {lab['scored']:,} of the "
+            f"scored images" + (f" and {lab['threshold_images']:,} of the threshold split's" if lab["threshold_images"]
+                                else "") + f"; {lab['elsewhere']:,} of its {lab['rows']:,} rows name other images of "
+            "the data (other splits, or not predicted here). Only the images it labels are scored.", ""]
 
 
 def _interval(d: dict, key: str, low: str, high: str, sign: str = "") -> str:
@@ -210,14 +226,23 @@ def console(rep: dict) -> str:
     mean = au["mean"]
     if mean["auroc"] is not None:
         lines.append(f"{'mean':<{width}}{mean['auroc']:>8.4f}  [{mean['low']:.4f}, {mean['high']:.4f}]")
+    if rep.get("labels"):
+        lab = rep["labels"]
+        mapped = [f"{n} = {f['score']} {'/'.join(f['scored_by'])}" for n, f in lab["findings"].items()
+                  if len(f["scored_by"]) > 1 or f["scored_by"] and f["scored_by"][0] != n]
+        lines.append("; ".join([f"labels: {lab['file']} through {lab['map']}: {lab['scored']:,} images scored"
+                                + (f", {lab['threshold_images']:,} for thresholds" if lab["threshold_images"] else ""),
+                                f"{lab['elsewhere']:,} of its {lab['rows']:,} rows name other images of the data",
+                                *mapped]))
     if rep.get("comparison"):
         c = rep["comparison"]["mean"]
         lines.append(f"against {rep['comparison']['against']}: mean AUROC difference "
                      + ("undefined" if c["difference"] is None else _interval(c, "difference", "low", "high", "+"))
                      + f" on {rep['comparison']['images']:,} common images")
-    for side in ("model", "data"):
+    why = {"model": "no label in the data", "data": "no model output", "labels": "the label map scores it by none"}
+    for side in ("model", "data", "labels"):
         names = [u["finding"] for u in rep.get("unscored", []) if u["side"] == side]
         if names:
-            lines.append(f"not scored ({'no label in the data' if side == 'model' else 'no model output'}): "
+            lines.append(f"not scored ({why[side]}): "
                          + ", ".join(names) + " (reasons in report.md)")
     return "\n".join(lines)

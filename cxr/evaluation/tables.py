@@ -57,14 +57,16 @@ class Known:
     patients: np.ndarray
     split: np.ndarray  # each image's split name
     position: np.ndarray  # each image's position in its split
+    attributes: dict[str, np.ndarray]  # each image's sex / age / view, from the same read ("" / NaN: unknown)
 
 
-def _shown(items: list[str]) -> str:
+def shown(items: list[str]) -> str:
     more = len(items) - SHOWN
     return "; ".join(items[:SHOWN]) + (f"; and {more} more" if more > 0 else "")
 
 
-def _frame(uri: str) -> Any:
+def read_frame(uri: str) -> Any:
+    """A CSV (.csv, .csv.gz) or Parquet file as a DataFrame."""
     import pandas as pd
 
     name = uri.lower().rsplit("?", 1)[0]
@@ -73,10 +75,10 @@ def _frame(uri: str) -> Any:
         return pd.read_parquet(io.BytesIO(data))
     if name.endswith((".csv", ".csv.gz")):
         return pd.read_csv(io.BytesIO(data), compression="gzip" if name.endswith(".gz") else None)
-    raise TableError(f"{redact(uri)}: a predictions table must be .csv, .csv.gz or .parquet")
+    raise TableError(f"{redact(uri)}: a table (of predictions or labels) must be .csv, .csv.gz or .parquet")
 
 
-def _norm(name: str) -> str:
+def norm(name: str) -> str:
     """Column and finding names compared as people write them: case, '_' / '-' / spaces do not matter."""
     return re.sub(r"[\s_\-]+", " ", str(name)).strip().lower()
 
@@ -98,11 +100,11 @@ def _finding_columns(uri: str, frame: Any, findings: tuple[str, ...], skip: str)
     numeric = [c for c in frame.columns if c != skip and not np.isnan(_numbers(frame, c)[0]).all()]
     support: dict[tuple[str, str], set[str]] = {}
     for column in numeric:
-        text = _norm(column)
+        text = norm(column)
         for f in findings:
-            at = text.find(_norm(f))
+            at = text.find(norm(f))
             if at >= 0:
-                support.setdefault((text[:at], text[at + len(_norm(f)):]), set()).add(f)
+                support.setdefault((text[:at], text[at + len(norm(f)):]), set()).add(f)
     if not support:
         raise TableError(f"{redact(uri)}: no numeric column is named by a finding of the data ({', '.join(findings)}"
                          f"), with or without a common prefix or suffix; its columns: {', '.join(map(str, frame))}")
@@ -112,8 +114,8 @@ def _finding_columns(uri: str, frame: Any, findings: tuple[str, ...], skip: str)
         raise TableError(f"{redact(uri)}: the finding columns could be named with " + " or ".join(
             f"prefix {p!r} and suffix {s!r}" for p, s in tied) + ": keep one set of probability columns")
     prefix, suffix = ("", "") if ("", "") in tied else tied[0]
-    by_name = {_norm(c): c for c in numeric}
-    columns = {f: by_name[prefix + _norm(f) + suffix] for f in findings if prefix + _norm(f) + suffix in by_name}
+    by_name = {norm(c): c for c in numeric}
+    columns = {f: by_name[prefix + norm(f) + suffix] for f in findings if prefix + norm(f) + suffix in by_name}
     missing = [f for f in findings if f not in columns]
     if missing:  # the expected names as the table writes its others (prob_X, not the compared 'prob x')
         raw = next(((c[:c.lower().find(g.lower())], c[c.lower().find(g.lower()) + len(g):])
@@ -130,7 +132,7 @@ def _finding_columns(uri: str, frame: Any, findings: tuple[str, ...], skip: str)
 def read(uri: str, findings: tuple[str, ...], image_column: str | None = None) -> Table:
     """The table at `uri` as image names and probabilities of `findings`; blanks, text, NaN and values outside
     [0, 1] are errors naming the rows (counted from 1, the first row after the header) and columns."""
-    frame = _frame(uri)
+    frame = read_frame(uri)
     where = redact(uri)
     if image_column is None:
         image_column = next((c for c in IMAGE_COLUMNS if c in frame.columns), None)
@@ -149,54 +151,62 @@ def read(uri: str, findings: tuple[str, ...], image_column: str | None = None) -
         bad += [f"row {i + 1} column {columns[f]!r}: {frame[columns[f]].iloc[i]!r}" for i in rows]
     if bad:
         raise TableError(f"{where}: {len(bad)} cell(s) are not probabilities in [0, 1] (blank, NaN or text): "
-                         + _shown(bad))
+                         + shown(bad))
     names = frame[image_column]
     blank = [f"row {i + 1}" for i, v in enumerate(names) if not isinstance(v, str) or not v.strip()]
     if blank:
-        raise TableError(f"{where}: {len(blank)} row(s) name no image in column {image_column!r}: {_shown(blank)}")
+        raise TableError(f"{where}: {len(blank)} row(s) name no image in column {image_column!r}: {shown(blank)}")
     log.info("%s: %d rows; probabilities in columns named by %s", where, len(frame), affix)
     # float32, as a model's predictions are: a table written from them is scored exactly as they were
     return Table(uri, image_column, [v.strip() for v in names], probs.astype(np.float32), columns, affix)
 
 
 def known(data: Any, uncertain: str = "ignore") -> Known:
-    """The data's images with their labels and patients, read from its metadata or its shards' records."""
+    """The data's images with their labels, patients and sex / age / view, from one read of its metadata (a raw
+    root's) or of its shards' records."""
     from cxr.data import manifest, metadata, raw, reader
 
     names: list[str] = []
-    labels, patients, split, position = [], [], [], []
+    labels, patients, split, position, attributes = [], [], [], [], []
     for s in metadata.SPLITS:
         if data.source == "shards":
-            n, y, p = reader.split_images(manifest.load(data.manifest_uri).shards(s))
+            n, y, p, a = reader.split_images(manifest.load(data.manifest_uri).shards(s))
         else:
-            n, y, p = raw.split_images(data.root, s, data.split_seed, data.val_fraction, data.test_fraction,
-                                       data.dataset)
+            n, y, p, a = raw.split_images(data.root, s, data.split_seed, data.val_fraction, data.test_fraction,
+                                          data.dataset)
         if n:
             names += n
             labels.append(y.reshape(len(n), -1))
             patients.append(p)
             split += [s] * len(n)
             position.append(np.arange(len(n)))
+            attributes.append(a)
     if not names:
         raise TableError("the data has no image")
     y = np.concatenate(labels).astype(np.float32)
     if uncertain != "ignore":
         y = np.where(y < 0, 1.0 if uncertain == "ones" else 0.0, y).astype(np.float32)
-    return Known(names, y, np.concatenate(patients), np.array(split, dtype=object), np.concatenate(position))
+    return Known(names, y, np.concatenate(patients), np.array(split, dtype=object), np.concatenate(position),
+                 {k: np.concatenate([a[k] for a in attributes]) for k in attributes[0]})
 
 
 def locate(table: Table, images: Known, data_uri: str) -> np.ndarray:
-    """Each table row's index in `images`: a name, or a path whose trailing part is one (the basename or more);
-    unknown images and rows naming one image twice are errors listing them."""
+    """Each table row's index in `images` (`locate_names`)."""
+    return locate_names(table.uri, table.images, images, data_uri)
+
+
+def locate_names(uri: str, names: list[str], images: Known, data_uri: str) -> np.ndarray:
+    """Each of the file's image `names`' index in `images`: a name, or a path whose trailing part is one (the
+    basename or more); unknown images and rows naming one image twice are errors listing them."""
     index = {n: i for i, n in enumerate(images.names)}
-    at = np.full(len(table.images), -1, np.int64)
-    for r, name in enumerate(table.images):
+    at = np.full(len(names), -1, np.int64)
+    for r, name in enumerate(names):
         parts = name.replace("\\", "/").split("/")
         at[r] = next((index[t] for t in ("/".join(parts[k:]) for k in range(len(parts))) if t in index), -1)
-    unknown = [f"row {r + 1} {table.images[r]!r}" for r in np.flatnonzero(at < 0)]
+    unknown = [f"row {r + 1} {names[r]!r}" for r in np.flatnonzero(at < 0)]
     if unknown:
-        raise TableError(f"{redact(table.uri)}: {len(unknown)} of {len(at)} images are not in {redact(data_uri)} "
-                         f"(refused: their labels and patients are unknown): {_shown(unknown)}")
+        raise TableError(f"{redact(uri)}: {len(unknown)} of {len(at)} images are not in {redact(data_uri)} "
+                         f"(refused: their labels and patients are unknown): {shown(unknown)}")
     first: dict[int, int] = {}
     twice = []
     for r, i in enumerate(at.tolist()):
@@ -204,54 +214,55 @@ def locate(table: Table, images: Known, data_uri: str) -> np.ndarray:
             twice.append(f"rows {first[i] + 1} and {r + 1} ({images.names[i]})")
         first.setdefault(i, r)
     if twice:
-        raise TableError(f"{redact(table.uri)}: {len(twice)} image(s) appear more than once: {_shown(twice)}")
+        raise TableError(f"{redact(uri)}: {len(twice)} image(s) appear more than once: {shown(twice)}")
     return at
-
-
-def _attributes(source: Any, data: Any, images: Known, idx: np.ndarray) -> dict[str, np.ndarray] | None:
-    """Sex, age and view of the images `idx`, gathered from each split's stored values."""
-    if source.attributes is None:
-        return None
-    out: dict[str, np.ndarray] = {}
-    for s in dict.fromkeys(images.split[idx]):
-        here = images.split[idx] == s
-        for a, v in source.attributes(data, s).items():
-            out.setdefault(a, np.empty(len(idx), dtype=np.asarray(v).dtype))[here] = np.asarray(v)[
-                images.position[idx[here]]]
-    return out
 
 
 def evaluate_table(predictions: str, data_uri: str, image_column: str | None = None, split: str | None = None,
                    val_split: str | None = "val", out: str | None = None, resamples: int = 2000,
                    confidence: float = 0.95, seed: int = 0, subgroup_attributes: str | tuple = "auto",
                    age_bands: tuple[int, ...] = subgroups.AGE_BANDS, against: str | None = None,
-                   tracking_uri: str | None = None, batch_size: int = 64) -> ev_mod.Evaluation:
+                   tracking_uri: str | None = None, batch_size: int = 64, dataset: str | None = None,
+                   labels: str | None = None, label_map: str | None = None) -> ev_mod.Evaluation:
     """The report of `cxr evaluate --model` for the table's rows (those of `split` when given; then the
     operating thresholds are chosen on its rows of `val_split`), and with `against` (another table, or a model
-    predicted here) the paired patient-bootstrap comparison of the two on their common images."""
+    predicted here) the paired patient-bootstrap comparison of the two on their common images. A raw root is
+    read as `dataset` says (a spec name or file; default NIH's). `labels` (read through `label_map`): the
+    images that file labels are scored against its labels instead of the data's (`cxr.evaluation.expert`)."""
     from cxr.data import source as sources
+    from cxr.evaluation import expert
 
     if not data_uri:
         raise TableError(f"{redact(predictions)}: scoring a table needs the data its images come from (--data)")
     subgroup_attributes = subgroups.parse_attributes(subgroup_attributes)
     age_bands = subgroups.parse_bands(age_bands)
-    data = sources.data_config(data_uri, 224)  # the size is never used: no image is read
-    source = sources.for_config(data)
+    data = sources.data_config(data_uri, 224, dataset=dataset)  # the size is never used: no image is read
     names = sources.findings(data)
     images = known(data, data.uncertain)
     table = read(predictions, names, image_column)
+    rel = None if labels is None else expert.relabel(labels, label_map, names, images, data_uri)
     at = locate(table, images, data_uri)
     order = np.argsort(at, kind="stable")  # the data's order: the report does not depend on the table's
     rows = order if split is None else order[images.split[at[order]] == split]
+    val_rows = [] if split is None or val_split in (None, split) else order[images.split[at[order]] == val_split]
+    outside = int(len(at) - len(rows) - len(val_rows))
+    if rel is not None:  # only the images the label file covers
+        rows, val_rows = rows[rel.row_of[at[rows]] >= 0], np.asarray(val_rows, np.int64)
+        val_rows = val_rows[rel.row_of[at[val_rows]] >= 0]
     if not len(rows):
         raise TableError(f"{redact(predictions)}: none of its {len(at)} images is in the {split} split of "
-                         f"{redact(data_uri)}")
-    val_rows = [] if split is None or val_split in (None, split) else order[images.split[at[order]] == val_split]
+                         f"{redact(data_uri)}" if rel is None else f"{redact(predictions)}: none of its "
+                         f"{len(at)} images of {split or 'any split'} is labelled by {redact(labels)}")
     idx = at[rows]
-    probs, labels, patients = table.probs[rows], images.labels[idx], images.patients[idx]
+    probs, y, patients = table.probs[rows], images.labels[idx], images.patients[idx]
     val = (table.probs[val_rows], images.labels[at[val_rows]]) if len(val_rows) else None
+    scored = names
+    if rel is not None:
+        _, y, probs = rel.take(idx, table.probs[rows])
+        _, val_y, val_probs = rel.take(at[val_rows], table.probs[val_rows])
+        val, scored = (val_probs, val_y) if len(val_rows) else None, rel.labels.names
     where = "the table's images" if split is None else f"the table's images of the {split} split"
-    ci, stats = ev_mod.statistics(probs, labels, patients, names, lambda: _attributes(source, data, images, idx),
+    ci, stats = ev_mod.statistics(probs, y, patients, scored, lambda: {a: v[idx] for a, v in images.attributes.items()},
                                   where, val, resamples, confidence, seed, subgroup_attributes, age_bands)
     counts = {s: int((images.split[idx] == s).sum()) for s in dict.fromkeys(images.split[idx])}
     summary = {
@@ -261,17 +272,19 @@ def evaluate_table(predictions: str, data_uri: str, image_column: str | None = N
         "data": {"uri": redact(data_uri), "fingerprint": sources.fingerprint(data),
                  "split": split or "the table's images", "threshold_split": val_split if val is not None else None,
                  "images": int(len(idx)), "patients": int(len(set(patients.tolist()))), "unreadable_images": 0,
-                 "splits": counts, "outside_split": int(len(at) - len(rows) - len(val_rows)),
+                 "splits": counts, "outside_split": outside,
                  "preprocessing": None},
-        **stats, "label_map": None, "unscored": [],
-        "anchors": list(ev_mod.ANCHORS) if names == FINDINGS else [],
+        **stats, "label_map": None, "unscored": [] if rel is None else rel.labels.unscored,
+        "anchors": list(ev_mod.ANCHORS) if scored == FINDINGS else [],
     }
+    if rel is not None:
+        summary["labels"] = rel.describe(len(idx), len(val_rows))
     if "subgroups" in stats:
         summary["subgroups"] = summary.pop("subgroups")
     if against:
-        summary["comparison"] = _compare(against, data_uri, data, images, idx, probs, names, ci,
-                                         image_column, tracking_uri, batch_size)
-    evaluation = ev_mod.Evaluation(summary, Predictions(probs, labels, np.ones(len(idx), bool)), patients, ci, out)
+        summary["comparison"] = _compare(against, data_uri, data, images, idx, table.probs[rows], names, ci,
+                                         image_column, tracking_uri, batch_size, rel)
+    evaluation = ev_mod.Evaluation(summary, Predictions(probs, y, np.ones(len(idx), bool)), patients, ci, out)
     if out:
         ev_mod.write(evaluation, out)
     return evaluation
@@ -304,19 +317,26 @@ def _other(against: str, data_uri: str, data: Any, images: Known, names: tuple[s
 
 def _compare(against: str, data_uri: str, data: Any, images: Known, idx: np.ndarray, probs: np.ndarray,
              names: tuple[str, ...], ci: Any, image_column: str | None, tracking_uri: str | None,
-             batch_size: int) -> dict[str, Any]:
+             batch_size: int, rel: Any = None) -> dict[str, Any]:
     """`cxr promote`'s paired patient bootstrap of this table against `against` on their common images:
-    difference = this table - against, on the same patient resamples."""
+    difference = this table - against, on the same patient resamples; with expert labels (`rel`), both scored
+    against them as the report is."""
     splits = list(dict.fromkeys(images.split[idx]))
     other, shared = _other(against, data_uri, data, images, names, image_column, tracking_uri, batch_size, splits)
-    cols = [names.index(n) for n in shared]
-    common = np.isfinite(other[idx][:, cols]).all(axis=1)
+    if rel is None:
+        need, score, scored, y = [(n,) for n in names], (lambda p: p), names, images.labels[idx]
+    else:
+        need = [tuple(names[j] for j in c) for c in rel.labels.scored_by]
+        score, scored, y = rel.labels.scores, rel.labels.names, rel.take(idx, probs)[1]
+    cols = [k for k, n in enumerate(need) if set(n) <= set(shared)]
+    theirs, mine = score(other[idx])[:, cols], score(probs)[:, cols]  # NaN where the other has no prediction
+    common = np.isfinite(theirs).all(axis=1)
     if not common.any():
         raise TableError(f"{redact(against)} has no prediction for any of the evaluated images")
     keep = idx[common]
-    paired = paired_difference(images.labels[keep][:, cols], other[keep][:, cols], probs[common][:, cols],
-                               images.patients[keep], resamples=ci.resamples, confidence=ci.confidence,
-                               seed=ci.seed, names=shared)
+    paired = paired_difference(y[common][:, cols], theirs[common], mine[common], images.patients[keep],
+                               resamples=ci.resamples, confidence=ci.confidence, seed=ci.seed,
+                               names=tuple(scored[k] for k in cols))
     return {"against": redact(against), "images": int(common.sum()), "left_out": int((~common).sum()),
             "patients": int(len(set(images.patients[keep].tolist()))), "a": "against", "b": "this table",
             **paired.to_dict()}
