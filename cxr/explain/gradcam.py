@@ -167,14 +167,6 @@ def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, pred_box: BoxArg = None,
     return np.asarray(canvas)
 
 
-def overlay_png(image: np.ndarray, heatmap: np.ndarray, pred_box: BoxArg = None, true_box: BoxArg = None,
-                alpha: float = ALPHA) -> bytes:
-    """`overlay_rgb` as PNG bytes: magenta the predicted box, green the true one."""
-    buf = io.BytesIO()
-    Image.fromarray(overlay_rgb(image, heatmap, pred_box, true_box, alpha)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @dataclass(frozen=True)
 class SheetItem:
     """One tile of a contact sheet: an image, its heatmap for the sheet's finding, and what to title it with."""
