@@ -66,6 +66,7 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     try:
         driver.run_trainer(cfg, source, plan, callbacks=[EpochLogger(uri, run_id)],
                            run_callbacks=[TuneReportCallback()])
+        runs.end_run(uri, run_id, "FINISHED")
     except Exception as exc:
         from mlflow.tracking import MlflowClient
 
@@ -202,7 +203,7 @@ def _record(base: cfgmod.Config, ctx: dict[str, Any], table: list[dict[str, Any]
         if child is not None:
             client.set_tag(child.info.run_id, STOP_TAG, row["stop_reason"])
             _backfill(client, child.info.run_id, ctx, row)
-            if child.info.status == "RUNNING" and row["status"] == "FINISHED" and "completed" not in row["stop_reason"]:
+            if child.info.status == "RUNNING" and row["status"] == "FINISHED":
                 client.set_terminated(child.info.run_id, "FINISHED")  # stopped by ASHA: its actor never returned
     client.log_text(parent, _csv(table), "trials.csv")
     ranked = [r for r in table if r["status"] == "FINISHED" and math.isfinite(r["best_val_metric"])]
