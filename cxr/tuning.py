@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from cxr import config as cfgmod
@@ -75,15 +76,17 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         raise
 
 
-def max_concurrent(cfg: cfgmod.Config) -> int:
-    """How many trials the cluster's resources hold at once, each needing `scaling.num_workers` workers."""
-    import ray
+def max_concurrent(cfg: cfgmod.Config, nodes: list[dict[str, float]] | None = None) -> int:
+    """How many trials the cluster's resources (`nodes`, default: Ray's live nodes) hold at once, each needing
+    `scaling.num_workers` workers; at least one (Tune then waits, as `cxr train` would, for an autoscaler)."""
+    if nodes is None:
+        import ray
 
-    nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
+        nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
     return max(1, driver.workers_that_fit(driver.worker_resources(cfg), nodes) // cfg.scaling.num_workers)
 
 
-def run(config_url: str, space_url: str, overrides: list[str] = (), trials: int | None = None,  # type: ignore[assignment]
+def run(config_url: str, space_url: str, overrides: Sequence[str] = (), trials: int | None = None,
         concurrent: int | None = None, promote: bool = False) -> dict[str, Any]:
     """Check the space, run (or restore) the sweep, record it in MLflow, register the best trial's model."""
     import yaml

@@ -84,6 +84,21 @@ def test_a_valid_space_parses_and_its_samples_become_typed_overrides():
         validate(apply_overrides(BASE, sweep.overrides({"optim.lr": "fast"})))
 
 
+def test_concurrent_trials_are_what_the_nodes_hold_given_each_trials_workers():
+    from cxr.tuning import max_concurrent
+
+    def cfg(*overrides: str):
+        from cxr.config import apply_overrides
+
+        return validate(apply_overrides(BASE, overrides))
+
+    nodes = [{"CPU": 4.0}, {"CPU": 4.0, "GPU": 2.0}]
+    assert max_concurrent(cfg("scaling.num_workers=2"), nodes) == 4  # 8 one-CPU workers, 2 per trial
+    assert max_concurrent(cfg("scaling.num_workers=3", "scaling.resources_per_worker={CPU: 2}"), nodes) == 1
+    assert max_concurrent(cfg("scaling.num_workers=1", "scaling.use_gpu=true"), nodes) == 2  # the GPUs bound it
+    assert max_concurrent(cfg("scaling.num_workers=4", "scaling.use_gpu=true"), nodes) == 1  # never 0: Tune waits
+
+
 def test_cxr_sweep_refuses_a_bad_space_before_ray_starts(tmp_path):
     (tmp_path / "space.yaml").write_text("space:\n  optim.lrr: {loguniform: [1.0e-4, 1.0e-2]}\n")
     out = subprocess.run([sys.executable, "-m", "cxr.cli", "sweep", "--config", DEMO, "--space", "space.yaml"],
