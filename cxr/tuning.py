@@ -89,10 +89,7 @@ def max_concurrent(cfg: cfgmod.Config, nodes: list[dict[str, float]] | None = No
 def run(config_url: str, space_url: str, overrides: Sequence[str] = (), trials: int | None = None,
         concurrent: int | None = None, promote: bool = False) -> dict[str, Any]:
     """Check the space, run (or restore) the sweep, record it in MLflow, register the best trial's model."""
-    import yaml
-
-    raw = cfgmod.apply_overrides(yaml.safe_load(storage.read_text(config_url)) or {}, overrides)
-    base = cfgmod.with_absolute_paths(cfgmod.validate(raw, source=config_url))
+    base = cfgmod.with_absolute_paths(cfgmod.load(config_url, overrides))
     raw = base.model_dump(mode="json")  # absolute paths: trials run in Ray's working directories
     space = spacemod.load(space_url, raw, trials)  # bad keys and ranges fail here, before Ray
     name = sweep_name(base, space)
@@ -131,6 +128,10 @@ def _tuner(base: cfgmod.Config, space: spacemod.Space, name: str, ctx: dict[str,
     # The trial function only drives Ray Train, whose workers book their own resources: it books no CPU (Tune
     # refuses an empty bundle, hence a token of memory), so trials and their workers do not compete for CPUs.
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0, "memory": 2**20})
+    # A trial ASHA stops is blocked in trainer.fit(): Tune's graceful stop would wait for it (600 s by default)
+    # while its Ray Train workers go on training and hold their CPUs. Killing the trial's actor soon ends the Train
+    # controller with it (Ray Train's placement-group cleaner then frees the workers): ASHA saves the epochs.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "5")
     path = root if "://" in root else os.path.abspath(root)
     if tune.Tuner.can_restore(path):
         log.warning("sweep %s exists at %s: restoring it (finished trials are not run again)", name, redact(path))
@@ -206,8 +207,10 @@ def _record(base: cfgmod.Config, ctx: dict[str, Any], table: list[dict[str, Any]
         if child is not None:
             client.set_tag(child.info.run_id, STOP_TAG, row["stop_reason"])
             _backfill(client, child.info.run_id, ctx, row)
-            if child.info.status == "RUNNING" and row["status"] == "FINISHED":
-                client.set_terminated(child.info.run_id, "FINISHED")  # stopped by ASHA: its actor never returned
+            if child.info.status != "FINISHED" and row["status"] == "FINISHED":
+                # stopped by ASHA: its actor was killed in trainer.fit(), so it never ended the run (or ended it
+                # FAILED, when the Train controller's death reached it first)
+                client.set_terminated(child.info.run_id, "FINISHED")
     client.log_text(parent, _csv(table), "trials.csv")
     ranked = [r for r in table if r["status"] == "FINISHED" and math.isfinite(r["best_val_metric"])]
     if not ranked:

@@ -119,13 +119,13 @@ name: lr-sweep
 
 @pytest.fixture(scope="module")
 def swept(phantom_shards, tmp_path_factory) -> dict:
-    """One sweep of 4 trials of 3 epochs (1 worker each), then the same sweep re-submitted."""
+    """One sweep of 4 trials of 3 epochs (1 worker each) with --promote, then the same sweep re-submitted."""
     base = tmp_path_factory.mktemp("sweep")
     (base / "space.yaml").write_text(SPACE)
     uri = f"sqlite:///{base}/mlflow.db"
     argv = [sys.executable, "-m", "cxr.cli", "sweep", "--config", DEMO, "--space", "space.yaml",
             *tiny_run(phantom_shards, str(base / "ray"), "lr", uri, epochs=3), "scaling.num_workers=1",
-            "run.max_failures=0", "optim.min_lr=1.0e-12", "tracking.registered_model=swept"]
+            "run.max_failures=0", "optim.min_lr=1.0e-12", "tracking.registered_model=swept", "--promote"]
     runs = []
     for _ in range(2):
         t0 = time.monotonic()
@@ -178,6 +178,7 @@ def test_sweep_records_parent_children_stops_failures_and_registers_the_best(swe
     assert version.run_id == child[best["trial"]].info.run_id
     assert version.tags["cxr.data.fingerprint"] and version.tags["val_auroc_mean"] == best["best_val_metric"]
     assert "test_auroc_mean" in client.get_run(version.run_id).data.metrics
+    assert client.get_model_version_by_alias("swept", "champion").version == "1"  # --promote: the first champion
     first = swept["runs"][0][0].stdout
     assert "stopped by ASHA at epoch 1" in first and f"best: {best['trial']}, registered as version 1" in first
 
