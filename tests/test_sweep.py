@@ -178,7 +178,7 @@ def test_sweep_records_parent_children_stops_failures_and_registers_the_best(swe
     assert version.run_id == child[best["trial"]].info.run_id
     assert version.tags["cxr.data.fingerprint"] and version.tags["val_auroc_mean"] == best["best_val_metric"]
     assert "test_auroc_mean" in client.get_run(version.run_id).data.metrics
-    assert client.get_model_version_by_alias("swept", "champion").version == "1"  # --promote: the first champion
+    assert str(client.get_model_version_by_alias("swept", "champion").version) == "1"  # --promote: the first champion
     first = swept["runs"][0][0].stdout
     assert "stopped by ASHA at epoch 1" in first and f"best: {best['trial']}, registered as version 1" in first
 
