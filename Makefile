@@ -20,11 +20,11 @@ demo: $(STAMP)
 	$(VENV)/bin/cxr train --config configs/demo.yaml --promote
 	$(VENV)/bin/cxr evaluate --model models:/cxr-demo@champion --tracking-uri sqlite:///$(DEMO)/mlflow.db --out $(DEMO)/report
 	$(VENV)/bin/cxr explain --model models:/cxr-demo@champion --tracking-uri sqlite:///$(DEMO)/mlflow.db --data $(DEMO)/raw --out $(DEMO)/explain --max-overlays 8
-	@echo "demo done: see $(DEMO)/report/report.md, $(DEMO)/explain/sheets/ and $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db"
+	@$(PY) -c "from cxr.tracking.runs import ui_hint; print('demo done: see $(DEMO)/report/report.md and $(DEMO)/explain/sheets/;', ui_hint('sqlite:///$(DEMO)/mlflow.db', 'cxr-demo'))"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check cxr jobs tests bench
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 
 bench: $(STAMP)
 	mkdir -p bench-out

@@ -3,207 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from cxr import quiet, sweep
+from cxr import commands, quiet, sweep
 from cxr.redact import install_log_filter, redact
 from cxr.storage import StorageError
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from cxr.data import roots
-
-    roots.require(args.data_root)  # "no such folder", not a metadata file missing from it
-    if args.dataset not in (None, "nih"):
-        return _inspect_spec(args)
-    from cxr.data import metadata
-
-    ds = metadata.load(args.data_root, seed=args.seed, val_fraction=args.val_fraction,
-                       test_fraction=args.test_fraction, scan_images=args.scan_images,
-                       progress=not args.json)
-    s = metadata.summary(ds)
-    if args.json:
-        json.dump(s, sys.stdout, default=str)
-        sys.stdout.write("\n")
-    else:
-        from cxr.data.spec_summary import render_nih
-
-        print(render_nih(s))
-    if args.strict and s["problems"]:
-        print(f"--strict: {len(s['problems'])} problem(s) found", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _inspect_spec(args: argparse.Namespace) -> int:
-    """`--dataset SPEC`: the generic reader (cxr.data.tabular); NIH roots keep cmd_inspect's own path."""
-    from cxr.data import spec_summary
-
-    s = spec_summary.inspect(args.dataset, args.data_root, seed=args.seed, val_fraction=args.val_fraction,
-                             test_fraction=args.test_fraction, scan_images=args.scan_images)
-    print(json.dumps(s, default=str) if args.json else spec_summary.render(s))
-    if args.strict and s["problems"]:
-        print(f"--strict: {len(s['problems'])} problem(s) found", file=sys.stderr)
-    return int(args.strict and bool(s["problems"]))
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from cxr import synth
-
-    if args.layout != "nih":
-        s = synth.synthesize_layout(args.out_root, args.layout, patients=args.patients, size=args.size,
-                                    seed=args.seed, messy=args.messy, workers=args.workers)
-        print(f"wrote {s['images']:,} phantoms of {s['patients']:,} patients to {args.out_root} in the "
-              f"{args.layout} layout ({', '.join(s['files'])}) in {s['seconds']:.1f}s")
-        if args.messy:
-            print("quirks: " + ", ".join(f"{k} {v}" for k, v in s["quirks"].items()) + " (synth-quirks.json)")
-        return 0
-    s = synth.synthesize(args.out_root, patients=args.patients, size=args.size, seed=args.seed,
-                         messy=args.messy, workers=args.workers)
-    print(f"wrote {s['images']:,} phantoms of {s['patients']:,} patients to {args.out_root} "
-          f"in {s['seconds']:.1f}s ({s['bboxes']} boxes)")
-    if args.messy:
-        print("defects: " + ", ".join(f"{k}={v}" for k, v in s["defects"].items()))
-    return 0
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from cxr.data.prepare import prepare
-    from cxr.data.shards import Params
-
-    params = Params(size=args.size, codec=args.codec, quality=args.quality, images_per_shard=args.images_per_shard,
-                    seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction)
-    s = prepare(args.data_root, args.out_uri, params, num_workers=args.num_workers, dataset=args.dataset)
-    kinds = ", ".join(f"{k} {v}" for k, v in s.get("excluded_counts", {}).items())
-    print(f"prepared {s['images']:,} images into {redact(s['manifest'])}: converted {s['converted']:,} in "
-          f"{s['shards_written']} new shards ({s['shards_kept']} kept from an earlier run), "
-          f"{s['images_per_second']:,} img/s, {s['bytes'] / 1e6:,.1f} MB, quarantined {s['quarantined']}, "
-          f"excluded by metadata {s['excluded_by_metadata']}{f' ({kinds})' if kinds else ''}, {s['seconds']}s")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from cxr import config
-
-    # every config error surfaces here, before Ray starts
-    cfg = config.with_absolute_paths(config.load(args.config, args.overrides))
-    from cxr import workflow
-
-    s = workflow.run(cfg, promote=args.promote)
-    if s.get("already_finished"):
-        print(f"run {cfg.run.name} already finished ({s['epochs_done']} epochs, best epoch {s['best_epoch']}, "
-              f"registered as {s['model_name']} version {s['model_version']}); nothing to train. Use another "
-              "run.name for a new run, or raise optim.epochs to continue this one.")
-        return 0
-    best = "none" if s["best_epoch"] is None else str(int(s["best_epoch"]))
-    early = " (stopped early)" if s["stopped_early"] else ""
-    print(f"\nrun {cfg.run.name}: {s['epochs_done']} epoch(s){early}, best epoch {best}; AUROC per finding:")
-    print(s["table"])
-    if s["skipped_images"] or s["test_images_skipped"]:
-        shown = ", ".join(redact(u) for u in s["skipped_images"][:5]) + (" …" if len(s["skipped_images"]) > 5 else "")
-        print(f"skipped as unreadable: {len(s['skipped_images'])} training image(s){': ' + shown if shown else ''}; "
-              f"{s['test_images_skipped']} test image(s) (listed in the run's skipped_images.txt)")
-    print(f"checkpoints: {redact(s['run_path'])}")
-    print(f"MLflow: {redact(s['tracking_uri'])}  experiment {s['experiment']!r}  run {s['mlflow_run_id']}")
-    if s["model_version"]:
-        print(f"model: {s['model_name']} version {s['model_version']} (models:/{s['model_name']}/{s['model_version']})")
-    if s.get("decision"):
-        print(s["decision"])
-    return 0
-
-
-def cmd_retrain(args: argparse.Namespace) -> int:
-    from cxr import config
-    from cxr.retrain import retrain
-
-    cfg = config.with_absolute_paths(config.load(args.config, args.overrides))
-    params = {"size": args.size, "codec": args.codec, "images_per_shard": args.images_per_shard}
-    outcome = retrain(cfg, slot=args.slot, prepare=tuple(args.prepare) if args.prepare else None,
-                      prepare_params=params)
-    if outcome.details:
-        print(outcome.details)
-    print(outcome.line)
-    return outcome.exit_code
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cxr.evaluation import report
-    from cxr.evaluation.evaluate import evaluate
-
-    ev = evaluate(args.model, args.data, split=args.split, val_split=args.val_split, out=args.out,
-                  resamples=args.resamples, confidence=args.confidence, seed=args.seed, batch_size=args.batch_size,
-                  tracking_uri=args.tracking_uri, record=not args.no_record)
-    rep = ev.report
-    print(report.console(rep))
-    if args.out:
-        print(f"report: {redact(args.out)}/report.md (and report.json, roc.png, pr.png, reliability.png)")
-    if rep["model"]["run_id"] and not args.no_record:
-        print(f"logged to MLflow run {rep['model']['run_id']} under evaluation/{rep['data']['split']}/")
-    return 0
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from cxr.predict import predict
-
-    s = predict(args.model, args.images, args.out, num_workers=args.num_workers, batch_size=args.batch_size,
-                tracking_uri=args.tracking_uri, operating_point=args.operating_point)
-    if s.thresholds:  # warnings (a model trained on phantoms, no thresholds) were logged as they were found
-        print(f"yes/no columns: {s.thresholds}")
-    print(f"predicted {s.predicted:,} of {s.inputs:,} images into {redact(s.out)} in {s.seconds:.1f} s "
-          f"({s.images_per_second:,.1f} img/s)"
-          + (f"; {s.errors:,} could not be read, listed with why in {redact(s.errors_out)}" if s.errors else ""))
-    if not s.predicted:
-        print(f"cxr predict: error: none of the {s.inputs:,} images could be read", file=sys.stderr)
-        return 1
-    return 0
-
-
-def cmd_explain(args: argparse.Namespace) -> int:
-    from cxr.explain.explain import explain
-
-    findings = [f.strip() for f in args.findings.split(",") if f.strip()] if args.findings else None
-    ex = explain(args.model, args.out, data=args.data, images=args.images, findings=findings,
-                 split=None if args.split == "all" else args.split, max_overlays=args.max_overlays,
-                 batch_size=args.batch_size, tracking_uri=args.tracking_uri, record=not args.no_record)
-    print(f"explained {ex.explained:,} of {ex.images:,} images in {ex.seconds:.1f} s"
-          + (f"; {len(ex.errors):,} could not be read, listed with why in {redact(args.out)}/errors.csv"
-             if ex.errors else ""))
-    if ex.table:
-        print(ex.table)
-        print(f"localization: {redact(args.out)}/localization.md (and .json, T(IoBB) and T(IoU))")
-    shown = sum(len(v) for v in ex.overlays.values())
-    if shown:
-        print(f"overlays: {redact(args.out)}/overlays/ ({shown} for {', '.join(sorted(ex.overlays))}); contact "
-              f"sheets: {redact(args.out)}/sheets/")
-    if ex.run_id:
-        print(f"logged to MLflow run {ex.run_id} under explain/")
-    if not ex.explained:
-        print(f"cxr explain: error: none of the {ex.images:,} images could be read", file=sys.stderr)
-        return 1
-    return 0
-
-
-def cmd_config(args: argparse.Namespace) -> int:
-    from cxr import config
-
-    sys.stdout.write(config.reference() if args.doc else config.show(args.config, args.overrides))
-    return 0
-
-
-def cmd_promote(args: argparse.Namespace) -> int:
-    from cxr.tracking.promotion import promote
-
-    decision = promote(args.model_name, args.candidate, tracking_uri=args.tracking_uri, data_uri=args.data,
-                       min_gain=args.min_gain, max_drop=args.max_drop, confidence=args.confidence,
-                       resamples=args.resamples, seed=args.seed, batch_size=args.batch_size, dry_run=args.dry_run,
-                       min_unseen=args.min_unseen, min_auroc=args.min_auroc)
-    print(decision.explain())
-    return 0
-
 
 DESCRIPTION = """cxr trains multi-label chest X-ray classifiers on Ray (NIH ChestX-ray14's 14 findings, or any label set
 a dataset spec names: --dataset chexpert, mimic-cxr-jpg, padchest, csv or your own YAML), streaming prepared shards
@@ -257,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="seed of the patient-grouped split")
     q.add_argument("--val-fraction", type=float, default=0.1, help="fraction of train patients held out for val")
     q.add_argument("--test-fraction", type=float, default=0.2, help="test patients when no official lists exist")
-    q.set_defaults(func=cmd_inspect)
+    q.set_defaults(func=commands.cmd_inspect)
 
     s = _parser(sub, "synth", "write a synthetic dataset of chest-radiograph phantoms (NIH's or another layout)",
                 verbose)
@@ -270,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--messy", action="store_true", help="add the real files' defects (nih: one of each; other "
                    "layouts: each quirk at a count recorded in OUT/synth-quirks.json)")
     s.add_argument("--workers", type=int, default=None, help="drawing processes (default: one per CPU)")
-    s.set_defaults(func=cmd_synth)
+    s.set_defaults(func=commands.cmd_synth)
 
     r = _parser(sub, "prepare", "convert a dataset root into resized TFRecord shards + manifest.json", verbose)
     r.add_argument("data_root", help="local path or fsspec URL laid out like the NIH release or as --dataset says")
@@ -286,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seed of the val split and of the shard order")
     r.add_argument("--val-fraction", type=float, default=0.1, help="fraction of train patients held out for val")
     r.add_argument("--test-fraction", type=float, default=0.2, help="test patients when no official lists exist")
-    r.set_defaults(func=cmd_prepare)
+    r.set_defaults(func=commands.cmd_prepare)
 
     t = _parser(sub, "train", "train on Ray, score the best checkpoint on test, record the run in MLflow", verbose)
     t.add_argument("--config", required=True, help="YAML config (configs/demo.yaml, ...); every key, its type, "
@@ -294,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
     t.add_argument("--promote", action="store_true", help="evaluate the new model version and promote it over "
                    "@champion if it is better by `cxr promote`'s rules (what scheduled retraining runs)")
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=commands.cmd_train)
     sweep.add_parser(_parser(sub, "sweep", "a hyperparameter sweep: many training runs (Ray Tune, ASHA), compared "
                              "in MLflow as a parent run and its children", verbose))
 
@@ -310,20 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--size", type=int, default=256, help="with --prepare: stored image side")
     rt.add_argument("--codec", choices=["jpeg", "png", "uint8"], default="jpeg", help="with --prepare: codec")
     rt.add_argument("--images-per-shard", type=int, default=1000, help="with --prepare: images per shard")
-    rt.set_defaults(func=cmd_retrain)
+    rt.set_defaults(func=commands.cmd_retrain)
 
     e = _parser(sub, "evaluate", "score a model on a split: per-finding AUROC with patient-level CIs, operating "
                 "points, calibration, figures", verbose)
-    e.add_argument("--model", required=True, help="a checkpoint folder, runs:/RUN/NAME, models:/NAME/VERSION or "
-                   "models:/NAME@ALIAS")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a checkpoint folder, runs:/RUN/NAME, models:/NAME/VERSION or "
+                       "models:/NAME@ALIAS")
+    which.add_argument("--predictions", help="or a CSV/Parquet table of predictions made elsewhere (an image column "
+                       "and one probability column per finding), scored against --data's labels")
+    e.add_argument("--image-column", default=None, help="with --predictions: the image-name column (default: "
+                   "'Image Index' or 'path')")
+    e.add_argument("--against", default=None, help="with --predictions: a model or another table, compared on the "
+                   "common images by a paired patient bootstrap")
     e.add_argument("--data", default=None, help="manifest (or its folder) or dataset root (default: the data the "
                    "model was trained on)")
-    e.add_argument("--split", default="test", help="the split to score")
+    e.add_argument("--split", default=None, help="the split to score (default: test; with --predictions, "
+                   "the table's rows)")
     e.add_argument("--val-split", default="val", help="the split the operating thresholds are chosen on")
     e.add_argument("--out", default=None, help="folder (local or URL) for report.json, report.md and the figures")
     _scoring_arguments(e)
+    e.add_argument("--subgroups", default="auto", help="AUROC per subgroup of these attributes: sex,age,view or "
+                   "some of them; 'auto' (default): each the data records; 'none': skip")
+    e.add_argument("--age-bands", default="0,18,40,60,80", help="with --subgroups age: lower edges of the bands, "
+                   "in years (the last band is open-ended)")
     e.add_argument("--no-record", action="store_true", help="do not log the evaluation to the model's MLflow run")
-    e.set_defaults(func=cmd_evaluate)
+    e.set_defaults(func=commands.cmd_evaluate)
 
     pr = _parser(sub, "predict", "score images (PNG, JPEG, DICOM; a file, folder, glob or bucket prefix) with a "
                  "model, on Ray, into a Parquet or CSV table", verbose)
@@ -340,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "validation: at its target sensitivity (0.9) or at Youden's J (default: sensitivity)")
     pr.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                     help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI)")
-    pr.set_defaults(func=cmd_predict)
+    pr.set_defaults(func=commands.cmd_predict)
 
     x = _parser(sub, "explain", "Grad-CAM overlays and contact sheets; with a dataset's BBox list, localization "
                 "accuracy in Wang et al.'s layout", verbose)
@@ -358,8 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--batch-size", type=int, default=16, help="images per Grad-CAM batch")
     x.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    x.add_argument("--no-record", action="store_true", help="do not log the figures to the model's MLflow run")
-    x.set_defaults(func=cmd_explain)
+    record = x.add_mutually_exclusive_group()
+    record.add_argument("--record", action="store_true", help="with --images: log the overlays to the model's MLflow "
+                        "run too (by default only --data's annotated-set figures and scores are logged there)")
+    record.add_argument("--no-record", action="store_true", help="with --data: do not log to the model's MLflow run")
+    x.set_defaults(func=commands.cmd_explain)
 
     c = _parser(sub, "config", "print a config file plus overrides as resolved, or the reference of every key", verbose)
     what = c.add_mutually_exclusive_group(required=True)
@@ -367,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--doc", action="store_true", help="every key's type, default, meaning: docs/configuration.md")
     c.add_argument("--config", default=None, help="with --show: the YAML config")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="with --show: overrides, e.g. optim.lr=3e-4")
-    c.set_defaults(func=cmd_config)
+    c.set_defaults(func=commands.cmd_config)
 
     m = _parser(sub, "promote", "compare a registered version with @champion on the same test patients and move the "
                 "alias only if it is better with confidence", verbose)
@@ -382,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "become champion (off: the first registered model always does)")
     _scoring_arguments(m)
     m.add_argument("--dry-run", action="store_true", help="decide and explain, but tag and move nothing")
-    m.set_defaults(func=cmd_promote)
+    m.set_defaults(func=commands.cmd_promote)
     return p
 
 

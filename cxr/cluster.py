@@ -30,9 +30,11 @@ import time
 log = logging.getLogger(__name__)
 
 SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+API_SERVER = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients go instead of searching the machine
 TEMP_PREFIX = "cxr-ray-"
 _reaper: subprocess.Popen | None = None
 _temp_dir: str | None = None  # the folder of the local Ray this process started (None: none started)
+_api_server: str | None = None  # the RAY_API_SERVER_ADDRESS this process set for its local Ray (unset at stop)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -58,7 +60,7 @@ def started_local() -> bool:
 
 def _start_local(num_cpus: int | None) -> None:
     """ray.init on 127.0.0.1 in a private temp dir, with the reaper watching it from before the first process."""
-    global _reaper, _temp_dir
+    global _reaper, _temp_dir, _api_server
     loopback = "ray" not in sys.modules or os.environ.get(SINGLE_NODE) == "0"
     if "ray" not in sys.modules:
         os.environ[SINGLE_NODE] = "0"  # before the import: Ray reads it there (ray_constants.ENABLE_RAY_CLUSTER)
@@ -78,8 +80,13 @@ def _start_local(num_cpus: int | None) -> None:
     _reaper = _spawn_reaper(temp_dir, os.path.dirname(ray.__file__))
     try:
         # The dashboard (on 127.0.0.1) serves Ray's State API, which Ray Train's placement-group cleaner polls.
+        # Named to every process of this Ray (they inherit the variable): otherwise the cleaner looks for "the"
+        # Ray of the machine, finds this one and any other (a second cxr command, a test's cluster), and dies
+        # printing a traceback through the command's output ("Found multiple active Ray instances").
+        port = _free_port()
+        os.environ[API_SERVER] = _api_server = f"http://127.0.0.1:{port}"
         info = ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=True,
-                        dashboard_host="127.0.0.1", dashboard_port=_free_port(), log_to_driver=True,
+                        dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
                         _temp_dir=temp_dir, logging_level=logging.WARNING)
     except BaseException:
         stop_local()
@@ -121,8 +128,11 @@ def _spawn_reaper(temp_dir: str, ray_dir: str) -> subprocess.Popen:
 
 def stop_local(timeout: float = 20.0) -> None:
     """Shut down the local Ray this process started and wait until the reaper has cleared its session."""
-    global _reaper
+    global _reaper, _api_server
     reaper, _reaper = _reaper, None
+    if _api_server is not None and os.environ.get(API_SERVER) == _api_server:  # children after this are not its
+        del os.environ[API_SERVER]  # e.g. `ray job submit --address X` would go to the variable's address
+    _api_server = None
     if reaper is None:
         return
     import ray

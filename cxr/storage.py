@@ -151,8 +151,9 @@ def retry(what: str, fn: Callable[[], T], doing: str = "accessing", context: str
     for attempt in itertools.count(1):
         try:
             return fn()
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{what}: no such object{where}") from exc
+        except FileNotFoundError as exc:  # a local path is a file to its user; a bucket's key an object
+            kind = "file" if "://" not in what or what.startswith("file://") else "object"
+            raise FileNotFoundError(f"{what}: no such {kind}{where}") from exc
         except Exception as exc:  # noqa: BLE001 - classified below
             if not _transient(exc):
                 raise StorageError(redact(f"{what}: {type(exc).__name__}: {exc}{where}")) from exc

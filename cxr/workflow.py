@@ -197,10 +197,10 @@ def _score_and_record(cfg: cfgmod.Config, source: sources.DataSource, result: An
     runs.log_text(table + "\n", "auroc.txt")
     if skipped or preds.missing:
         runs.log_text(_skipped_text(skipped, preds.missing, test_split), "skipped_images.txt")
+    if history:  # the curves first, the test split's single values after them
+        runs.log_figure(figures.learning_curves(history), "learning_curves.png")
     runs.log_figure(figures.roc_grid(labels, probs, f"{cfg.run.name}: {test_split} ROC (best epoch {best_epoch})",
                                      findings), f"roc_{test_split}.png")
-    if history:
-        runs.log_figure(figures.learning_curves(history), "learning_curves.png")
     info = log_model(model, name=f"{cfg.run.name}-epoch{best_epoch}", step=best_epoch, findings=findings,
                      registered_model=cfg.tracking.model_name,
                      tags={**learned, "cxr.data.fingerprint": fingerprint, "best_epoch": str(best_epoch),
@@ -211,6 +211,7 @@ def _score_and_record(cfg: cfgmod.Config, source: sources.DataSource, result: An
     version = str(info.registered_model_version) if info.registered_model_version is not None else None
     return {**summary, "val": val, "test": test, "table": table, "tracking_uri": redact(uri),
             "mlflow_run_id": run_id, "experiment": cfg.tracking.experiment, "history": history,
+            "experiment_id": client.get_run(run_id).info.experiment_id,
             "skipped_images": skipped, "test_images_skipped": preds.missing, "model_uri": info.model_uri,
             "model_name": cfg.tracking.model_name, "model_version": version,
             "stopped_early": summary["stopped_early"]}

@@ -75,7 +75,8 @@ def free_port() -> int:
 
 def quiet_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: venv first on PATH, loopback-only Ray, quiet TensorFlow."""
-    return {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "TF_CPP_MIN_LOG_LEVEL": "3",
+    inherited = {k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}  # this process's own Ray
+    return {**inherited, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "TF_CPP_MIN_LOG_LEVEL": "3",
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", **extra}
 
 

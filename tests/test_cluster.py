@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 
 import pytest
@@ -293,3 +294,37 @@ def test_a_commands_local_ray_folder_goes_unless_it_failed_or_ran_verbose(tmp_pa
         assert f"the local Ray's folder (its logs) is kept: {temp}/{left[0]}" in failed.stderr
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_local_rays_state_api_is_its_own_beside_another_ray(tmp_path) -> None:
+    """With another Ray on the machine, the local Ray's processes reach its own State API (what Ray Train's
+    placement-group cleaner polls) instead of searching the machine, finding two and dying with a traceback."""
+    script = textwrap.dedent("""
+        import json, os, ray
+        from cxr.cluster import init_ray
+        init_ray(num_cpus=1)
+
+        @ray.remote(num_cpus=0)
+        def where():
+            from ray.dashboard.utils import get_address_for_submission_client
+            from ray.util.state import list_nodes
+            return get_address_for_submission_client(None), len(list_nodes())
+
+        ours = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+        print(json.dumps({"dashboard": ours, "seen": ray.get(where.remote())}))
+    """)
+    (tmp_path / "probe.py").write_text(script)
+    env = quiet_env(PYTHONPATH=ROOT)
+    env.pop("RAY_ADDRESS", None)
+    ray_bin, other = os.path.join(VENV_BIN, "ray"), tempfile.mkdtemp(prefix="r", dir="/tmp")  # socket paths short
+    try:
+        code, out = run_in_namespace(
+            f"ip link set lo up && {ray_bin} start --head --port=6390 --num-cpus=0 --include-dashboard=false "
+            f"--temp-dir={other} --disable-usage-stats >/dev/null 2>&1 && {sys.executable} probe.py",
+            env, tmp_path, 180, "a local Ray beside another")
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+    assert code == 0, out[-3000:]
+    found = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    assert found["seen"][0] == found["dashboard"] and found["seen"][1] == 1, found  # ours, and only our node

@@ -29,7 +29,7 @@ def test_missing_manifest_fails_before_ray_and_mlflow(tmp_path):
     out, seconds = _train(tmp_path, *tiny_run(str(tmp_path / "nowhere" / "manifest.json"), str(tmp_path / "runs"),
                                               "lost", f"sqlite:///{db}"))
     assert out.returncode == 2, out.stderr[-2000:]
-    assert f"{tmp_path}/nowhere/manifest.json: no such object" in out.stderr
+    assert f"{tmp_path}/nowhere/manifest.json: no such file" in out.stderr
     assert not db.exists(), "an MLflow run was opened for a run that could not start"
     assert "Started a local Ray instance" not in out.stderr and "started a local Ray" not in out.stderr
 

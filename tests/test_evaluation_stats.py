@@ -361,3 +361,29 @@ def test_figures_write_pngs_and_say_undefined(tmp_path):
     assert "no positive" in built["reliability"].axes[1].get_title()
     assert f"{ci.findings[0].low:.3f}" in built["roc"].axes[0].get_title()
     assert f"AP {average_precision_score(y[:, 0], p[:, 0]):.3f}" in built["pr"].axes[0].get_title()
+
+
+def test_roc_marks_the_validation_operating_points_and_reliability_counts_its_bins():
+    yv, sv, _ = synthetic(120, k=3, seed=3)
+    yt, st, pid = synthetic(150, k=3, seed=4)
+    pt = 1 / (1 + np.exp(-st))
+    ops = {f.finding: f.to_dict() for f in operating.evaluate_operating(yv, 1 / (1 + np.exp(-sv)), yt, pt)}
+    ci = bootstrap.auroc_ci(yt, pt, pid, resamples=50)
+    roc = figures.roc_grid_ci(yt, pt, ci, "test ROC", ops)
+    for ax, (name, op) in zip(roc.axes, ops.items(), strict=False):
+        marks = {line.get_label(): (line.get_xdata()[0], line.get_ydata()[0]) for line in ax.get_lines()
+                 if line.get_gid() == "operating-point"}
+        youden, sens = op["at_youden"], op["at_sensitivity"]
+        assert marks == {
+            f"Youden on val: t = {youden['threshold']:.3g}": pytest.approx((1 - youden["specificity"],
+                                                                            youden["sensitivity"])),
+            f"sens. ≥ 0.9 on val: t = {sens['threshold']:.3g}": pytest.approx((1 - sens["specificity"],
+                                                                               sens["sensitivity"]))}, name
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == list(marks)
+    assert not [line for line in figures.roc_grid_ci(yt, pt, ci, "no ops").axes[0].get_lines()
+                if line.get_gid() == "operating-point"]
+    rel = figures.reliability_grid(yt, pt, "calibration")
+    cal = operating.calibration(yt[:, 0], pt[:, 0])
+    counts = [int(t.get_text()) for t in rel.axes[0].texts if t.get_gid() == "bin-count"]
+    assert counts == [b.count for b in cal.bins if b.count] and sum(counts) == len(yt)
+    assert min(t.get_fontsize() for ax in roc.axes for t in (ax.title, ax.xaxis.label)) >= 10

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -87,10 +88,10 @@ def test_explain_scores_every_annotated_image_and_lists_the_unreadable(logged, r
     for f in {p.parent.name for p in overlays}:
         sheet = Image.open(out / "sheets" / f"{f}.png")
         assert sheet.size[0] > 200 and sheet.mode in ("RGB", "RGBA")
-    first = np.asarray(Image.open(overlays[0]))
-    assert first.shape == (SIZE, SIZE, 3)  # drawn on what the model saw
+    first = np.asarray(Image.open(overlays[0]).convert("RGB"))
+    assert min(first.shape[:2]) >= 512  # the 96 px image drawn at 512 px, not the model's 64
     green = (first == np.array(TRUE_COLOUR, np.uint8)).all(axis=-1)
-    assert green.any()  # the ground-truth box is drawn
+    assert green[:-100].any()  # the ground-truth box is drawn on the image (the legend's swatch is below it)
 
     from mlflow.tracking import MlflowClient
 
@@ -151,3 +152,41 @@ def test_explain_refuses_unknown_findings_and_data_without_boxes(logged, root, t
     none = _cli("--model", model, "--tracking-uri", uri, "--data", str(bare), "--out", str(tmp_path / "o"))
     assert none.returncode == 2 and "BBox_List_2017.csv" in none.stderr, none.stderr[-2000:]
     assert "Traceback" not in bad.stderr + none.stderr
+
+
+def test_explain_images_logs_to_the_run_only_when_asked(logged, root, tmp_path):
+    """Arbitrary files' overlays are not the model's evidence: they stay out of its MLflow run without --record
+    (the annotated set's logging is checked above; `--record` asks for it on --images)."""
+    from mlflow.tracking import MlflowClient
+
+    from cxr.cli import parse
+
+    uri, model, run_id = logged
+    client = MlflowClient(uri)
+    before = {a.path for a in client.list_artifacts(run_id, "explain/overlays/Mass")}
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    readable = [p for p in sorted((Path(root) / "images").glob("*.png")) if _opens(p)][:2]  # one may be cut short
+    names = [f"study-{i}.png" for i in range(len(readable))]
+    for name, p in zip(names, readable, strict=True):
+        (studies / name).write_bytes(p.read_bytes())
+    out = tmp_path / "plain"
+    run = _cli("--model", model, "--tracking-uri", uri, "--images", str(studies), "--out", str(out),
+               "--findings", "Mass")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert {a.path for a in client.list_artifacts(run_id, "explain/overlays/Mass")} == before
+    assert "logged to MLflow run" not in run.stdout
+    for n in names:
+        with Image.open(out / "overlays" / "Mass" / n) as im:
+            assert min(im.size) >= 512  # the 96 px image drawn at 512 px
+    asked = parse(["explain", "--model", model, "--images", str(studies), "--out", str(out), "--record"])
+    assert asked.record and not asked.no_record
+
+
+def _opens(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except OSError:
+        return False

@@ -56,6 +56,8 @@ def test_training_registers_the_best_model_with_its_provenance(trained):
     rid = run.info.run_id
     (version,) = client.search_model_versions("name = 'lifecycle'")
     assert version.run_id == rid and "model: lifecycle version 1" in trained["stdout"]
+    assert f"/#/experiments/{trained['experiment'].experiment_id}/runs?workflowType=machine_learning" in trained[
+        "stdout"]  # the runs table, in MLflow's training view, of the experiment the run is in
     fingerprint = _fingerprint(trained["manifest"])
     assert version.tags["test_fingerprint"] == fingerprint and float(version.tags["test_auroc_mean"]) > 0
     tags = run.data.tags

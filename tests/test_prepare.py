@@ -292,7 +292,7 @@ def test_an_image_gone_after_listing_fails_its_shard_instead_of_being_quarantine
     gone = spec.rows[1]["path"]
     os.remove(gone)
     out = tmp_path / "out"
-    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(gone)}: no such object \(shard {spec.key}\)$"):
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(gone)}: no such file \(shard {spec.key}\)$"):
         shards.write_shard(spec, str(out), params)
     assert not (out / spec.split / spec.name).exists()
     assert shards.committed_receipt(str(out), spec, params) is None

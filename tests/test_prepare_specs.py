@@ -262,6 +262,10 @@ def test_raw_mode_of_a_spec_root_matches_its_shards_patients_and_fingerprint(che
         patients = source.RAW.patients(rawdata, split)
         assert patients.dtype == np.int64 and np.array_equal(patients, source.SHARDS.patients(shard_data, split))
         assert np.array_equal(source.RAW.patient_ids(rawdata, split), source.SHARDS.patient_ids(shard_data, split))
+        raw_values, shard_values = source.RAW.attributes(rawdata, split), source.SHARDS.attributes(shard_data, split)
+        for key in ("sex", "age", "view"):  # what subgroups group by, read either way in the same order
+            np.testing.assert_array_equal(raw_values[key], shard_values[key], err_msg=key)
+        assert set(shard_values["sex"]) == {"F"} and np.isin(shard_values["age"], np.arange(41, 55)).all()
     m = json.loads(storage.read_text(summary["manifest"]))
     assert source.fingerprint(rawdata) == m["source"]["fingerprint"]
     tags = source.data_tags(rawdata)  # a raw run says how to read its root again

@@ -15,10 +15,14 @@ from cxr.labels import FINDINGS
 
 def test_learning_curves_draw_losses_and_validation_mean_auroc():
     # history rows as the training loop writes them (train_loss, val_loss, val_auroc_mean, ...)
-    history = [{"epoch": 1.0, "train_loss": 0.6, "val_loss": 0.5, "val_auroc_mean": 0.71},
-               {"epoch": 2.0, "train_loss": 0.4, "val_loss": 0.45, "val_auroc_mean": 0.83}]
+    history = [{"epoch": 1.0, "train_loss": 0.6, "val_loss": 0.5, "val_auroc_mean": 0.71, "val_auroc/Mass": 0.6,
+                "val_auroc/Hernia": 0.8},
+               {"epoch": 2.0, "train_loss": 0.4, "val_loss": 0.45, "val_auroc_mean": 0.83, "val_auroc/Mass": 0.7,
+                "val_auroc/Hernia": 0.9}]
     fig = figures.learning_curves(history)
-    loss, auroc = fig.axes
+    loss, auroc, per_finding = fig.axes
+    assert {line.get_label(): list(line.get_ydata()) for line in per_finding.get_lines()} == {
+        "Hernia": [0.8, 0.9], "Mass": [0.6, 0.7]}
     drawn = {line.get_label(): list(line.get_ydata()) for line in loss.get_lines()}
     assert drawn == {"train_loss": [0.6, 0.4], "val_loss": [0.5, 0.45]}
     (curve,) = auroc.get_lines()
@@ -146,3 +150,47 @@ def test_report_tables_fit_the_artifact_viewer_and_show_what_the_thresholds_reac
             assert (sensitivity, specificity) == (reached, f"{point['specificity']:.3f}"), (title, name)
     assert [r[0] for r in tables["Discrimination"]] == [r[0] for r in tables["Calibration"]] == list(FINDINGS)
     assert [r[0] for r in tables["Published results"]] == [a["model"] for a in rep["anchors"]]
+
+
+@pytest.mark.slow
+def test_evaluate_reports_subgroups_of_the_split(evaluated, phantom_shards):
+    """`cxr evaluate` by default: the phantoms' sex, age and view as the shards store them, each cell counted and
+    scored on the patients it holds, one table per attribute in report.md, and subgroups.png."""
+    from sklearn.metrics import roc_auc_score
+
+    from cxr import config
+    from cxr.data import source
+    from cxr.evaluation import saved, subgroups
+
+    here = evaluated["here"]
+    rep, text = here["report"], (here["dir"] / "report.md").read_text()
+    sub = rep["subgroups"]
+    assert list(sub["attributes"]) == ["sex", "age", "view"] and sub["skipped"] == {}
+    assert sub["resamples"] == rep["auroc"]["resamples"] == 200
+    values = source.SHARDS.attributes(config.Data(manifest_uri=phantom_shards), "test")
+    with np.load(here["dir"] / saved.FILE) as npz:  # the predictions the report scored, in its order
+        probs, labels, index = npz["probs"], npz["labels"], npz["index"]
+    values = {a: v[index] for a, v in values.items()}
+    tables = _tables(text)
+    for attribute, cells in sub["attributes"].items():
+        assert sum(c["images"] for c in cells.values()) == rep["data"]["images"] == len(values[attribute])
+        held = [c for c, cell in cells.items() if cell["images"]]  # empty cells: in the line above the table
+        assert [r[1] for r in tables[attribute.capitalize()]][:len(held)] == held  # the "all" rows first
+        assert len(tables[attribute.capitalize()]) == len(held) * (1 + len(rep["auroc"]["findings"]))
+    sex = sub["attributes"]["sex"]
+    assert set(sex) <= {"F", "M", "unknown"} and sex["F"]["images"] > 0 and sex["M"]["images"] > 0
+    assert sex["F"]["images"] == int((values["sex"] == "F").sum())
+    assert set(sub["attributes"]["view"]) == {*(v for v in values["view"] if v), "unknown"}
+    scored = [(a, c, n, f) for a, cells in sub["attributes"].items() for c, cell in cells.items()
+              for n, f in cell["findings"].items() if f["auroc"] is not None]
+    assert scored, "no cell of the phantom test split scored a finding"
+    for attribute, cell, name, f in scored[:5]:  # as sklearn scores the cell's images
+        idx, names = subgroups.cells(attribute, values[attribute])
+        k = list(rep["auroc"]["findings"]).index(name)
+        inside = (idx == names.index(cell)) & (labels[:, k] >= 0)
+        assert f["auroc"] == pytest.approx(roc_auc_score(labels[inside, k], probs[inside, k]), abs=1e-9)
+        assert f["positives"] == int((labels[inside, k] > 0).sum())
+    unscored = [f["reason"] for cells in sub["attributes"].values() for cell in cells.values()
+                for f in cell["findings"].values() if f["auroc"] is None]
+    assert all(unscored)  # every cell not scored says why
+    assert "## Subgroups" in text and (here["dir"] / "subgroups.png").stat().st_size > 10_000

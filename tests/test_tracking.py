@@ -77,3 +77,18 @@ def test_a_run_resumes_in_a_process_whose_active_experiment_is_another(tmp_path)
         assert active.info.run_id == run_id
         mlflow.log_metric("m", 1.0)
     assert MlflowClient(uri).get_run(run_id).data.metrics == {"m": 1.0}
+
+
+def test_the_printed_runs_url_opens_the_experiments_runs_in_the_training_view(tmp_path):
+    """MLflow 3.17 opens experiments on its GenAI view whatever their tag: the URL names the training view and
+    the experiment's real id (a second experiment, so the id is not the first one's by luck)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    first = runs.experiment_id(client, "first")
+    real = runs.experiment_id(client, "second", runs.artifact_location(uri))
+    line = runs.ui_hint(uri, "second")
+    assert f"http://127.0.0.1:5000/#/experiments/{real}/runs?workflowType=machine_learning " in line
+    assert f"mlflow ui --backend-store-uri {uri}" in line and real != first
+    served = runs.ui_line("http://bob:s3cret@mlflow:5000/", real)
+    assert served.endswith(f"@mlflow:5000/#/experiments/{real}/runs?workflowType=machine_learning")
+    assert "s3cret" not in served

@@ -51,6 +51,27 @@ def split_patients(data_root: str, split: str, split_seed: int = 0, val_fraction
     return np.array([int(r["patient"]) for r in rows], dtype=np.int64)
 
 
+def split_images(data_root: str, split: str, split_seed: int = 0, val_fraction: float = 0.1,
+                 test_fraction: float = 0.2, dataset: str = "nih") -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Each image's name (relative to the root), labels (1, 0, -1 uncertain) and patient id by position in the
+    split: what a table of predictions made elsewhere is joined on (`cxr.evaluation.tables`)."""
+    rows = _split_records(data_root, split, split_seed, val_fraction, test_fraction, dataset)
+    y = np.array([r["y"] for r in rows], dtype=np.float32).reshape(len(rows), -1)
+    return [str(r["image"]) for r in rows], y, np.array([int(r["patient"]) for r in rows], dtype=np.int64)
+
+
+def split_attributes(data_root: str, split: str, split_seed: int = 0, val_fraction: float = 0.1,
+                     test_fraction: float = 0.2, dataset: str = "nih") -> dict[str, np.ndarray]:
+    """Each image's sex, age and view by position in the split, as the shards store them ("" / NaN: unknown)."""
+    rows = _split_records(data_root, split, split_seed, val_fraction, test_fraction, dataset)
+
+    def text(key: str) -> np.ndarray:
+        return np.array(["" if not isinstance(r[key], str) else r[key].strip() for r in rows], dtype=object)
+
+    age = np.array([r["age"] for r in rows], dtype=np.float64)
+    return {"sex": text("sex"), "age": np.where(age < 0, np.nan, age), "view": text("view")}
+
+
 def read_image(url: str, size: int, limits: ImageLimits = LIMITS) -> tuple[np.ndarray, int]:
     """An image file as uint8 [size, size], exactly as `cxr prepare` stores it, and the file's size in bytes.
 

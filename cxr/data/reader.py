@@ -269,6 +269,50 @@ def split_patients(shards: list[Shard]) -> np.ndarray:
     return out
 
 
+def split_images(shards: list[Shard]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Each image's name, labels (1, 0, -1 uncertain) and patient id by position in the split, as prepare stored
+    them: what a table of predictions made elsewhere is joined on (`cxr.evaluation.tables`)."""
+    import tensorflow as tf
+
+    names: list[str] = [""] * sum(s.records for s in shards)
+    labels: list[np.ndarray] = [np.zeros((0, 0), np.float32)] * len(shards)
+    patients = np.zeros(len(names), np.int64)
+    for k, loaded in enumerate(ordered_map(fetch_shard, shards, 4, 4)):
+        records = tf.strings.substr(loaded.blob, loaded.starts, loaded.lengths)
+        parsed = tf.io.parse_example(records, {"image_index": tf.io.FixedLenFeature([1], tf.string),
+                                               "labels": tf.io.VarLenFeature(tf.int64),
+                                               "patient": tf.io.FixedLenFeature([1], tf.int64)})
+        at = slice(loaded.shard.offset, loaded.shard.offset + loaded.shard.records)
+        names[at] = [v.decode("utf-8", "replace") for v in parsed["image_index"].numpy()[:, 0]]
+        labels[k] = tf.sparse.to_dense(parsed["labels"]).numpy().astype(np.float32)
+        patients[at] = parsed["patient"].numpy()[:, 0]
+    y = np.concatenate(labels) if shards else np.zeros((0, 0), np.float32)
+    return names, y, patients
+
+
+def split_attributes(shards: list[Shard]) -> dict[str, np.ndarray]:
+    """Each image's sex, age and view by position in the split, as prepare stored them (what subgroups group by).
+
+    Unknown stays unknown: "" for sex and view, NaN for age (stored as -1); a shard without the feature reads so.
+    """
+    import tensorflow as tf
+
+    n = sum(s.records for s in shards)
+    out = {"sex": np.full(n, "", dtype=object), "age": np.full(n, np.nan), "view": np.full(n, "", dtype=object)}
+    spec = {"sex": tf.io.FixedLenFeature([1], tf.string, default_value=[b""]),
+            "view": tf.io.FixedLenFeature([1], tf.string, default_value=[b""]),
+            "age": tf.io.FixedLenFeature([1], tf.float32, default_value=[-1.0])}
+    for loaded in ordered_map(fetch_shard, shards, 4, 4):
+        records = tf.strings.substr(loaded.blob, loaded.starts, loaded.lengths)
+        parsed = tf.io.parse_example(records, spec)
+        at = slice(loaded.shard.offset, loaded.shard.offset + loaded.shard.records)
+        for key in ("sex", "view"):
+            out[key][at] = [v.decode("utf-8", "replace").strip() for v in parsed[key].numpy()[:, 0]]
+        age = parsed["age"].numpy()[:, 0].astype(np.float64)
+        out["age"][at] = np.where(age < 0, np.nan, age)
+    return out
+
+
 def _check_pass(plan: ShardAssignment, p: int, produced: int, stats: Stats) -> None:
     """A training pass that produced nothing would spin forever if every shard of this worker is unusable."""
     if produced == 0 and all(piece.shard.url in stats.skipped for piece in plan.order(p)):

@@ -23,6 +23,7 @@ CountsFn = Callable[[cfgmod.Data, str], tuple[list[int], int]]
 StoredSizeFn = Callable[[cfgmod.Data], int | None]
 PatientsFn = Callable[[cfgmod.Data, str], np.ndarray]
 FindingsFn = Callable[[cfgmod.Data], tuple[str, ...]]
+AttributesFn = Callable[[cfgmod.Data, str], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class DataSource:
     patients: PatientsFn | None = None  # each image's patient id by split position (for patient-level CIs)
     patient_ids: PatientsFn | None = None  # a split's distinct patient ids, sorted (what a model learned from)
     findings: FindingsFn = lambda data: FINDINGS  # the label set, in label order: sizes the head, names metrics
+    attributes: AttributesFn | None = None  # each image's sex / age / view by split position ("" / NaN: unknown)
 
 
 def for_config(data: cfgmod.Data) -> DataSource:
@@ -117,8 +119,15 @@ def _shard_patient_ids(data: cfgmod.Data, split: str) -> np.ndarray:
     return np.unique(_shard_patients(data, split)) if ids is None else np.asarray(ids, np.int64)
 
 
+def _shard_attributes(data: cfgmod.Data, split: str) -> dict[str, np.ndarray]:
+    from cxr.data import manifest, reader
+
+    return reader.split_attributes(manifest.load(data.manifest_uri).shards(split))
+
+
 SHARDS = DataSource(_shard_dataset, _shard_size, _shard_counts, _shard_stored_size, patients=_shard_patients,
-                    patient_ids=_shard_patient_ids, findings=lambda data: tuple(_manifest(data).findings))
+                    patient_ids=_shard_patient_ids, findings=lambda data: tuple(_manifest(data).findings),
+                    attributes=_shard_attributes)
 
 
 # --------------------------------------------------------------------------------------------------- raw
@@ -169,8 +178,16 @@ def _raw_patients(data: cfgmod.Data, split: str) -> np.ndarray:
                               data.dataset)
 
 
+def _raw_attributes(data: cfgmod.Data, split: str) -> dict[str, np.ndarray]:
+    from cxr.data import raw
+
+    return raw.split_attributes(data.root, split, data.split_seed, data.val_fraction, data.test_fraction,
+                                data.dataset)
+
+
 RAW = DataSource(_raw_dataset, _raw_size, _raw_counts, _raw_stored_size, may_skip=True, patients=_raw_patients,
-                 patient_ids=lambda data, split: np.unique(_raw_patients(data, split)), findings=_raw_findings)
+                 patient_ids=lambda data, split: np.unique(_raw_patients(data, split)), findings=_raw_findings,
+                 attributes=_raw_attributes)
 
 
 # ------------------------------------------------------------------------------------- data by its URI

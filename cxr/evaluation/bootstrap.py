@@ -263,14 +263,21 @@ def auroc_ci(
     confidence: float = 0.95,
     seed: int = 0,
     names: Sequence[str] | None = None,
+    draws: Resamples | None = None,
 ) -> AurocCI:
-    """Per-finding AUROC of `scores` [N, K] against `y_true` [N, K] with patient-bootstrap percentile CIs."""
+    """Per-finding AUROC of `scores` [N, K] against `y_true` [N, K] with patient-bootstrap percentile CIs.
+
+    `draws`: resamples already drawn (`patient_resamples(patients, resamples, seed)`), so that other statistics
+    (subgroups) can be paired with this one on the very same resamples; drawn here when None."""
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     y, s, p = _checked(y_true, [scores], patients)
     labels = finding_names(y.shape[1], names)
     point = auroc_per_finding(y, s)
-    rs = patient_resamples(p, resamples, seed)
+    if draws is not None and (draws.n_images != len(y) or draws.n_resamples != resamples):
+        raise ValueError(f"draws of {draws.n_resamples} resamples over {draws.n_images} images do not fit "
+                         f"{resamples} resamples over {len(y)} images")
+    rs = patient_resamples(p, resamples, seed) if draws is None else draws
     reps = _replicates(y, s, rs.counts, rs.image_patient)
     findings = []
     for k, name in enumerate(labels):

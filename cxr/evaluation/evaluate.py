@@ -22,14 +22,15 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from cxr import storage
-from cxr.evaluation import figures, report, saved
-from cxr.evaluation.bootstrap import AurocCI, auroc_ci
+from cxr.evaluation import figures, report, saved, subgroups
+from cxr.evaluation.bootstrap import AurocCI, auroc_ci, patient_resamples
 from cxr.evaluation.labelsets import SharedFindings, shared_findings
 from cxr.evaluation.metrics import metric_name
 from cxr.evaluation.operating import evaluate_operating
@@ -70,16 +71,20 @@ class Evaluation:
 def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", val_split: str | None = "val",
              out: str | None = None, resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
              batch_size: int = 64, tracking_uri: str | None = None, record: bool = True,
-             split_tags: dict[str, str] | None = None, reuse: bool = False) -> Evaluation:
+             split_tags: dict[str, str] | None = None, reuse: bool = False, subgroup_attributes: str | tuple = "auto",
+             age_bands: tuple[int, ...] = subgroups.AGE_BANDS) -> Evaluation:
     """Evaluate the model at `model_uri` on `split` of `data_uri` (default: the data it was trained on).
 
     A raw root is split as the model's run split it, or as `split_tags` say (a promotion scores both models on
     the candidate's split); images are preprocessed as the model's were. `val_split=None` skips the operating
     points (their thresholds need the validation split predicted too). `reuse`: take the predictions saved in
-    the model's run when they were made under exactly these settings (`cxr.evaluation.saved`)."""
+    the model's run when they were made under exactly these settings (`cxr.evaluation.saved`).
+    `subgroup_attributes`: "auto" (sex, age, view where the data has them), () for none, or some of them."""
     from cxr.data import source as sources
     from cxr.models import loading
 
+    subgroup_attributes = subgroups.parse_attributes(subgroup_attributes)  # a typo fails before any prediction
+    age_bands = subgroups.parse_bands(age_bands)
     loaded = loading.describe(model_uri, tracking_uri)
     data_uri = data_uri or loaded.tags.get("cxr.data")
     if not data_uri:
@@ -106,11 +111,14 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
     patients = source.patients(data, split)[test.seen]
     probs, labels = mapping.take(*test.present())
     names = mapping.names
-    ci = auroc_ci(labels, probs, patients, resamples=resamples, confidence=confidence, seed=seed, names=names)
-    ops = []
-    if val_split is not None:
-        val_probs, val_labels = mapping.take(*preds[val_split].present())
-        ops = evaluate_operating(val_labels, val_probs, labels, probs, names=names)
+
+    def attributes() -> dict[str, np.ndarray] | None:
+        return None if source.attributes is None else {a: np.asarray(v)[test.seen]
+                                                       for a, v in source.attributes(data, split).items()}
+
+    val = None if val_split is None else mapping.take(*preds[val_split].present())
+    ci, stats = statistics(probs, labels, patients, names, attributes, f"the {split} split", val, resamples,
+                           confidence, seed, subgroup_attributes, age_bands)
     summary = {
         "model": {"uri": redact(model_uri), "run_id": loaded.run_id,
                   "registered": None if loaded.registered is None else
@@ -118,12 +126,13 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
         "data": {"uri": redact(data_uri), "fingerprint": fingerprint, "split": split,
                  "threshold_split": val_split, "images": int(test.seen.sum()), "patients": int(len(set(patients))),
                  "unreadable_images": test.missing, "preprocessing": preprocessing(data)},
-        "auroc": ci.to_dict(),
-        "findings": {f.finding: f.to_dict() for f in ops},
+        **stats,
         "label_map": mapping.describe(),
         "unscored": mapping.unscored,
         "anchors": list(ANCHORS) if names == FINDINGS else [],  # the published means are over NIH's 14
     }
+    if "subgroups" in stats:  # after the anchors, where report.json always had it
+        summary["subgroups"] = summary.pop("subgroups")
     if mapping.unscored:
         log.warning("findings not scored: %s", "; ".join(f"{u['finding']} ({u['reason']})" for u in mapping.unscored))
     evaluation = Evaluation(summary, test, patients, ci, out, mapping, saved_key(loaded, data, split, fingerprint,
@@ -133,6 +142,26 @@ def evaluate(model_uri: str, data_uri: str | None = None, split: str = "test", v
     if record and loaded.run_id:
         _record(evaluation, loaded, tracking_uri)
     return evaluation
+
+
+def statistics(probs: np.ndarray, labels: np.ndarray, patients: np.ndarray, names: tuple[str, ...],
+               attributes: Callable[[], dict[str, np.ndarray] | None], where: str,
+               val: tuple[np.ndarray, np.ndarray] | None, resamples: int, confidence: float, seed: int,
+               subgroup_attributes: str | tuple, age_bands: tuple[int, ...]) -> tuple[AurocCI, dict[str, Any]]:
+    """The report's statistics of scored predictions, whoever made them (a model here, a table in
+    `cxr.evaluation.tables`): AUROC CIs, operating points with thresholds from `val` (probabilities, labels),
+    and the subgroups of `attributes()` (each scored image's sex / age / view; None: the data records none)."""
+    draws = patient_resamples(patients, resamples, seed)  # one draw: the subgroups' gaps pair with the overall CI
+    ci = auroc_ci(labels, probs, patients, resamples=resamples, confidence=confidence, seed=seed, names=names,
+                  draws=draws)
+    groups = None
+    if subgroups.parse_attributes(subgroup_attributes):
+        groups = subgroups.for_values(attributes(), where, labels, probs, draws, ci, subgroup_attributes, age_bands)
+    ops = [] if val is None else evaluate_operating(val[1], val[0], labels, probs, names=names)
+    stats: dict[str, Any] = {"auroc": ci.to_dict(), "findings": {f.finding: f.to_dict() for f in ops}}
+    if groups is not None:
+        stats["subgroups"] = groups
+    return ci, stats
 
 
 def preprocessing(data: Any) -> dict[str, Any]:
@@ -164,10 +193,13 @@ def write(evaluation: Evaluation, out: str) -> None:
         with open(os.path.join(local, "report.md"), "w") as fh:
             fh.write(report.markdown(rep))
         title = f"{rep['model']['uri']} on {split}"
-        figures.roc_grid_ci(labels, probs, evaluation.ci, f"{title}: ROC").savefig(os.path.join(local, "roc.png"))
+        figures.roc_grid_ci(labels, probs, evaluation.ci, f"{title}: ROC", rep["findings"]).savefig(
+            os.path.join(local, "roc.png"))
         figures.pr_grid(labels, probs, f"{title}: precision-recall", names).savefig(os.path.join(local, "pr.png"))
         figures.reliability_grid(labels, probs, f"{title}: calibration", names=names).savefig(
             os.path.join(local, "reliability.png"))
+        if rep.get("subgroups", {}).get("attributes"):
+            figures.subgroup_grid(rep, f"{title}: AUROC by subgroup").savefig(os.path.join(local, "subgroups.png"))
         saved.write(os.path.join(local, saved.FILE), probs, labels, evaluation.patients,
                     np.flatnonzero(evaluation.predictions.seen), rep["data"]["fingerprint"], evaluation.key)
         for name in sorted(os.listdir(local)):

@@ -72,7 +72,8 @@ def markdown(rep: dict) -> str:
                           f"patients. **Mean AUROC {_ci(au['mean'])}** ({pct} CI, {au['resamples']:,} bootstrap "
                           "resamples of patients). No validation split was scored: no thresholds.", "",
                           *_table(["finding", f"AUROC [{pct} CI]"], "lr", [[n, _ci(v)] for n, v in
-                                                                           au["findings"].items()]), ""])
+                                                                           au["findings"].items()]),
+                          *subgroup_tables(rep), *comparison(rep), ""])
     target = next(iter(rep["findings"].values()))["thresholds"]["sensitivity_target"]
     lines = [f"# Evaluation of {model['uri']}" + (f" ({reg['name']} version {reg['version']})" if reg else ""), "",
              f"Split **{split}** of `{data['uri']}`: {data['images']:,} images of {data['patients']:,} "
@@ -108,11 +109,82 @@ def markdown(rep: dict) -> str:
                 notes.append(f"- {name}: {why}.")
     if notes:
         lines += ["", "## Undefined values", "", *dict.fromkeys(notes)]
+    lines += subgroup_tables(rep) + comparison(rep)
     if rep["anchors"]:
         lines += ["", "## Published results", "", "Mean AUROCs for orientation (other models, other test sets):", ""]
         lines += _table(["model", "split", "mean AUROC"], "llr",
                         [[a["model"], a["split"], f"{a['mean_auroc']:.3f}"] for a in rep["anchors"]])
     return "\n".join(lines) + "\n"
+
+
+def _interval(d: dict, key: str, low: str, high: str, sign: str = "") -> str:
+    return f"{d[key]:{sign}.3f} [{d[low]:{sign}.3f}, {d[high]:{sign}.3f}]" if d[low] is not None else \
+        f"{d[key]:{sign}.3f}"
+
+
+def _gap(d: dict) -> str:
+    """The gap to the overall AUROC with its CI, bold when the interval excludes 0."""
+    if d["gap"] is None:
+        return "–"
+    text = _interval(d, "gap", "gap_low", "gap_high", "+")
+    shown = d["gap_low"] is not None and (d["gap_low"] > 0 or d["gap_high"] < 0)
+    return f"**{text}**" if shown else text
+
+
+def subgroup_tables(rep: dict) -> list[str]:
+    """One table per attribute (report.json's "subgroups"): per cell, the mean over the findings it scores, then
+    each finding's AUROC and gap to the overall AUROC; cells too small to score say why."""
+    sub = rep.get("subgroups")
+    if not sub:
+        return []
+    pct = f"{100 * sub.get('confidence', rep['auroc']['confidence']):.0f}%"
+    lines = ["", "## Subgroups", ""]
+    if sub["attributes"]:
+        lines += [f"AUROC per cell with {pct} CIs, and its gap to the overall AUROC (cell - overall) with a {pct} CI "
+                  f"paired on the same {sub['resamples']:,} patient resamples as the overall CI. Unknown values are "
+                  f"a cell of their own. A cell scores a finding with at least {sub['min_count']} positive and "
+                  f"{sub['min_count']} negative images. A gap in bold has an interval excluding 0; the intervals "
+                  "are per cell and finding, not simultaneous, so some will exclude 0 by chance. \"all\" is the "
+                  "mean over the findings the cell scores, its gap against the overall mean of the same findings."]
+    for attribute, every in sub["attributes"].items():
+        lines += ["", f"### {attribute.capitalize()}", "",
+                  ", ".join(f"{cell}: {c['images']:,} image{'s' * (c['images'] != 1)} of {c['patients']:,} "
+                            f"patient{'s' * (c['patients'] != 1)}" for cell, c in every.items()) + ".", ""]
+        cells = {cell: c for cell, c in every.items() if c["images"]}  # an empty cell is in the line above only
+        rows = []
+        for cell, c in cells.items():
+            m, least = c["mean"], sub["min_count"]
+            rows.append(["all", cell, "–", f"not scored: no finding has {least} positive and {least} negative images"
+                         if m["auroc"] is None else _interval(m, "auroc", "low", "high") + f" ({m['findings']})",
+                         _gap(m)])
+        for name in rep["auroc"]["findings"]:
+            for i, (cell, c) in enumerate(cells.items()):
+                f = c["findings"][name]
+                rows.append([name if i == 0 else "", cell, f"{f['positives']:,}/{f['negatives']:,}",
+                             _interval(f, "auroc", "low", "high") if f["auroc"] is not None else
+                             f"not scored: {f['reason']}", _gap(f)])
+        lines += _table(["finding", attribute, "pos/neg", f"AUROC [{pct} CI]", f"gap [{pct} CI]"], "llrll", rows)
+    for attribute, why in sub.get("skipped", {}).items():
+        lines += ["", f"{attribute.capitalize()}: not analysed, {why}."]
+    return lines
+
+
+def comparison(rep: dict) -> list[str]:
+    """`--against`'s paired comparison (report.json's "comparison"): the mean difference, then per finding."""
+    c = rep.get("comparison")
+    if not c:
+        return []
+    pct, m = f"{100 * c['confidence']:.0f}%", c["mean"]
+    head = (f"Against `{c['against']}` on their {c['images']:,} common images of {c['patients']:,} patients "
+            f"({c['left_out']} without its prediction left out): mean AUROC {_num(m['b'])} here, {_num(m['a'])} "
+            f"there, difference " + ("undefined" if m["difference"] is None else _interval(m, "difference", "low",
+                                                                                            "high", "+"))
+            + f" ({pct} CI, {c['resamples']:,} paired resamples of patients, as `cxr promote` compares).")
+    rows = [[n, _num(f["b"]), _num(f["a"]), "–" if f["difference"] is None else _interval(f, "difference", "low",
+                                                                                            "high", "+")]
+            for n, f in c["findings"].items()]
+    return ["", "## Comparison", "", head, "", *_table(["finding", "AUROC here", "AUROC there",
+                                                         f"difference [{pct} CI]"], "lrrr", rows)]
 
 
 def console(rep: dict) -> str:
@@ -138,6 +210,11 @@ def console(rep: dict) -> str:
     mean = au["mean"]
     if mean["auroc"] is not None:
         lines.append(f"{'mean':<{width}}{mean['auroc']:>8.4f}  [{mean['low']:.4f}, {mean['high']:.4f}]")
+    if rep.get("comparison"):
+        c = rep["comparison"]["mean"]
+        lines.append(f"against {rep['comparison']['against']}: mean AUROC difference "
+                     + ("undefined" if c["difference"] is None else _interval(c, "difference", "low", "high", "+"))
+                     + f" on {rep['comparison']['images']:,} common images")
     for side in ("model", "data"):
         names = [u["finding"] for u in rep.get("unscored", []) if u["side"] == side]
         if names:

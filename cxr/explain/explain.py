@@ -9,7 +9,9 @@ asked for, or each image's most probable one. Images are preprocessed as trainin
 pixels to be scored. The probabilities (and the top finding of an image with none named) come from the model's
 replicas on the cluster (`cxr.inference`, as `cxr predict`'s); Grad-CAM's gradients are taken here, on the
 images explained. An unreadable image never stops the run: it is listed in errors.csv and its boxes are
-counted as not scored. Everything goes to `--out`, and to the model's MLflow run when it came from there.
+counted as not scored. Everything goes to `--out`; an annotated set's figures and scores also go to the model's
+MLflow run (when it came from there), arbitrary files' overlays only with `--record` (they are not its evidence).
+Overlays are drawn on the image at its own resolution (`cxr.explain.overlay`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Target:
     path: str
     findings: tuple[str, ...]  # empty: its most probable finding
     truth: dict[str, list[loc.Box]] = field(default_factory=dict)
+    view: str | None = None  # the dataset's view position (PA, AP, LL...): L/R markers for a frontal film
 
 
 @dataclass
@@ -71,6 +74,7 @@ def targets_from_data(root: str, split: str | None, findings: Sequence[str] | No
     if split is not None and table.empty:
         raise ValueError(f"{redact(root)}: split {split!r} is empty (splits: {sorted(set(ds.table['split']))})")
     paths = dict(zip(table["image"], table["path"], strict=True))
+    views = dict(zip(ds.table["image"], ds.table["view"], strict=True)) if "view" in ds.table else {}
     wanted = set(findings) if findings else None
     truth = loc.truth_boxes(ds.bboxes)
     per_image: dict[str, dict[str, list[loc.Box]]] = {}
@@ -80,11 +84,16 @@ def targets_from_data(root: str, split: str | None, findings: Sequence[str] | No
     in_split = set(table["image"]) if split is not None else set(ds.table["image"]) | set(ds.bboxes["image"])
     missing = [{"image": i, "error": "annotated but not usable: " + _why(ds, i)}
                for i in sorted(per_image) if i in in_split and not paths.get(i)]
-    targets = [Target(i, paths[i], tuple(sorted(b)), b) for i, b in sorted(per_image.items()) if paths.get(i)]
+    targets = [Target(i, paths[i], tuple(sorted(b)), b, _text(views.get(i)))
+               for i, b in sorted(per_image.items()) if paths.get(i)]
     if not targets:
         raise ValueError(f"{redact(root)}: no annotated image in split {split!r}"
                          + (f" for {', '.join(sorted(wanted))}" if wanted else ""))
     return targets, missing
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def _why(ds: Any, image: str) -> str:
@@ -103,23 +112,41 @@ def targets_from_images(spec: str, findings: Sequence[str] | None) -> list[Targe
     return [Target(n, p, tuple(findings or ())) for n, p in zip(names, paths, strict=True)]
 
 
-def _read(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """The model's input (uint8 [size, size]) and the image's own (h, w), to map boxes back to it."""
-    from cxr.data import images
+@dataclass(frozen=True)
+class Read:
+    """An image as explain uses it: the model's input, its own (h, w) for boxes, what the overlay draws."""
 
-    gray = images.decode(storage.read_bytes(path), name=os.path.basename(path))
-    return images.fit(gray, size), (int(gray.shape[0]), int(gray.shape[1]))
+    model_input: np.ndarray  # uint8 [size, size]
+    hw: tuple[int, int]
+    shown: np.ndarray  # uint8, the image at the overlay's resolution (`overlay.display_image`)
+    side: tuple[str, str] | None  # L/R at the image's left and right edges, where known
+
+
+def _read(path: str, size: int, view: str | None = None) -> Read:
+    from cxr.data import images
+    from cxr.explain import overlay
+
+    data = storage.read_bytes(path)
+    gray = images.decode(data, name=os.path.basename(path))
+    side = overlay.dicom_orientation(data) or overlay.orientation(None, view)
+    return Read(images.fit(gray, size), (int(gray.shape[0]), int(gray.shape[1])), overlay.display_image(gray), side)
 
 
 def explain(model_uri: str, out: str, data: str | None = None, images: str | None = None,
             findings: Sequence[str] | None = None, split: str | None = "test", max_overlays: int = 12,
             batch_size: int = 16, thresholds: Sequence[float] = loc.THRESHOLDS, tracking_uri: str | None = None,
-            record: bool = True, progress: bool = True) -> Explanation:
-    """Grad-CAM overlays, contact sheets and (with --data) the localization table; see the module docstring."""
+            record: bool | None = None, progress: bool = True) -> Explanation:
+    """Grad-CAM overlays, contact sheets and (with --data) the localization table; see the module docstring.
+
+    `record` None: log to the model's run for an annotated set (--data) only; arbitrary files' overlays stay
+    out of the training run unless asked for (True)."""
     from tqdm import tqdm
 
     from cxr.data import roots
+    from cxr.explain import overlay
     from cxr.models import loading
+
+    record = data is not None if record is None else record
 
     if (data is None) == (images is None):
         raise ValueError("explain needs exactly one of --data (a dataset root with boxes) or --images")
@@ -128,7 +155,7 @@ def explain(model_uri: str, out: str, data: str | None = None, images: str | Non
         listed = targets_from_images(images, findings)
     else:
         roots.require(data)
-    from cxr.explain.gradcam import GradCam, SheetItem, contact_sheet, overlay_png
+    from cxr.explain.gradcam import GradCam, SheetItem, contact_sheet
 
     loaded = loading.load(model_uri, tracking_uri)
     index = {f: i for i, f in enumerate(loaded.findings)}  # the model's own label set
@@ -157,19 +184,19 @@ def explain(model_uri: str, out: str, data: str | None = None, images: str | Non
             tqdm(total=len(targets), unit="img", desc="explain", disable=not progress) as bar:
         for start in range(0, len(targets), batch_size):
             chunk = targets[start:start + batch_size]
-            read = list(pool.map(lambda t: _safe_read(t.path, size), chunk))
+            read = list(pool.map(lambda t: _safe_read(t.path, size, t.view), chunk))
             ok = [(t, r) for t, r in zip(chunk, read, strict=True) if not isinstance(r, str)]
             errors += [{"image": t.name, "error": r} for t, r in zip(chunk, read, strict=True) if isinstance(r, str)]
             if not ok:
                 bar.update(len(chunk))
                 continue
-            x = np.stack([r[0] for _, r in ok]).astype(np.float32)[..., None] / np.float32(255.0)
+            x = np.stack([r.model_input for _, r in ok]).astype(np.float32)[..., None] / np.float32(255.0)
             probs = np.stack([scores[start + i] for i, r in enumerate(read) if not isinstance(r, str)])
             wanted = [t.findings or (loaded.findings[int(np.argmax(probs[b]))],) for b, (t, _) in enumerate(ok)]
             union = sorted({index[f] for fs in wanted for f in fs})
             maps = cam(x, union).heatmaps  # [F, B, S, S]
-            for b, ((target, (image, hw)), fs) in enumerate(zip(ok, wanted, strict=True)):
-                frames[target.name] = hw
+            for b, ((target, image), fs) in enumerate(zip(ok, wanted, strict=True)):
+                hw = frames[target.name] = image.hw
                 for f in fs:
                     heat = maps[union.index(index[f]), b]
                     boxes = loc.heatmap_boxes(heat, thresholds)
@@ -177,15 +204,22 @@ def explain(model_uri: str, out: str, data: str | None = None, images: str | Non
                     items = sheet_items.setdefault(f, [])
                     if len(items) >= max_overlays:
                         continue
-                    true = [loc.to_input_frame(bx, size, hw) for bx in target.truth.get(f, [])]
+                    s = overlay.display_scale(hw)
+                    shown_heat = overlay.heatmap_on_image(heat, image.shown.shape)
+                    pred = overlay.scaled(predictions[(target.name, f)][:1], s)
+                    true = overlay.scaled(target.truth.get(f, []), s)
+                    p = float(probs[b, index[f]])
                     png_name = target.name if target.name.lower().endswith(".png") else f"{target.name}.png"
                     rel = f"overlays/{f}/{png_name}"
                     os.makedirs(os.path.dirname(os.path.join(local, rel)), exist_ok=True)
                     with open(os.path.join(local, rel), "wb") as fh:
-                        fh.write(overlay_png(image, heat, boxes[:1], true or None))
+                        fh.write(overlay.figure_png(overlay.overlay_figure(
+                            image.shown, shown_heat, f, p, target.name, pred, true, image.side)))
                     overlays.setdefault(f, []).append(rel)
-                    items.append(SheetItem(target.name, image, heat, float(probs[b, index[f]]), boxes[:1],
-                                           true or None))
+                    t = min(1.0, overlay.SHEET_SIDE / max(image.shown.shape))
+                    thumb = overlay.resized(image.shown, t)
+                    items.append(SheetItem(target.name, thumb, overlay.heatmap_on_image(heat, thumb.shape), p,
+                                           overlay.scaled(pred, t) or None, overlay.scaled(true, t) or None))
             bar.update(len(chunk))
         sheets = {}
         for f, items in sheet_items.items():
@@ -225,9 +259,9 @@ def _scores(loaded: Any, paths: list[str], batch_size: int, tracking_uri: str | 
     return out
 
 
-def _safe_read(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]] | str:
+def _safe_read(path: str, size: int, view: str | None = None) -> Read | str:
     try:
-        return _read(path, size)
+        return _read(path, size, view)
     except Exception as exc:  # noqa: BLE001 - any failure is this image's: listed with its reason
         return redact(f"{type(exc).__name__}: {exc}")
 

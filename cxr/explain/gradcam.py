@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
@@ -189,6 +190,14 @@ class SheetItem:
 def contact_sheet(items: Sequence[SheetItem], finding: str, columns: int = 4, tile_inches: float = 2.6,
                   dpi: int = 100) -> bytes:
     """A PNG grid of overlays for one finding, each titled with its image name and probability."""
+    buf = io.BytesIO()
+    sheet_figure(items, finding, columns, tile_inches, dpi).savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def sheet_figure(items: Sequence[SheetItem], finding: str, columns: int = 4, tile_inches: float = 2.6,
+                 dpi: int = 100) -> Any:
+    """`contact_sheet`'s matplotlib Figure (constrained layout: the wrapped title always fits)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -196,9 +205,10 @@ def contact_sheet(items: Sequence[SheetItem], finding: str, columns: int = 4, ti
         raise ValueError(f"contact sheet for {finding}: no images")
     columns = max(1, min(columns, len(items)))
     rows = -(-len(items) // columns)
-    fig = Figure(figsize=(columns * tile_inches, rows * (tile_inches + 0.35) + 0.5), dpi=dpi)
+    width = max(columns * tile_inches, 4.0)  # one tile is too narrow for the title
+    fig = Figure(figsize=(width, rows * (tile_inches + 0.35) + 0.8), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
-    fig.suptitle(f"{finding}: Grad-CAM (magenta: predicted box, green: ground truth)", fontsize=10)
+    fig.suptitle(sheet_title(items, finding, width), fontsize=10)
     for i in range(rows * columns):
         ax = fig.add_subplot(rows, columns, i + 1)
         ax.set_axis_off()
@@ -207,7 +217,14 @@ def contact_sheet(items: Sequence[SheetItem], finding: str, columns: int = 4, ti
         item = items[i]
         ax.imshow(overlay_rgb(item.image, item.heatmap, item.pred_box, item.true_box), interpolation="antialiased")
         ax.set_title(f"{item.name}\np = {item.probability:.3f}", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig
+
+
+def sheet_title(items: Sequence[SheetItem], finding: str, width_inches: float) -> str:
+    """The sheet's title: names only the boxes drawn on it, wrapped to the figure's width (never clipped)."""
+    import textwrap
+
+    keys = [k for k, present in (("magenta: box from the heatmap", any(_boxes(i.pred_box) for i in items)),
+                                 ("green: ground truth", any(_boxes(i.true_box) for i in items))) if present]
+    title = f"{finding}: Grad-CAM" + (f" ({', '.join(keys)})" if keys else "")
+    return "\n".join(textwrap.wrap(title, max(20, int(width_inches * 12))))

@@ -99,7 +99,8 @@ class _Scorer:
 
         if version.uri not in self.done:
             self.done[version.uri] = evaluate(version.uri, self.data_uri, val_split=None, record=False,
-                                              split_tags=self.split_tags, reuse=True, **self.options)
+                                              split_tags=self.split_tags, reuse=True, subgroup_attributes=(),
+                                              **self.options)
         return self.done[version.uri]
 
 

@@ -251,6 +251,38 @@ def log_text(text: str, name: str) -> None:
     mlflow.log_text(text, name)
 
 
+UI = "http://127.0.0.1:5000"  # where `mlflow ui` (and `mlflow server`) listen unless told otherwise
+TRAINING_VIEW = "workflowType=machine_learning"  # the UI's "Model training" view, whatever the browser chose last
+
+
+def runs_url(tracking_uri: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of an experiment, opened in its "Model training" view.
+
+    MLflow 3.17's UI ignores the `mlflow.experimentKind` tag: its sidebar toggle (remembered per browser,
+    GenAI at first) decides, unless the URL's `workflowType` query says. Its router is a hash router and the
+    runs table's route is /experiments/<id>/runs. A file or database store has no UI address: `mlflow ui`'s."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else UI
+    return f"{base}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
+
+
+def ui_hint(tracking_uri: str, experiment: str) -> str:
+    """Where to look at an experiment's runs: the URL, and for a local store the command that serves it."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"{redact(tracking_uri)}: no experiment {experiment!r}")
+    return ui_line(tracking_uri, found.experiment_id)
+
+
+def ui_line(tracking_uri: str, experiment_id: str) -> str:
+    """`ui_hint`'s line for a known experiment id (credentials in the URI are redacted)."""
+    url = redact(runs_url(tracking_uri, experiment_id))
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow runs: {url}"
+    return f"MLflow runs: {url}  (serve it with: mlflow ui --backend-store-uri {redact(tracking_uri)})"
+
+
 def default_uri(base: str = ".") -> str:
     """The local default: a SQLite store beside the demo output (MLflow's UI reads it with `mlflow ui`)."""
     return f"sqlite:///{os.path.abspath(os.path.join(base, 'mlflow.db'))}"
