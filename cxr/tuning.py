@@ -48,11 +48,12 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], trials_path: str,
 
 
 def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """Tune's function for one trial: a cxr training run whose epochs Ray Train reports to Tune."""
+    """Tune's function for one trial: a cxr training run whose epochs Ray Train reports to Tune; stopped by
+    ASHA, its Train run is aborted (`cxr.training.trial`) and its child run ends FINISHED."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from cxr.tracking.handlers import EpochLogger
+    from cxr.training.trial import fit_until_stopped
 
     trial = f"trial-{tune.get_context().get_trial_id()}"
     cfg = trial_config(ctx["base"], params, ctx["trials_path"], trial)
@@ -65,9 +66,9 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
                            runs.safe_params(cfg.model_dump(mode="json")),
                            runs.artifact_location(uri, cfg.tracking.artifact_location), tags)
     try:
-        driver.run_trainer(cfg, source, plan, callbacks=[EpochLogger(uri, run_id)],
-                           run_callbacks=[TuneReportCallback()])
-        runs.end_run(uri, run_id, "FINISHED")
+        fit_until_stopped(lambda run_callbacks: driver.run_trainer(
+            cfg, source, plan, callbacks=[EpochLogger(uri, run_id)], run_callbacks=run_callbacks),
+            then=lambda: runs.end_run(uri, run_id, "FINISHED"))
     except Exception as exc:
         from mlflow.tracking import MlflowClient
 
@@ -125,20 +126,26 @@ def _tuner(base: cfgmod.Config, space: spacemod.Space, name: str, ctx: dict[str,
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    # The trial function only drives Ray Train, whose workers book their own resources: it books no CPU (Tune
-    # refuses an empty bundle, hence a token of memory), so trials and their workers do not compete for CPUs.
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0, "memory": 2**20})
-    # A trial ASHA stops is blocked in trainer.fit(): Tune's graceful stop would wait for it (600 s by default)
-    # while its Ray Train workers go on training and hold their CPUs. Killing the trial's actor soon ends the Train
-    # controller with it (Ray Train's placement-group cleaner then frees the workers): ASHA saves the epochs.
-    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "5")
+    # The trial function only drives Ray Train, whose workers book their own resources (their own placement
+    # group: Train V2 cannot nest it in the trial's): it books no CPU (Tune refuses an empty bundle, hence a
+    # token of memory), so a trial and its workers do not book the same CPUs twice; `limit` keeps Tune from
+    # starting more trials than the workers' CPUs hold.
+    # A trial Tune stops aborts its Train run in its cleanup (cxr.training.trial), so the workers' CPUs are free
+    # before the trial's actor goes. Should that hang, Tune kills the actor after TUNE_FORCE_TRIAL_CLEANUP_S and
+    # Ray Train's placement-group cleaner is left to free them.
+    from cxr.training.trial import stoppable
+
+    trainable = tune.with_resources(stoppable(tune.with_parameters(_trial, ctx=ctx)), {"CPU": 0, "memory": 2**20})
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "90")
     path = root if "://" in root else os.path.abspath(root)
     if tune.Tuner.can_restore(path):
         log.warning("sweep %s exists at %s: restoring it (finished trials are not run again)", name, redact(path))
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
+    # stop_last_trials=False: ASHA would otherwise stop every trial at its last epoch's report, before its fit()
+    # returns, so the Train run would be aborted instead of ending (and removing its workers) on its own.
     scheduler = ASHAScheduler(time_attr="epoch", max_t=base.optim.epochs, grace_period=space.grace_period,
-                              reduction_factor=space.reduction_factor)
+                              reduction_factor=space.reduction_factor, stop_last_trials=False)
     return tune.Tuner(trainable, param_space=space.tune_space(),
                       tune_config=tune.TuneConfig(metric=space.metric, mode="max", num_samples=space.trials,
                                                   scheduler=scheduler, max_concurrent_trials=limit),
@@ -208,8 +215,7 @@ def _record(base: cfgmod.Config, ctx: dict[str, Any], table: list[dict[str, Any]
             client.set_tag(child.info.run_id, STOP_TAG, row["stop_reason"])
             _backfill(client, child.info.run_id, ctx, row)
             if child.info.status != "FINISHED" and row["status"] == "FINISHED":
-                # stopped by ASHA: its actor was killed in trainer.fit(), so it never ended the run (or ended it
-                # FAILED, when the Train controller's death reached it first)
+                # a trial whose actor was killed before it could end its run (an abort that hung; see _tuner)
                 client.set_terminated(child.info.run_id, "FINISHED")
     client.log_text(parent, _csv(table), "trials.csv")
     ranked = [r for r in table if r["status"] == "FINISHED" and math.isfinite(r["best_val_metric"])]
