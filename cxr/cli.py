@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cxr import commands, quiet
+from cxr import commands, quiet, sweep
 from cxr.redact import install_log_filter, redact
 from cxr.storage import StorageError
 
@@ -19,6 +19,7 @@ from object storage, and records every run in MLflow. A typical session:
   cxr inspect DATA_ROOT [--dataset SPEC] check a dataset root (NIH's layout by default)
   cxr prepare DATA_ROOT s3://bucket/x    decode every image once into shards + manifest.json
   cxr train --config CONFIG key=value    train, score the best epoch on test, log it all to MLflow
+  cxr sweep --config CONFIG --space SPACE.yaml            many trainings (Ray Tune + ASHA), the best registered
   cxr evaluate --model models:/NAME@champion --out DIR    the test report, with confidence intervals
   cxr promote --model-name NAME --candidate N             champion/challenger by a paired bootstrap
   cxr retrain --config CONFIG --prepare ROOT OUT          what a schedule runs: prepare, train, promote
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--promote", action="store_true", help="evaluate the new model version and promote it over "
                    "@champion if it is better by `cxr promote`'s rules (what scheduled retraining runs)")
     t.set_defaults(func=commands.cmd_train)
+    sweep.add_parser(_parser(sub, "sweep", "a hyperparameter sweep: many training runs (Ray Tune, ASHA), compared "
+                             "in MLflow as a parent run and its children", verbose))
 
     rt = _parser(sub, "retrain", "the scheduled unit: prepare new data, train a challenger named by the date slot, "
                  "evaluate it and promote it if it beats @champion", verbose)

@@ -73,16 +73,41 @@ def run(cfg: cfgmod.Config, test_split: str = "test", promote: bool = False) -> 
         for key, value in runs.placement_tags().items():
             MlflowClient(uri).set_tag(run_id, key, value)
         out = _score_and_record(cfg, source, result, test_split, uri, run_id, fingerprint, learned)
-    if promote and out.get("model_version"):
-        from cxr.tracking.promotion import promote as decide
-
-        decision = decide(cfg.tracking.model_name, out["model_version"], tracking_uri=uri)
-        out["promotion"], out["decision"] = decision, decision.explain()
+    if promote:
+        _promote(cfg, out, uri)
     storage.write_text(storage.join(driver.run_path(cfg), FINISHED), json.dumps(
         {**{k: out[k] for k in ("epochs_done", "stopped_early", "best_epoch", "best_val_auroc_mean", "test",
                                 "mlflow_run_id", "model_name", "model_version", "experiment", "tracking_uri")},
          "fingerprint": fingerprint, "config": _identity(cfg)}, default=str))
     return out
+
+
+def record(cfg: cfgmod.Config, result: Any, uri: str, run_id: str, promote: bool = False,
+           test_split: str = "test") -> dict[str, Any]:
+    """Score, record and register a Ray Train result trained elsewhere (a sweep's best trial) into MLflow run
+    `run_id`, exactly as `cxr train` does its own; with `promote`, through `cxr promote`'s rules."""
+    fingerprint = sources.fingerprint(cfg.data)
+    source = sources.for_config(cfg.data)
+    from mlflow.tracking import MlflowClient
+
+    learned = provenance.record(MlflowClient(uri), run_id, fingerprint,
+                                source.patient_ids(cfg.data, cfg.data.train_split),
+                                source.patient_ids(cfg.data, cfg.data.val_split))
+    with runs.resume(uri, run_id):
+        out = _score_and_record(cfg, source, result, test_split, uri, run_id, fingerprint, learned)
+    if promote:
+        _promote(cfg, out, uri)
+    return out
+
+
+def _promote(cfg: cfgmod.Config, out: dict[str, Any], uri: str) -> None:
+    """The new version through `cxr.tracking.promotion`'s rules; the decision goes into `out`."""
+    if not out.get("model_version"):
+        return
+    from cxr.tracking.promotion import promote as decide
+
+    decision = decide(cfg.tracking.model_name, out["model_version"], tracking_uri=uri)
+    out["promotion"], out["decision"] = decision, decision.explain()
 
 
 class RunConflict(ValueError):

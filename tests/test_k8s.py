@@ -34,7 +34,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from cxr import cli, config
+from cxr import cli, config, sweep
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
 K8S = os.path.join(ROOT, "k8s")
@@ -404,8 +404,8 @@ EXPECTED_KINDS = {
                 "NetworkPolicy": 3},
     "gpu": {"RayCluster": 1, "RayJob": 1, "ServiceAccount": 1, "Role": 1, "RoleBinding": 1,
             "ConfigMap": 1, "CronJob": 1, "Deployment": 1, "StatefulSet": 1, "Service": 2, "NetworkPolicy": 4},
-    "cpu-dev/jobs": {"RayJob": 3},
-    "gpu/jobs": {"RayJob": 3},
+    "cpu-dev/jobs": {"RayJob": 4},
+    "gpu/jobs": {"RayJob": 4},
     "cpu-dev/schedule": {"RayCronJob": 1},
     "gpu/schedule": {"RayCronJob": 1},
 }
@@ -485,7 +485,7 @@ def parse_entrypoint(entrypoint: str) -> tuple[str, dict[str, list[str]], list[s
     argv = shlex.split(entrypoint)
     assert argv[0] == "python" and len(argv) > 1, argv
     arity = {"--config": 1, "--prepare": 2, "--slot": 1, "--promote": 0, "--size": 1, "--codec": 1,
-             "--images-per-shard": 1}
+             "--images-per-shard": 1, "--space": 1, "--trials": 1, "--max-concurrent": 1}
     flags: dict[str, list[str]] = {}
     overrides, positional = [], []
     i = 2
@@ -521,6 +521,10 @@ def test_entrypoint_runs_a_real_job_with_a_valid_config(where: str, spec: dict) 
         assert cfg.run.storage_path.startswith("s3://") and cfg.data.manifest_uri.startswith("s3://"), where
         assert cfg.tracking.tracking_uri == mlflow_uri(where.split(":")[0]), f"{where}: {cfg.tracking.tracking_uri}"
         assert cfg.tracking.registered_model, f"{where}: name the registered model the champion alias lives on"
+    if "--space" in flags:  # a sweep: its SPACE.yaml is in the image and passes `cxr sweep`'s checks on this config
+        space = repo_path(flags["--space"][0])
+        assert space and os.path.isfile(space), f"{where}: {flags['--space'][0]} is not a file the image gets"
+        sweep.load(space, cfg.model_dump(mode="json"))
     if script.endswith("/retrain.py"):
         assert flags.get("--slot") in ([SLOT], [ROUND]), f"{where}: a round must pass --slot \"{SLOT}\" or \"{ROUND}\""
         assert len(flags.get("--prepare", [])) == 2 and all(u.startswith("s3://") for u in flags["--prepare"]), where
@@ -648,10 +652,10 @@ def test_gpus_go_to_gpu_groups_only(where: str, spec: dict) -> None:
         assert gpu_groups, f"{where}: the gpu overlay's training cluster has no GPU group"
 
 
-@pytest.mark.parametrize("where,spec", [p for p in job_specs() if "/train.py" in p[1]["entrypoint"]
-                                        or "/retrain.py" in p[1]["entrypoint"]],
-                         ids=ids([p for p in job_specs() if "/train.py" in p[1]["entrypoint"]
-                                  or "/retrain.py" in p[1]["entrypoint"]]))
+@pytest.mark.parametrize("where,spec", [p for p in job_specs() if re.search(r"/(re)?train\.py|/sweep\.py",
+                                                                          p[1]["entrypoint"])],
+                         ids=ids([p for p in job_specs() if re.search(r"/(re)?train\.py|/sweep\.py",
+                                                                      p[1]["entrypoint"])]))
 def test_training_workers_fit_the_job_cluster(where: str, spec: dict) -> None:
     """scaling.num_workers x resources_per_worker (the config with the entrypoint's overrides) fits the job
     cluster's worker pods, one Ray Train worker per pod slot; GPU training has GPU pods to run on."""
@@ -695,16 +699,16 @@ POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault
 
 def test_every_pod_of_the_manifests_is_found() -> None:
     """Per stack: the long-lived head and worker groups, the template RayJob's head, workers and submitter, the
-    scheduler's pod, MLflow (and PostgreSQL in gpu); per jobs build: three RayJobs; per schedule: the RayCronJob's
+    scheduler's pod, MLflow (and PostgreSQL in gpu); per jobs build: four RayJobs; per schedule: the RayCronJob's
     head, workers and submitter."""
-    for build, expected in (("cpu-dev", 7), ("gpu", 9), ("cpu-dev/jobs", 9), ("gpu/jobs", 9), ("cpu-dev/schedule", 3),
+    for build, expected in (("cpu-dev", 7), ("gpu", 9), ("cpu-dev/jobs", 12), ("gpu/jobs", 12), ("cpu-dev/schedule", 3),
                             ("gpu/schedule", 3)):
         where = [w for w, _ in pod_specs((build,))]
         assert len(where) == expected, (build, where)
         if build.endswith("jobs"):
             for part in ("headGroupSpec.template.spec", "workerGroupSpecs[0].template.spec",
                          "submitterPodTemplate.spec"):
-                assert len([w for w in where if w.endswith(part)]) == 3, (part, where)
+                assert len([w for w in where if w.endswith(part)]) == 4, (part, where)
 
 
 def cxr_image(container: dict) -> bool:

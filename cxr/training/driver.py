@@ -106,8 +106,10 @@ def require_resources(cfg: cfgmod.Config, local: bool, poll_s: float = 5.0) -> N
 
 
 def run_trainer(cfg: cfgmod.Config, source: DataSource, plan: RunPlan,
-                callbacks: Sequence[EpochCallback] = ()) -> Any:
-    """Run Ray Train's TensorflowTrainer for `cfg`; returns Ray's Result (metrics, checkpoints)."""
+                callbacks: Sequence[EpochCallback] = (), run_callbacks: Sequence[Any] = ()) -> Any:
+    """Run Ray Train's TensorflowTrainer for `cfg`; returns Ray's Result (metrics, checkpoints).
+
+    `run_callbacks` go into the RunConfig (Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep's trial)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -124,7 +126,7 @@ def run_trainer(cfg: cfgmod.Config, source: DataSource, plan: RunPlan,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=cfg.scaling.resources_per_worker),
         run_config=RunConfig(
-            name=cfg.run.name, storage_path=_absolute(cfg.run.storage_path),
+            name=cfg.run.name, storage_path=_absolute(cfg.run.storage_path), callbacks=list(run_callbacks) or None,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             # Ray Train's INFO lines repeat every metric of every worker each epoch; cxr prints its own.
             logging_config=LoggingConfig(log_level="INFO" if quiet.verbose() else "WARNING"),
@@ -156,6 +158,13 @@ def summarize(result: Any) -> dict[str, Any]:
         "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
         "metrics": metrics,
     }
+
+
+def result_at(path: str) -> Any:
+    """The Ray Train Result of a run from its storage folder (a sweep's trial, scored after Tune is done)."""
+    from ray.train import Result
+
+    return Result.from_path(path)
 
 
 def run_path(cfg: cfgmod.Config) -> str:
