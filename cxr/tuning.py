@@ -246,10 +246,7 @@ def _backfill(client: Any, run_id: str, ctx: dict[str, Any], row: dict[str, Any]
         latest = driver.result_at(path).checkpoint
     except RuntimeError:  # no checkpoint: the trial failed in its first epoch
         return
-    on_record = runs.logged_epochs(client, run_id)
-    for epoch in checkpoints.history(latest) if latest is not None else []:
-        if int(epoch["epoch"]) not in on_record:
-            runs.log_epoch(client, run_id, runs.finite_numbers(epoch))
+    runs.log_missing_epochs(client, run_id, checkpoints.history(latest))
 
 
 def _csv(table: list[dict[str, Any]]) -> str:

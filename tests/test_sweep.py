@@ -171,9 +171,9 @@ def test_sweep_records_parent_children_stops_failures_and_registers_the_best(swe
         assert c.data.tags["cxr.sweep.stop_reason"] == row["stop_reason"] and c.info.run_id == row["mlflow_run_id"]
         assert c.info.status == ("FAILED" if row["status"] == "FAILED" else "FINISHED")
         if row["status"] == "FINISHED":  # the per-epoch series of a `cxr train` run, also for a trial ASHA stopped
-            epochs = client.get_metric_history(c.info.run_id, "val_auroc_mean")
+            epochs = client.get_metric_history(c.info.run_id, "epoch/val_auroc/mean")
             assert sorted(m.step for m in epochs) == list(range(1, int(row["epochs_run"]) + 1))
-            assert any(k.startswith("val_auroc/") for k in c.data.metrics)
+            assert any(k.startswith("epoch/val_auroc/") for k in c.data.metrics)
     (version,) = client.search_model_versions("name='swept'")
     assert version.run_id == child[best["trial"]].info.run_id
     assert version.tags["cxr.data.fingerprint"] and version.tags["val_auroc_mean"] == best["best_val_metric"]
