@@ -199,14 +199,19 @@ class Config(Section):
     run: Run = Field(default_factory=Run, description="checkpoints: where, under what name, how many")
 
 
+def read_yaml(url: str, error: type[Exception] = ValueError) -> Any:
+    """A YAML file's data (local path or fsspec URL); a missing file or bad YAML raises `error`, naming it."""
+    try:
+        return yaml.safe_load(storage.read_text(url))
+    except FileNotFoundError:
+        raise error(f"no such file: {redact(url)}") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{url}: not valid YAML: {exc}") from exc
+
+
 def load(url: str, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (local path or fsspec URL), apply `key=value` overrides, validate."""
-    try:
-        raw = yaml.safe_load(storage.read_text(url))
-    except FileNotFoundError:
-        raise ConfigError(f"no such file: {redact(url)}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{url}: not valid YAML: {exc}") from exc
+    raw = read_yaml(url, ConfigError)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -23,10 +23,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from cxr.redact import redact
-
 KINDS = ("choice", "uniform", "loguniform", "grid")
 TOP_KEYS = ("space", "trials", "metric", "asha", "name")
 ASHA_KEYS = ("grace_period", "reduction_factor")
@@ -92,15 +88,9 @@ def _yaml_scalar(v: Any) -> str:
 
 def load(url: str, base: dict[str, Any], trials: int | None = None) -> Space:
     """Read SPACE.yaml and check it against the base config (plain data, as the config file holds it)."""
-    from cxr import storage
+    from cxr.config import read_yaml
 
-    try:
-        raw = yaml.safe_load(storage.read_text(url))
-    except FileNotFoundError:
-        raise SpaceError(f"no such file: {redact(url)}") from None
-    except yaml.YAMLError as exc:
-        raise SpaceError(f"{url}: not valid YAML: {exc}") from exc
-    return parse(raw, base, source=url, trials=trials)
+    return parse(read_yaml(url, SpaceError), base, source=url, trials=trials)
 
 
 def parse(raw: Any, base: dict[str, Any], source: str = "space", trials: int | None = None) -> Space:
