@@ -5,11 +5,12 @@ For each model and for 1 and 2 replicas (Ray Data actors), in one run:
         the intra-op threads a replica gets (`Pool.for_cluster`), timed over the same window: the ceiling;
   (ii)  files: `predict_files` (`cxr predict`, explain) over PNG files, reading and decoding included;
   (iii) split: a config's splits through the pool as `predict_splits` runs them (test scoring, evaluate,
-        promote): each replica reads its part of the shards through the input pipeline and predicts it.
+        promote): read tasks read a part of the shards per replica through the input pipeline, the
+        replicas predict the batches.
 Rates (ii) and (iii) are steady rates within one run: the driver stamps each batch as it arrives, drops the
-warm-up (until about one piece per replica has arrived: Ray, the replicas loading the model, the first
-traced call) and divides the images that arrived after it by the time they took. Ratio = (ii) or (iii) over
-(i); goal >= 0.8. Models: the demo's small_cnn at 128 px (256² phantom PNGs of `cxr synth`, uint8 shards at
+warm-up (until about one call's images per replica have arrived: Ray, the replicas loading the model, the
+first traced call) and divides the images that arrived after it by the time they took. Ratio = (ii) or (iii)
+over (i); goal >= 0.8. Models: the demo's small_cnn at 128 px (256² phantom PNGs of `cxr synth`, uint8 shards at
 128 px) and DenseNet-121 at 224 px (copies of NIH's 1024² PNGs, uint8 shards at 224 px from the phantoms).
 Random weights: the forward cost does not depend on them, and there are no downloads here.
 
@@ -34,7 +35,6 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(ROOT, "..", "shared", "samples", "nih-png")
 BATCH = 32
-BYTES_PER_ROW = 60  # a split row is >= 120 bytes (14 probabilities, 14 labels, the index): see through_split
 
 
 def load_average() -> list[float]:
@@ -135,47 +135,32 @@ def through_files(model_uri: str, tracking: str, paths: list[str], size: int, re
     from cxr.inference import predict_files
 
     arrivals, t0 = [], time.perf_counter()
-    for batch in predict_files(model_uri, paths, size, tracking, BATCH, replicas, files_per_call=per_call):
+    for batch in predict_files(model_uri, paths, size, tracking, BATCH, replicas, per_call=per_call):
         arrivals.append((time.perf_counter() - t0, len(batch["index"])))
         assert not any(batch["error"]), [e for e in batch["error"] if e][:3]
     return {**steady(arrivals, replicas * per_call), "files_per_call": per_call, "load_avg": load_average()}
 
 
 def through_split(model_uri: str, tracking: str, data: Any, splits: list[str], replicas: int,
-                  rows_per_yield: int) -> dict:
-    """The splits through the pool as `predict_splits` runs them (one item per split and part, a part per
-    replica), its output iterated here to stamp each piece; every image must come back exactly once.
-
-    Ray Data gathers a generator's yields into one block per call until a block reaches
-    `target_max_block_size` (128 MiB), so a part would arrive whole, at its end: for the timestamps the
-    driver's context is set to about half a piece (restored after); each piece then arrives as it is yielded."""
-    import ray
-
+                  per_call: int) -> dict:
+    """The splits through the pool as `predict_splits` runs them (read tasks reading a part per replica, the
+    replicas predicting), each batch stamped as it arrives; every image must come back exactly once."""
     from cxr import inference
     from cxr.data import source as sources
 
     source = sources.for_config(data)
     sizes = {s: int(source.split_size(data, s)) for s in splits}
     pool = inference.Pool.for_cluster(replicas)
-    inference._context(ordered=False)
-    context = ray.data.DataContext.get_current()
-    block_size, context.target_max_block_size = context.target_max_block_size, rows_per_yield * BYTES_PER_ROW
-    try:
-        items = [{"split": s, "part": p, "parts": pool.replicas} for s in sizes for p in range(pool.replicas)]
-        ds = pool.map(ray.data.from_items(items, override_num_blocks=len(items)), model_uri, tracking, BATCH,
-                      per_call=1, data=data, rows_per_yield=rows_per_yield)
-        got: dict[str, list] = {s: [] for s in sizes}
-        arrivals, t0 = [], time.perf_counter()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            arrivals.append((time.perf_counter() - t0, len(batch["index"])))
-            for s in sizes:
-                mine = batch["split"] == s
-                got[s].append((batch["probs"][mine], batch["labels"][mine], batch["index"][mine]))
-    finally:
-        context.target_max_block_size = block_size
+    got: dict[str, list] = {s: [] for s in sizes}
+    arrivals, t0 = [], time.perf_counter()
+    for batch in inference._split_rows(pool, model_uri, tracking, BATCH, data, list(sizes), per_call):
+        arrivals.append((time.perf_counter() - t0, len(batch["index"])))
+        for s in sizes:
+            mine = batch["split"] == s
+            got[s].append((batch["probs"][mine], batch["labels"][mine], batch["index"][mine]))
     for s, n in sizes.items():  # raises unless each image was predicted exactly once
         inference.predict_split(lambda probs: probs, got[s], n, outputs=got[s][0][0].shape[1])
-    return {**steady(arrivals, pool.replicas * rows_per_yield), "splits": sizes, "rows_per_yield": rows_per_yield,
+    return {**steady(arrivals, pool.replicas * per_call), "splits": sizes, "per_call": per_call,
             "load_avg": load_average()}
 
 
@@ -194,7 +179,7 @@ def nih_copies(samples: str, n: int, folder: str) -> list[str]:
 
 
 def measure(name: str, uri: str, tracking: str, paths: list[str], size: int, data: Any, splits: list[str],
-            per_call: int, rows_per_yield: int, seconds: float) -> dict:
+            per_call: int, seconds: float) -> dict:
     """(i), (ii), (iii) with 1 and 2 replicas; the forward pass before and after the pool runs of each count."""
     from cxr.inference import Pool
 
@@ -203,7 +188,7 @@ def measure(name: str, uri: str, tracking: str, paths: list[str], size: int, dat
         threads = Pool.for_cluster(replicas).threads
         before = forward(uri, tracking, replicas, threads, seconds)
         files = through_files(uri, tracking, paths, size, replicas, per_call)
-        split = through_split(uri, tracking, data, splits, replicas, rows_per_yield)
+        split = through_split(uri, tracking, data, splits, replicas, per_call)
         after = forward(uri, tracking, replicas, threads, seconds)
         ceiling = (before["img_per_s"] + after["img_per_s"]) / 2
         row[f"{replicas}_replicas"] = {
@@ -240,19 +225,18 @@ def main() -> None:
         pngs = sorted(glob.glob(os.path.join(raw, "images", "*.png")))
         phantoms = [pngs[i % len(pngs)] for i in range(args.files)]
         nih = nih_copies(args.nih_samples, args.densenet_files, os.path.join(tmp, "nih"))
-        # small_cnn: files 256 a call (as in production), pieces of 256 rows (512 in production);
-        # DenseNet-121 (~28 img/s): 32 of each, so that a few minutes give a dozen timestamps.
-        for name, size, paths, splits, per_call, rows, seconds in (
-                ("small_cnn", 128, phantoms, ["train", "val", "test"], 256, 256, 4.0),
-                ("densenet121", 224, nih, [args.densenet_split], 32, 32, 8.0)):
+        # small_cnn: 256 files or split rows a call (as in production); DenseNet-121 (~28 img/s): 32, so that a
+        # few minutes give a dozen timestamps.
+        for name, size, paths, splits, per_call, seconds in (
+                ("small_cnn", 128, phantoms, ["train", "val", "test"], 256, 4.0),
+                ("densenet121", 224, nih, [args.densenet_split], 32, 8.0)):
             if name not in args.models:
                 continue
             shards = os.path.join(tmp, f"shards-{size}")
             cli("prepare", raw, shards, "--size", str(size), "--codec", "uint8", "--images-per-shard", "250")
             data = Data(manifest_uri=os.path.join(shards, "manifest.json"), image_size=size)
             uri = log_model(name, size, tracking)
-            results["models"][name] = measure(name, uri, tracking, paths, size, data, splits, per_call, rows,
-                                              seconds)
+            results["models"][name] = measure(name, uri, tracking, paths, size, data, splits, per_call, seconds)
     results["load_avg_end"] = load_average()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:

@@ -7,11 +7,13 @@ sends work and gathers probabilities. On one machine with no cluster the driver 
 one replica runs in the driver process, the same `Predictor` reading the same way, because a local Ray and an
 actor that imports TensorFlow (8 s here) cost more than the demo's scoring; a replica count asks for the pool.
 
-Two kinds of work go through the same replicas:
-- files: Ray Data read tasks beside the replicas decode and size them (`cxr.data.images`, as training did), so
-  files are decoded while the model predicts; a file that cannot be read becomes an error row with its reason;
-- a split of a config's data: each replica reads its part of the split through the input pipeline, exactly
-  as validation reads it, and predicts it; the rows come back with their positions and labels.
+Two kinds of work go through the same replicas, read by Ray Data tasks beside them, so that images are
+read while the model predicts and a replica's process does nothing else (reading in the replica's own
+process, through the input pipeline's threads, cost DenseNet-121 a quarter to a half of its rate: docs/benchmarks.md):
+- files: the read tasks decode and size them (`cxr.data.images`, as training did); a file that cannot be read
+  becomes an error row with its reason;
+- a split of a config's data: each read task reads a part of the split through the input pipeline, exactly
+  as validation reads it; the rows go to the replicas and come back with their positions and labels.
 
 A split's rows are gathered by position (`predict_split`), the routine the training loop's own validation
 (collective, on the training workers) uses too: every image must be seen exactly once.
@@ -34,8 +36,7 @@ from cxr.labels import NUM_FINDINGS
 from cxr.redact import redact
 
 log = logging.getLogger(__name__)
-FILES_PER_CALL = 256  # a Ray task or actor call costs milliseconds: few large calls, the model's batch inside
-ROWS_PER_YIELD = 512  # a split part streams back in pieces of about this many images (the progress bar's steps)
+PER_CALL = 256  # images a Ray task or actor call handles: a call costs milliseconds, so few large ones
 Reduce = Callable[[np.ndarray], np.ndarray]
 
 
@@ -119,11 +120,24 @@ def read_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
             "pixels": pixels}
 
 
-class Predictor:
-    """A replica: the model, loaded once on its worker, predicting read files or whole parts of a split."""
+def read_parts(batch: dict[str, np.ndarray], data: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """A Ray Data task: parts of splits → batches of the model's inputs as validation reads them (float32), with
+    their split, positions and labels; a generator, so each batch streams on as it is read."""
+    from cxr.data import source as sources
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int, batch_size: int, data: Any = None,
-                 rows_per_yield: int = ROWS_PER_YIELD):
+    source = sources.for_config(data)
+    for split, part, parts in zip(batch["split"], batch["part"], batch["parts"], strict=True):
+        ds = source.make_dataset(data, str(split), batch_size, worker_index=int(part), num_workers=int(parts),
+                                 training=False)
+        for images, labels, index in ds.as_numpy_iterator():
+            yield {"split": np.array([str(split)] * len(index), object), "index": index.astype(np.int64),
+                   "labels": labels, "pixels": images}
+
+
+class Predictor:
+    """A replica: the model, loaded once on its worker, predicting read files or read rows of a split."""
+
+    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int, batch_size: int):
         if threads > 0:  # replicas share a node's cores: each gets its share (0: the driver's own settings)
             import tensorflow as tf
 
@@ -131,43 +145,21 @@ class Predictor:
         from cxr.models import loading
 
         self.model = loading.load(model_uri, tracking_uri).model
-        self.batch_size, self.data, self.rows_per_yield = batch_size, data, rows_per_yield
+        self.batch_size = batch_size
 
     def _predict(self, x: np.ndarray) -> np.ndarray:
         out = [np.asarray(self.model.predict_on_batch(x[s:s + self.batch_size]), np.float32)
                for s in range(0, len(x), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, int(self.model.output_shape[-1])), np.float32)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        if "part" in batch:
-            return self._parts(batch)  # a generator: Ray Data streams what it yields
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "split" in batch:  # rows of a split (`read_parts`): the pipeline's float32 inputs, predicted as they are
+            return {"split": batch["split"], "index": batch["index"], "labels": batch["labels"],
+                    "probs": self._predict(batch["pixels"])}
         ok = np.flatnonzero(batch["error"] == "")
         probs = np.full((len(batch["error"]), int(self.model.output_shape[-1])), np.nan, np.float32)
         probs[ok] = self._predict(batch["pixels"][ok].astype(np.float32)[..., None] / np.float32(255.0))
         return {"index": batch["index"], "path": batch["path"], "error": batch["error"], "probs": probs}
-
-    def _parts(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """Parts of splits, read here as validation reads them: (split, index, probs, labels) rows."""
-        from cxr.data import source as sources
-
-        source = sources.for_config(self.data)
-        for split, part, parts in zip(batch["split"], batch["part"], batch["parts"], strict=True):
-            ds = source.make_dataset(self.data, str(split), self.batch_size, worker_index=int(part),
-                                     num_workers=int(parts), training=False)
-            pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-            for images, labels, index in ds.as_numpy_iterator():
-                pending.append((self._predict(images), labels, index))
-                if sum(len(p[2]) for p in pending) >= self.rows_per_yield:
-                    yield _rows(str(split), pending)
-                    pending = []
-            if pending:
-                yield _rows(str(split), pending)
-
-
-def _rows(split: str, pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-    index = np.concatenate([p[2] for p in pending]).astype(np.int64)
-    return {"split": np.array([split] * len(index), object), "index": index,
-            "probs": np.concatenate([p[0] for p in pending]), "labels": np.concatenate([p[1] for p in pending])}
 
 
 @dataclass(frozen=True)
@@ -201,10 +193,9 @@ class Pool:
         count = replicas or gpus or nodes
         return cls(count, max(1, cpus // count), bool(gpus))
 
-    def map(self, ds: Any, model_uri: str, tracking_uri: str | None, batch_size: int, per_call: int,
-            data: Any = None, rows_per_yield: int = ROWS_PER_YIELD) -> Any:
-        """`ds` through the replicas. A replica books 3/4 of a CPU and a read task 1/4: replicas never hold
-        every CPU and starve the reads. `rows_per_yield` is for bench/predict.py's timestamps.
+    def map(self, ds: Any, model_uri: str, tracking_uri: str | None, batch_size: int, per_call: int) -> Any:
+        """`ds` (read rows) through the replicas. A replica books 3/4 of a CPU and a read task 1/4: replicas
+        never hold every CPU and starve the reads.
 
         Replicas are not restarted (`max_restarts=0`): Ray Data hands them their code through the object store,
         which Ray says a restart cannot rely on (and prints so through the progress bar); a replica lost with
@@ -214,7 +205,7 @@ class Pool:
         import ray
         from ray.util.annotations import RayDeprecationWarning
 
-        args = (model_uri, tracking_uri, self.threads, batch_size, data, rows_per_yield)
+        args = (model_uri, tracking_uri, self.threads, batch_size)
         with warnings.catch_warnings():  # Ray 2.60 names no parameter for it yet, only the generic remote args
             warnings.simplefilter("ignore", RayDeprecationWarning)
             return ds.map_batches(Predictor, fn_constructor_args=args,
@@ -242,10 +233,10 @@ def _context(ordered: bool) -> None:
 
 def predict_files(model_uri: str, paths: Sequence[str], image_size: int, tracking_uri: str | None = None,
                   batch_size: int = 32, replicas: int | None = None,
-                  files_per_call: int = FILES_PER_CALL) -> Iterator[dict[str, np.ndarray]]:
+                  per_call: int = PER_CALL) -> Iterator[dict[str, np.ndarray]]:
     """Batches of (index, path, error, probs) for `paths`, in input order, as the replicas finish them."""
     pool = Pool.for_cluster(replicas)  # before `import ray`: a local Ray's loopback settings are read at import
-    per_call = max(batch_size, min(files_per_call, -(-len(paths) // pool.replicas)))  # every replica gets files
+    per_call = max(batch_size, min(per_call, -(-len(paths) // pool.replicas)))  # every replica gets files
     if pool.local:
         yield from _files_here(Predictor(model_uri, tracking_uri, 0, batch_size), paths, image_size, per_call)
         return
@@ -273,8 +264,8 @@ def _files_here(replica: Predictor, paths: Sequence[str], image_size: int,
 
 
 def predict_splits(model_uri: str, data: Any, splits: Sequence[str], outputs: int, batch_size: int = 64,
-                   tracking_uri: str | None = None, replicas: int | None = None,
-                   progress: bool = True) -> dict[str, Predictions]:
+                   tracking_uri: str | None = None, replicas: int | None = None, progress: bool = True,
+                   per_call: int = PER_CALL) -> dict[str, Predictions]:
     """The model at `model_uri` over whole splits of a config's data (`cxr.config.Data`), in one pool: each
     replica loads the model once for all of them. The driver reads only the splits' sizes."""
     from tqdm import tqdm
@@ -288,7 +279,7 @@ def predict_splits(model_uri: str, data: Any, splits: Sequence[str], outputs: in
     got: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {s: [] for s in sizes}
     t0 = time.perf_counter()
     with tqdm(total=sum(sizes.values()), unit="img", desc="score " + "+".join(sizes), disable=not progress) as bar:
-        for batch in _split_rows(pool, model_uri, tracking_uri, batch_size, data, list(sizes)):
+        for batch in _split_rows(pool, model_uri, tracking_uri, batch_size, data, list(sizes), per_call):
             for split in sizes:
                 mine = batch["split"] == split
                 if mine.any():
@@ -304,26 +295,31 @@ def predict_splits(model_uri: str, data: Any, splits: Sequence[str], outputs: in
 
 
 def _split_rows(pool: Pool, model_uri: str, tracking_uri: str | None, batch_size: int, data: Any,
-                splits: list[str]) -> Iterator[dict[str, np.ndarray]]:
-    """(split, index, probs, labels) rows of every part of `splits`, from the pool or from this process."""
+                splits: list[str], per_call: int = PER_CALL) -> Iterator[dict[str, np.ndarray]]:
+    """(split, index, probs, labels) rows of every part of `splits`, about `per_call` at a time, from the pool
+    or from this process: read tasks (`read_parts`) feed the replicas."""
     parts = pool.replicas
     items = {"split": [s for s in splits for _ in range(parts)], "part": [p for _ in splits for p in range(parts)],
              "parts": [parts] * (len(splits) * parts)}
     if pool.local:
-        yield from Predictor(model_uri, tracking_uri, 0, batch_size, data)({k: np.array(v) for k, v in items.items()})
+        replica = Predictor(model_uri, tracking_uri, 0, batch_size)
+        for rows in read_parts({k: np.array(v) for k, v in items.items()}, data, batch_size):
+            yield replica(rows)
         return
     import ray
 
     _context(ordered=False)  # rows carry their positions
     # Ray Data gathers a generator's yields into one block until it reaches the target block size (128 MiB):
-    # a part would arrive whole at its end. About half a piece's bytes streams each piece as it is yielded.
-    # A dataset copies the context when it is made: set before, restored after.
+    # a part would reach the replicas in a few large blocks. `per_call` images' bytes makes a block of about
+    # one call, sent on as it is read. A dataset copies the context when it is made: set before, restored after.
     context = ray.data.DataContext.get_current()
-    block, context.target_max_block_size = context.target_max_block_size, ROWS_PER_YIELD * 60
+    block, context.target_max_block_size = context.target_max_block_size, per_call * data.image_size ** 2 * 4
     try:
         rows = [dict(zip(items, values, strict=True)) for values in zip(*items.values(), strict=True)]
-        ds = pool.map(ray.data.from_items(rows, override_num_blocks=len(rows)), model_uri, tracking_uri,
-                      batch_size, per_call=1, data=data)
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        ds = ds.map_batches(read_parts, fn_args=(data, batch_size), batch_size=1,
+                            compute=ray.data.TaskPoolStrategy(size=pool.replicas), num_cpus=0.25)
+        yield from pool.map(ds, model_uri, tracking_uri, batch_size, per_call).iter_batches(
+            batch_size=None, batch_format="numpy")
     finally:
         context.target_max_block_size = block
