@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cxr import storage
+from cxr.redact import redact
 
 SplitName = Literal["train", "val", "test", "train_val"]  # train_val: val patients are drawn from it by the seed
 
@@ -232,24 +233,31 @@ def find_folder(spec: Spec, root: str) -> str:
     raise FileNotFoundError(f"{root}: no {' or '.join(first)} (or .gz) in {where}: is this a {spec.name} root?")
 
 
-def builtin_names() -> list[str]:
-    folder = resources.files("cxr.data").joinpath("specs")
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+def builtin_names(package: str = "cxr.data", folder: str = "specs") -> list[str]:
+    """The YAML files shipped in `package`/`folder`, by name: the dataset specs unless another folder is named."""
+    here = resources.files(package).joinpath(folder)
+    return sorted(p.name[: -len(".yaml")] for p in here.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_named(name_or_path: str, what: str, package: str = "cxr.data", folder: str = "specs") -> tuple[str, str]:
+    """(text, source) of a built-in YAML file by name, else of a YAML file (path or fsspec URL): how a dataset
+    spec and an evaluation's label map are both named."""
+    names = builtin_names(package, folder)
+    if name_or_path in names:
+        where = f"{package.replace('.', '/')}/{folder}/{name_or_path}.yaml"
+        return (resources.files(package).joinpath(folder, f"{name_or_path}.yaml").read_text("utf-8"),
+                f"built-in {what} {name_or_path} ({where})")
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path or "://" in name_or_path:
+        source = redact(name_or_path)
+        if not storage.exists(name_or_path):
+            raise FileNotFoundError(f"{what} {source}: no such file")
+        return storage.read_text(name_or_path), source
+    raise SpecError(f"{what} {name_or_path!r}: not a built-in one ({', '.join(names)}) nor a .yaml file")
 
 
 def load(name_or_path: str) -> tuple[Spec, str]:
     """The spec and where it came from: a built-in name, else a YAML file (path or fsspec URL)."""
-    if name_or_path in builtin_names():
-        source = f"built-in spec {name_or_path} (cxr/data/specs/{name_or_path}.yaml)"
-        text = resources.files("cxr.data").joinpath("specs", f"{name_or_path}.yaml").read_text("utf-8")
-    elif name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path or "://" in name_or_path:
-        source = name_or_path
-        if not storage.exists(name_or_path):
-            raise FileNotFoundError(f"dataset spec {name_or_path}: no such file")
-        text = storage.read_text(name_or_path)
-    else:
-        raise SpecError(f"dataset {name_or_path!r}: not a built-in spec ({', '.join(builtin_names())}) "
-                        "nor a .yaml file")
+    text, source = read_named(name_or_path, "dataset spec")
     return parse(text, source), source
 
 

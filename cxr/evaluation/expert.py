@@ -14,14 +14,13 @@ predictions table (`cxr.evaluation.tables`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from cxr import storage
-from cxr.data.spec import Column, Part, SpecError, parse
+from cxr.data import spec
+from cxr.data.spec import Column, Part, parse
 from cxr.evaluation import tables
 from cxr.redact import redact
 
@@ -86,23 +85,12 @@ class ExpertLabels:
 
 
 def builtin_names() -> list[str]:
-    folder = resources.files("cxr.evaluation").joinpath("labelmaps")
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return spec.builtin_names("cxr.evaluation", "labelmaps")
 
 
 def load_map(name_or_path: str) -> tuple[LabelMap, str]:
     """The label map and where it came from: a built-in name (cxr/evaluation/labelmaps/), else a YAML file."""
-    if name_or_path in builtin_names():
-        source = f"built-in label map {name_or_path} (cxr/evaluation/labelmaps/{name_or_path}.yaml)"
-        text = resources.files("cxr.evaluation").joinpath("labelmaps", f"{name_or_path}.yaml").read_text("utf-8")
-    elif name_or_path.endswith((".yaml", ".yml")):
-        source = redact(name_or_path)
-        if not storage.exists(name_or_path):
-            raise FileNotFoundError(f"label map {source}: no such file")
-        text = storage.read_text(name_or_path)
-    else:
-        raise SpecError(f"label map {name_or_path!r}: not a built-in one ({', '.join(builtin_names())}) nor a .yaml "
-                        "file")
+    text, source = spec.read_named(name_or_path, "label map", "cxr.evaluation", "labelmaps")
     return parse(text, source, LabelMap, "label map", "name, image, values, findings"), source
 
 
