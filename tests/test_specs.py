@@ -222,7 +222,8 @@ def test_bad_spec_files_name_the_file_and_the_key(tmp_path):
                      "patient: {column: q}\nfilters: [{column: F}]\nlabels: {names: [A], encoding: columns}\n")
     with pytest.raises(spec.SpecError, match=r"nokeep\.yaml: invalid dataset spec:\n  filters\.0\.keep: list"):
         spec.load(no_keep)
-    with pytest.raises(spec.SpecError, match="not a built-in spec"):
+    with pytest.raises(spec.SpecError, match=r"'chexpurt' is not a built-in spec .* \(did you mean "
+                       r"chexpert\?\)"):
         spec.load("chexpurt")
 
     # a valid spec whose label column is not in the CSV: the error names the spec file, the key and the CSV

@@ -239,25 +239,28 @@ def builtin_names(package: str = "cxr.data", folder: str = "specs") -> list[str]
     return sorted(p.name[: -len(".yaml")] for p in here.iterdir() if p.name.endswith(".yaml"))
 
 
-def read_named(name_or_path: str, what: str, package: str = "cxr.data", folder: str = "specs") -> tuple[str, str]:
+def read_named(name_or_path: str, what: str, package: str = "cxr.data", folder: str = "specs",
+               kind: str | None = None) -> tuple[str, str]:
     """(text, source) of a built-in YAML file by name, else of a YAML file (path or fsspec URL): how a dataset
-    spec and an evaluation's label map are both named."""
+    spec and an evaluation's label map are both named. `kind`: what a built-in one is called (default `what`)."""
     names = builtin_names(package, folder)
     if name_or_path in names:
         where = f"{package.replace('.', '/')}/{folder}/{name_or_path}.yaml"
         return (resources.files(package).joinpath(folder, f"{name_or_path}.yaml").read_text("utf-8"),
-                f"built-in {what} {name_or_path} ({where})")
+                f"built-in {kind or what} {name_or_path} ({where})")
     if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path or "://" in name_or_path:
         source = redact(name_or_path)
         if not storage.exists(name_or_path):
             raise FileNotFoundError(f"{what} {source}: no such file")
         return storage.read_text(name_or_path), source
-    raise SpecError(f"{what} {name_or_path!r}: not a built-in one ({', '.join(names)}) nor a .yaml file")
+    close = difflib.get_close_matches(name_or_path, names, 1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise SpecError(f"{name_or_path!r} is not a built-in {kind or what} ({', '.join(names)}) nor a .yaml file{hint}")
 
 
 def load(name_or_path: str) -> tuple[Spec, str]:
     """The spec and where it came from: a built-in name, else a YAML file (path or fsspec URL)."""
-    text, source = read_named(name_or_path, "dataset spec")
+    text, source = read_named(name_or_path, "dataset spec", kind="spec")
     return parse(text, source), source
 
 
