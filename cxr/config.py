@@ -206,7 +206,7 @@ def read_yaml(url: str, error: type[Exception] = ValueError) -> Any:
     except FileNotFoundError:
         raise error(f"no such file: {redact(url)}") from None
     except yaml.YAMLError as exc:
-        raise error(f"{url}: not valid YAML: {exc}") from exc
+        raise error(f"{redact(url)}: not valid YAML: {exc}") from exc
 
 
 def load(url: str, overrides: Sequence[str] = ()) -> Config:

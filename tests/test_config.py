@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import fsspec
 import pytest
 import yaml
 
@@ -100,6 +101,12 @@ def test_malformed_overrides_and_files(tmp_path):
         config.load(write(tmp_path, {"model": {"name": "small_cnn"}}))
     with pytest.raises(config.ConfigError, match="not valid YAML"):
         config.load(write(tmp_path, "data: [unclosed"))
+    secret = f"memory://reader:s3cr3t@{tmp_path.name}/bad.yaml"  # a URL's credentials never reach the message
+    with fsspec.open(secret, "w") as fh:
+        fh.write("data: [unclosed")
+    with pytest.raises(config.ConfigError, match="not valid YAML") as bad:
+        config.load(secret)
+    assert "s3cr3t" not in str(bad.value) and "***@" in str(bad.value)
     with pytest.raises(config.ConfigError, match="top level must be a mapping"):
         config.load(write(tmp_path, "- a\n- b\n"))
 
