@@ -14,6 +14,8 @@ process, through the input pipeline's threads, cost DenseNet-121 a quarter to a 
   becomes an error row with its reason;
 - a split of a config's data: each read task reads a part of the split through the input pipeline, exactly
   as validation reads it; the rows go to the replicas and come back with their positions and labels.
+Both travel as uint8 pixels, a quarter of float32's bytes through the object store; the replica makes them the
+model's inputs with the pipeline's own last step (`augment.to_unit`), so the numbers are validation's.
 
 A split's rows are gathered by position (`predict_split`), the routine the training loop's own validation
 (collective, on the training workers) uses too: every image must be seen exactly once.
@@ -112,23 +114,24 @@ def read_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
     """A Ray Data task: a batch of paths → the model's inputs (uint8) and, for files that failed, why."""
     with ThreadPoolExecutor(4, thread_name_prefix="cxr-read") as pool:  # decoding releases the GIL
         read = list(pool.map(lambda p: _read_one(p, size), batch["path"]))
-    pixels = np.zeros((len(read), size, size), np.uint8)
+    pixels = np.zeros((len(read), size, size, 1), np.uint8)
     for i, (image, _) in enumerate(read):
         if image is not None:
-            pixels[i] = image
+            pixels[i, ..., 0] = image
     return {"index": batch["index"], "path": batch["path"], "error": np.array([e for _, e in read], object),
             "pixels": pixels}
 
 
-def read_parts(batch: dict[str, np.ndarray], data: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """A Ray Data task: parts of splits → batches of the model's inputs as validation reads them (float32), with
-    their split, positions and labels; a generator, so each batch streams on as it is read."""
+def read_parts(batch: dict[str, np.ndarray], data: Any, per_call: int) -> Iterator[dict[str, np.ndarray]]:
+    """A Ray Data task: parts of splits → batches of `per_call` images as validation reads them, but for the last
+    step (uint8 at the stored size), with their split, positions and labels; a generator, so each batch streams on
+    as it is read (yields of a call's images, not of a model batch's: a yield costs Ray Data a conversion)."""
     from cxr.data import source as sources
 
     source = sources.for_config(data)
     for split, part, parts in zip(batch["split"], batch["part"], batch["parts"], strict=True):
-        ds = source.make_dataset(data, str(split), batch_size, worker_index=int(part), num_workers=int(parts),
-                                 training=False)
+        ds = source.make_dataset(data, str(split), per_call, worker_index=int(part), num_workers=int(parts),
+                                 training=False, unit=False)
         for images, labels, index in ds.as_numpy_iterator():
             yield {"split": np.array([str(split)] * len(index), object), "index": index.astype(np.int64),
                    "labels": labels, "pixels": images}
@@ -137,7 +140,7 @@ def read_parts(batch: dict[str, np.ndarray], data: Any, batch_size: int) -> Iter
 class Predictor:
     """A replica: the model, loaded once on its worker, predicting read files or read rows of a split."""
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int, batch_size: int):
+    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int, batch_size: int, image_size: int):
         if threads > 0:  # replicas share a node's cores: each gets its share (0: the driver's own settings)
             import tensorflow as tf
 
@@ -145,20 +148,23 @@ class Predictor:
         from cxr.models import loading
 
         self.model = loading.load(model_uri, tracking_uri).model
-        self.batch_size = batch_size
+        self.batch_size, self.image_size = batch_size, image_size
 
-    def _predict(self, x: np.ndarray) -> np.ndarray:
-        out = [np.asarray(self.model.predict_on_batch(x[s:s + self.batch_size]), np.float32)
-               for s in range(0, len(x), self.batch_size)]
+    def _predict(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [B, S, S, 1] → probabilities, through the pipeline's last step, a batch at a time."""
+        from cxr.data.augment import to_unit
+
+        out = [np.asarray(self.model.predict_on_batch(to_unit(pixels[s:s + self.batch_size], self.image_size)),
+                          np.float32) for s in range(0, len(pixels), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, int(self.model.output_shape[-1])), np.float32)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if "split" in batch:  # rows of a split (`read_parts`): the pipeline's float32 inputs, predicted as they are
+        if "split" in batch:  # rows of a split (`read_parts`)
             return {"split": batch["split"], "index": batch["index"], "labels": batch["labels"],
                     "probs": self._predict(batch["pixels"])}
         ok = np.flatnonzero(batch["error"] == "")
         probs = np.full((len(batch["error"]), int(self.model.output_shape[-1])), np.nan, np.float32)
-        probs[ok] = self._predict(batch["pixels"][ok].astype(np.float32)[..., None] / np.float32(255.0))
+        probs[ok] = self._predict(batch["pixels"][ok])
         return {"index": batch["index"], "path": batch["path"], "error": batch["error"], "probs": probs}
 
 
@@ -193,7 +199,8 @@ class Pool:
         count = replicas or gpus or nodes
         return cls(count, max(1, cpus // count), bool(gpus))
 
-    def map(self, ds: Any, model_uri: str, tracking_uri: str | None, batch_size: int, per_call: int) -> Any:
+    def map(self, ds: Any, model_uri: str, tracking_uri: str | None, batch_size: int, per_call: int,
+            image_size: int) -> Any:
         """`ds` (read rows) through the replicas. A replica books 3/4 of a CPU and a read task 1/4: replicas
         never hold every CPU and starve the reads.
 
@@ -205,7 +212,7 @@ class Pool:
         import ray
         from ray.util.annotations import RayDeprecationWarning
 
-        args = (model_uri, tracking_uri, self.threads, batch_size)
+        args = (model_uri, tracking_uri, self.threads, batch_size, image_size)
         with warnings.catch_warnings():  # Ray 2.60 names no parameter for it yet, only the generic remote args
             warnings.simplefilter("ignore", RayDeprecationWarning)
             return ds.map_batches(Predictor, fn_constructor_args=args,
@@ -238,7 +245,8 @@ def predict_files(model_uri: str, paths: Sequence[str], image_size: int, trackin
     pool = Pool.for_cluster(replicas)  # before `import ray`: a local Ray's loopback settings are read at import
     per_call = max(batch_size, min(per_call, -(-len(paths) // pool.replicas)))  # every replica gets files
     if pool.local:
-        yield from _files_here(Predictor(model_uri, tracking_uri, 0, batch_size), paths, image_size, per_call)
+        yield from _files_here(Predictor(model_uri, tracking_uri, 0, batch_size, image_size), paths, image_size,
+                               per_call)
         return
     import ray
 
@@ -246,8 +254,8 @@ def predict_files(model_uri: str, paths: Sequence[str], image_size: int, trackin
     ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(paths)])
     ds = ds.map_batches(read_batch, fn_args=(image_size,), batch_size=per_call,
                         compute=ray.data.TaskPoolStrategy(size=pool.replicas), num_cpus=0.25)
-    yield from pool.map(ds, model_uri, tracking_uri, batch_size, per_call).iter_batches(batch_size=None,
-                                                                                         batch_format="numpy")
+    yield from pool.map(ds, model_uri, tracking_uri, batch_size, per_call, image_size).iter_batches(
+        batch_size=None, batch_format="numpy")
 
 
 def _files_here(replica: Predictor, paths: Sequence[str], image_size: int,
@@ -302,8 +310,8 @@ def _split_rows(pool: Pool, model_uri: str, tracking_uri: str | None, batch_size
     items = {"split": [s for s in splits for _ in range(parts)], "part": [p for _ in splits for p in range(parts)],
              "parts": [parts] * (len(splits) * parts)}
     if pool.local:
-        replica = Predictor(model_uri, tracking_uri, 0, batch_size)
-        for rows in read_parts({k: np.array(v) for k, v in items.items()}, data, batch_size):
+        replica = Predictor(model_uri, tracking_uri, 0, batch_size, data.image_size)
+        for rows in read_parts({k: np.array(v) for k, v in items.items()}, data, per_call):
             yield replica(rows)
         return
     import ray
@@ -312,14 +320,17 @@ def _split_rows(pool: Pool, model_uri: str, tracking_uri: str | None, batch_size
     # Ray Data gathers a generator's yields into one block until it reaches the target block size (128 MiB):
     # a part would reach the replicas in a few large blocks. `per_call` images' bytes makes a block of about
     # one call, sent on as it is read. A dataset copies the context when it is made: set before, restored after.
+    from cxr.data import source as sources
+
+    side = sources.for_config(data).stored_size(data) or data.image_size
     context = ray.data.DataContext.get_current()
-    block, context.target_max_block_size = context.target_max_block_size, per_call * data.image_size ** 2 * 4
+    block, context.target_max_block_size = context.target_max_block_size, per_call * side ** 2
     try:
         rows = [dict(zip(items, values, strict=True)) for values in zip(*items.values(), strict=True)]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        ds = ds.map_batches(read_parts, fn_args=(data, batch_size), batch_size=1,
+        ds = ds.map_batches(read_parts, fn_args=(data, per_call), batch_size=1,
                             compute=ray.data.TaskPoolStrategy(size=pool.replicas), num_cpus=0.25)
-        yield from pool.map(ds, model_uri, tracking_uri, batch_size, per_call).iter_batches(
+        yield from pool.map(ds, model_uri, tracking_uri, batch_size, per_call, data.image_size).iter_batches(
             batch_size=None, batch_format="numpy")
     finally:
         context.target_max_block_size = block

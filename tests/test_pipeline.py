@@ -145,6 +145,25 @@ def test_eval_output_contract(data):
     assert 0.0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1.0
 
 
+@pytest.mark.parametrize("mode", ["shards", "raw"])
+def test_unit_false_stops_before_to_unit_and_to_unit_gives_the_eval_batches_bit_for_bit(data, mode):
+    """The replicas get uint8 at the stored size and apply `to_unit` themselves: the same numbers as validation."""
+    def read(**kw):
+        if mode == "shards":
+            return eval_pass(pipeline.make_dataset(data["out"], "test", 8, image_size=24, **kw))
+        return eval_pass(pipeline.make_raw_dataset(data["root"], "test", 8, image_size=24, raw_size=STORED, **kw))
+
+    x, y, i, sizes = read()
+    pixels, y8, i8, sizes8 = read(unit=False)
+    assert pixels.dtype == np.uint8 and pixels.shape == (len(i), STORED, STORED, 1) and STORED != 24
+    np.testing.assert_array_equal(i8, i)
+    np.testing.assert_array_equal(y8, y)
+    assert sizes8 == sizes
+    np.testing.assert_array_equal(augment.to_unit(pixels, 24).numpy(), x)
+    with pytest.raises(ValueError, match="unit=False is for evaluation"):
+        pipeline.make_dataset(data["out"], "train", 8, training=True, unit=False)
+
+
 def test_decoded_pixels_equal_pil_decode_of_the_stored_jpeg(data):
     records = shard_records(data["out"], data["manifest"], "test")
     x, _, idx, _ = eval_pass(pipeline.make_dataset(data["out"], "test", 4, image_size=STORED))

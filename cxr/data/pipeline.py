@@ -40,11 +40,13 @@ def make_dataset(manifest_uri: str, split: str, batch_size: int, worker_index: i
                  training: bool = False, seed: int = 0, epoch: int = 0, image_size: int = 224,
                  augment: Augment | None = None, on_corrupt: str = "raise", readahead: int = 2,
                  cycle_length: int = 2, shuffle_buffer: int = 4096, stats: Stats | None = None,
-                 uncertain: str = "ignore") -> tf.data.Dataset:
+                 uncertain: str = "ignore", unit: bool = True) -> tf.data.Dataset:
     """Batches of a prepared split, streamed from `manifest_uri` (OUT_URI or its manifest.json; any fsspec URL).
 
     `cycle_length` shard streams run in parallel, each with `readahead` shards in flight. Counters (incl.
     shards skipped with on_corrupt="skip") go to `stats`, also reachable as the dataset's `.stats`.
+    `unit=False` (evaluation only) stops before `augment.to_unit`: uint8 images at the stored size, a quarter
+    of float32's bytes for a reader that hands them to another process, which applies `to_unit` itself.
     """
     check_on_corrupt(on_corrupt)
     check_uncertain(uncertain)
@@ -76,7 +78,7 @@ def make_dataset(manifest_uri: str, split: str, batch_size: int, worker_index: i
     passes = tf.data.Dataset.counter() if training else tf.data.Dataset.range(1)
     decode, per_batch = _decoder(m.codec, m.size)
     ds = _tail(passes.flat_map(one_pass), decode, per_batch, batch_size, training, image_size, augment, seed, epoch,
-               worker_index, uncertain)
+               worker_index, uncertain, unit)
     ds.stats = stats
     return ds
 
@@ -86,7 +88,7 @@ def make_raw_dataset(data_root: str, split: str, batch_size: int, worker_index: 
                      augment: Augment | None = None, on_corrupt: str = "raise", readahead: int = 64,
                      io_threads: int = 8, raw_size: int = 256, split_seed: int = 0, val_fraction: float = 0.1,
                      test_fraction: float = 0.2, stats: Stats | None = None, dataset: str = "nih",
-                     uncertain: str = "ignore") -> tf.data.Dataset:
+                     uncertain: str = "ignore", unit: bool = True) -> tf.data.Dataset:
     """The same batches as `make_dataset`, straight from a dataset root's image files (no prepare step).
 
     Rows and indices follow `cxr prepare`'s order for the same split_seed/val_fraction/test_fraction, so
@@ -111,20 +113,22 @@ def make_raw_dataset(data_root: str, split: str, batch_size: int, worker_index: 
         lambda: raw.stream(rows, training, seed, epoch, raw_size, io_threads, readahead, on_corrupt, stats),
         output_signature=signature).unbatch()
     ds = _tail(records, lambda batch: batch, True, batch_size, training, image_size, augment, seed, epoch,
-               worker_index, uncertain)  # the reading threads decoded them
+               worker_index, uncertain, unit)  # the reading threads decoded them
     ds.stats = stats
     return ds
 
 
 def _tail(records: tf.data.Dataset, decode: Callable[[tf.Tensor], tf.Tensor], per_batch: bool, batch_size: int,
           training: bool, image_size: int, augment: Augment | None, seed: int, epoch: int,
-          worker: int, uncertain: str = "ignore") -> tf.data.Dataset:
+          worker: int, uncertain: str = "ignore", unit: bool = True) -> tf.data.Dataset:
     """Everything after "records as (encoded image, labels, index)": the same for shard and raw modes.
 
     `decode` maps one encoded image to uint8 [S, S, 1]; with per_batch, a batch of them to [B, S, S, 1].
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    if training and not unit:
+        raise ValueError("unit=False is for evaluation: training batches are augmented in float32")
     augment = augment or Augment()
     ds = records
     if per_batch:
@@ -139,7 +143,7 @@ def _tail(records: tf.data.Dataset, decode: Callable[[tf.Tensor], tf.Tensor], pe
         key = aug.seed_of(seed, epoch, worker, 2)
         ds = ds.enumerate().map(lambda step, b: (aug.augment_batch(b[0], step, key, augment, image_size), b[1]),
                                 num_parallel_calls=AUTOTUNE)
-    else:
+    elif unit:
         ds = ds.map(lambda x, y, index: (aug.to_unit(x, image_size), y, index), num_parallel_calls=AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True

@@ -16,7 +16,7 @@ import numpy as np
 from cxr import config as cfgmod
 from cxr.labels import FINDINGS
 
-# make_dataset(data, split, batch_size, worker_index=, num_workers=, training=, epoch=) -> batches
+# make_dataset(data, split, batch_size, worker_index=, num_workers=, training=, epoch=, unit=) -> batches
 DatasetFn = Callable[..., Any]  # a tf.data.Dataset
 SizeFn = Callable[[cfgmod.Data, str], int]
 CountsFn = Callable[[cfgmod.Data, str], tuple[list[int], int]]
@@ -79,7 +79,7 @@ def _manifest(data: cfgmod.Data) -> Any:
 
 
 def _shard_dataset(data: cfgmod.Data, split: str, batch_size: int, worker_index: int = 0, num_workers: int = 1,
-                   training: bool = False, epoch: int = 0) -> Any:
+                   training: bool = False, epoch: int = 0, unit: bool = True) -> Any:
     from cxr.data import pipeline
 
     # data.dataset was checked against the manifest when the driver asked for the label set (`findings`): not
@@ -87,7 +87,7 @@ def _shard_dataset(data: cfgmod.Data, split: str, batch_size: int, worker_index:
     return pipeline.make_dataset(data.manifest_uri, split, batch_size, worker_index=worker_index,
                                  num_workers=num_workers, training=training, seed=data.seed, epoch=epoch,
                                  image_size=data.image_size, augment=data.augment if training else None,
-                                 uncertain=data.uncertain)
+                                 uncertain=data.uncertain, unit=unit)
 
 
 def _shard_size(data: cfgmod.Data, split: str) -> int:
@@ -155,7 +155,7 @@ def raw_rows(data: cfgmod.Data, split: str) -> tuple:
 
 
 def _raw_dataset(data: cfgmod.Data, split: str, batch_size: int, worker_index: int = 0, num_workers: int = 1,
-                 training: bool = False, epoch: int = 0) -> Any:
+                 training: bool = False, epoch: int = 0, unit: bool = True) -> Any:
     from cxr.data import pipeline
 
     return pipeline.make_raw_dataset(
@@ -163,7 +163,7 @@ def _raw_dataset(data: cfgmod.Data, split: str, batch_size: int, worker_index: i
         seed=data.seed, epoch=epoch, image_size=data.image_size, augment=data.augment if training else None,
         on_corrupt="skip", raw_size=_raw_stored_size(data), split_seed=data.split_seed,
         val_fraction=data.val_fraction, test_fraction=data.test_fraction, dataset=data.dataset,
-        uncertain=data.uncertain)
+        uncertain=data.uncertain, unit=unit)
 
 
 def _raw_size(data: cfgmod.Data, split: str) -> int:
