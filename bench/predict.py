@@ -164,9 +164,26 @@ class CpuWindow:
         cores: dict[str, float] = {}
         for pid, (kind, t) in self._times().items():
             cores[kind] = cores.get(kind, 0.0) + (t - self.before.get(pid, 0.0)) / wall
-        used = sum(cores.values())
-        return {"cores": {k: round(v, 2) for k, v in sorted(cores.items())}, "cores_used": round(used, 2),
-                "replicas_share": round(cores.get("replicas", 0.0) / used, 3) if used else None}
+        return {"cores": {k: round(v, 2) for k, v in sorted(cores.items())},
+                "cores_used": round(sum(cores.values()), 2)}
+
+
+class Stamps:
+    """Each batch's arrival (seconds since the call, images); the CPU window opens when the warm-up's images
+    have arrived, where `steady` starts counting."""
+
+    def __init__(self, warm_images: int) -> None:
+        self.arrivals: list[tuple[float, int]] = []
+        self.warm_images, self.total, self.t0, self.cpu = warm_images, 0, time.perf_counter(), CpuWindow()
+
+    def stamp(self, images: int) -> None:
+        self.arrivals.append((time.perf_counter() - self.t0, images))
+        self.total += images
+        if not self.cpu.started and self.total >= self.warm_images:
+            self.cpu.start()
+
+    def result(self) -> dict:
+        return {**steady(self.arrivals, self.warm_images), "cpu": self.cpu.stop()}
 
 
 
@@ -193,14 +210,11 @@ def through_files(model_uri: str, tracking: str, paths: list[str], size: int, re
     """`predict_files` over `paths`, each batch stamped as it arrives; every file must be predicted."""
     from cxr.inference import predict_files
 
-    arrivals, t0, cpu = [], time.perf_counter(), CpuWindow()
+    stamps = Stamps(replicas * per_call)
     for batch in predict_files(model_uri, paths, size, tracking, BATCH, replicas, per_call=per_call):
-        arrivals.append((time.perf_counter() - t0, len(batch["index"])))
+        stamps.stamp(len(batch["index"]))
         assert not any(batch["error"]), [e for e in batch["error"] if e][:3]
-        if not cpu.started and sum(n for _, n in arrivals) >= replicas * per_call:
-            cpu.start()
-    return {**steady(arrivals, replicas * per_call), "cpu": cpu.stop(), "files_per_call": per_call,
-            "load_avg": load_average()}
+    return {**stamps.result(), "files_per_call": per_call, "load_avg": load_average()}
 
 
 def through_split(model_uri: str, tracking: str, data: Any, splits: list[str], replicas: int,
@@ -215,19 +229,17 @@ def through_split(model_uri: str, tracking: str, data: Any, splits: list[str], r
     sizes = {s: int(source.split_size(data, s)) for s in splits}
     pool = inference.Pool.for_cluster(replicas)
     seen = {s: np.zeros(n, np.int64) for s, n in sizes.items()}
-    arrivals, t0, cpu = [], time.perf_counter(), CpuWindow()
+    stamps = Stamps(pool.replicas * per_call)
     for batch in inference._split_rows(pool, model_uri, tracking, BATCH, data, list(sizes) * repeats, per_call):
-        arrivals.append((time.perf_counter() - t0, len(batch["index"])))
+        stamps.stamp(len(batch["index"]))
         assert np.isfinite(batch["probs"]).all()
         for s in sizes:
             np.add.at(seen[s], batch["index"][batch["split"] == s], 1)
-        if not cpu.started and sum(n for _, n in arrivals) >= pool.replicas * per_call:
-            cpu.start()
     for s, counts in seen.items():
         if not (counts == repeats).all():
             raise SystemExit(f"split {s}: {int((counts != repeats).sum())} images not predicted {repeats} times")
-    return {**steady(arrivals, pool.replicas * per_call), "cpu": cpu.stop(), "splits": sizes, "repeats": repeats,
-            "per_call": per_call, "load_avg": load_average()}
+    return {**stamps.result(), "splits": sizes, "repeats": repeats, "per_call": per_call,
+            "load_avg": load_average()}
 
 
 # ------------------------------------------------------------------------------------------------ main
